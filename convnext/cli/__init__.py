@@ -1,0 +1,42 @@
+"""`convnext` command line: argument parsing only; every command calls a library function.
+
+Each command family lives in its own module with `add_commands(subparsers)`; each parser sets `func`,
+which takes the parsed namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from convnext.cli import core
+
+FAMILIES = [core]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convnext", description="ConvNeXt V1/V2: build, train, evaluate, export.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for family in FAMILIES:
+        family.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        # One clear line for bad input; the traceback only with -v.
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"convnext {args.command}: error: {msg}", file=sys.stderr)
+        return 2

@@ -1,0 +1,249 @@
+"""ConvNeXt V1 and V2 ("A ConvNet for the 2020s", Liu et al. 2022; "ConvNeXt V2", Woo et al. 2023).
+
+The whole network, smallest part first: LayerNorm2d -> GRN -> DropPath -> Block -> Stage -> ConvNeXt.
+One frozen `ConvNeXtConfig` describes every variant (the table of variants lives in `registry.py`).
+This file imports only torch: no I/O, no downloads, no CLI.
+
+Tensor layout: the trunk is NCHW (B, C, H, W) between blocks; inside a block the MLP runs channels-last
+(B, H, W, C) so the two 1x1 convolutions are plain `nn.Linear`s, as in the official code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class ConvNeXtConfig:
+    depths: tuple[int, ...] = (3, 3, 9, 3)  # blocks per stage; one entry = isotropic (no downsampling)
+    dims: tuple[int, ...] = (96, 192, 384, 768)  # channels per stage
+    grn: bool = False  # V2: Global Response Normalization after the GELU
+    layer_scale_init: float = 1e-6  # gamma starts here; 0 disables layer scale (V2, isotropic default)
+    kernel_size: int = 7  # depthwise kernel
+    patch_size: int = 4  # stem patchify stride (4 for 224px ImageNet, 1 or 2 for 32px images, 16 isotropic)
+    stem_norm: bool = True  # LayerNorm after the stem conv (off in the isotropic model)
+    mlp_ratio: int = 4  # inverted bottleneck expansion
+    in_chans: int = 3
+    num_classes: int = 1000  # 0 = features only (no head)
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this over all blocks
+    drop_rate: float = 0.0  # dropout before the classifier
+    head_init_scale: float = 1.0  # head weights and bias are multiplied by this at init
+
+    @property
+    def isotropic(self) -> bool:
+        return len(self.depths) == 1
+
+    def with_(self, **overrides) -> ConvNeXtConfig:
+        return replace(self, **overrides)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dim of an NCHW tensor (the official code's "channels_first" LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class GRN(nn.Module):
+    """Global Response Normalization (V2) on channels-last input (B, H, W, C).
+
+    Each channel's L2 norm over space, divided by the mean norm over channels, re-weights the features.
+    The norm is taken in fp32: in fp16 the sum of squares overflows (ConvNeXt-V2 issue #66).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))  # gamma; zero init makes GRN start as the identity
+        self.bias = nn.Parameter(torch.zeros(dim))  # beta
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        nx = (gx / (gx.mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
+        return x + self.bias + self.weight * (x * nx)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p (training only)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """x + gamma * pwconv2(GRN?(GELU(pwconv1(LN(dwconv(x)))))), on (B, C, H, W)."""
+
+    def __init__(self, dim: int, cfg: ConvNeXtConfig, drop_path: float = 0.0):
+        super().__init__()
+        k = cfg.kernel_size
+        self.dwconv = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, cfg.mlp_ratio * dim)  # a 1x1 conv, as a Linear on (B, H, W, C)
+        self.act = nn.GELU()
+        self.grn = GRN(cfg.mlp_ratio * dim) if cfg.grn else nn.Identity()
+        self.pwconv2 = nn.Linear(cfg.mlp_ratio * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), cfg.layer_scale_init)) if cfg.layer_scale_init > 0 else None
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        y = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(y)))))
+        if self.gamma is not None:
+            y = y * self.gamma
+        return x + self.drop_path(y.permute(0, 3, 1, 2))  # (B, C, H, W)
+
+
+class Stage(nn.Module):
+    """Optional downsampling (LN + 2x2 conv stride 2) followed by `depth` blocks at one width."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, cfg: ConvNeXtConfig, drop_paths: list[float]):
+        super().__init__()
+        downsample = in_dim != dim
+        self.downsample = (
+            nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
+            if downsample
+            else nn.Identity()
+        )
+        self.blocks = nn.ModuleList(Block(dim, cfg, drop_paths[i]) for i in range(depth))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and x.requires_grad:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class ConvNeXt(nn.Module):
+    """stem -> stages -> global average pool -> LN -> (dropout) -> linear head.
+
+    The hierarchical model has four stages (strides 4, 8, 16, 32 with the default patch size 4);
+    the isotropic model (`depths` of length 1) has one stage at stride `patch_size` and no stem norm.
+    """
+
+    def __init__(self, cfg: ConvNeXtConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.dims[-1]
+        stem_conv = nn.Conv2d(cfg.in_chans, cfg.dims[0], cfg.patch_size, stride=cfg.patch_size)
+        self.stem = nn.Sequential(stem_conv, LayerNorm2d(cfg.dims[0], eps=1e-6) if cfg.stem_norm else nn.Identity())
+
+        n = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear over all blocks
+        self.stages = nn.ModuleList()
+        in_dim, start = cfg.dims[0], 0
+        for depth, dim in zip(cfg.depths, cfg.dims):
+            self.stages.append(Stage(in_dim, dim, depth, cfg, rates[start : start + depth]))
+            in_dim, start = dim, start + depth
+        self.feature_info = [
+            {"num_chs": d, "reduction": cfg.patch_size * 2**i, "module": f"stages.{i}"} for i, d in enumerate(cfg.dims)
+        ]
+
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)  # head norm, on pooled features
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(cfg.head_init_scale)
+                self.head.bias.mul_(cfg.head_init_scale)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> last stage's map (B, C, H/32, W/32)."""
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output, NCHW: strides 4, 8, 16, 32 for the hierarchical model."""
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) -> logits (B, num_classes), or the normed pooled features if `pre_logits`."""
+        x = self.norm(x.mean(dim=(2, 3)))  # (B, C)
+        if pre_logits:
+            return x
+        return self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh one for `num_classes` (0 = no head: forward returns features)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            _init_weights(self.head)
+        self.cfg = self.cfg.with_(num_classes=num_classes)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (less memory, more time)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that take no weight decay: biases, norms, layer scale, GRN (all 1-D)."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+
+class ConvNeXtFeatures(nn.Module):
+    """A ConvNeXt as a multi-scale backbone: returns {"0": stride-4 map, ..., "3": stride-32 map}.
+
+    `norms=True` puts a LayerNorm2d on each output, as the official detection/segmentation backbones do.
+    `out_indices` picks stages; `out_channels` lists their widths (for FPN and friends).
+    """
+
+    def __init__(self, model: ConvNeXt, out_indices: tuple[int, ...] = (0, 1, 2, 3), norms: bool = True):
+        super().__init__()
+        self.stem, self.stages = model.stem, model.stages[: max(out_indices) + 1]
+        self.out_indices = tuple(out_indices)
+        self.out_channels = [model.cfg.dims[i] for i in self.out_indices]
+        self.strides = [model.feature_info[i]["reduction"] for i in self.out_indices]
+        self.norms = nn.ModuleDict(
+            {str(i): LayerNorm2d(model.cfg.dims[i], eps=1e-6) if norms else nn.Identity() for i in self.out_indices}
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.stem(x)
+        outs = {}
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs[str(i)] = self.norms[str(i)](x)
+        return outs
+
+
+def _init_weights(m: nn.Module) -> None:
+    """trunc_normal(std=0.02) for conv and linear weights, zero bias (the official init)."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,164 @@
+"""Every model as data: the variant table, a registry that refuses duplicates, `create_model` and `list_models`.
+
+Names follow `arch` or `arch.tag`: `convnext_tiny` is an architecture, `convnext_tiny.fb_in1k` one of its
+published weights (see `weights.py`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from torch import nn
+
+from convnext.model import ConvNeXt, ConvNeXtConfig
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[..., nn.Module]  # build(**overrides) -> model
+    config: object | None = None  # the default typed config, if the builder has one
+
+
+class Registry:
+    """name -> ModelEntry, in registration order. Registering a name twice raises."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+
+    def register(self, name: str, build: Callable[..., nn.Module], config: object | None = None) -> None:
+        if name in self._entries:
+            raise ValueError(f"model {name!r} is already registered")
+        self._entries[name] = ModelEntry(name, build, config)
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        return [n for n in self._entries if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+
+    def get(self, name: str) -> ModelEntry:
+        if name not in self._entries:
+            close = fnmatch.filter(self._entries, f"*{name.split('_')[-1]}*")[:5]
+            hint = f" (did you mean one of {close}?)" if close else ""
+            raise KeyError(f"unknown model {name!r}{hint}; `convnext list` shows them all")
+        return self._entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+def _v1(depths: tuple[int, ...], dims: tuple[int, ...]) -> ConvNeXtConfig:
+    return ConvNeXtConfig(depths=depths, dims=dims)
+
+
+def _v2(depths: tuple[int, ...], dims: tuple[int, ...]) -> ConvNeXtConfig:
+    return ConvNeXtConfig(depths=depths, dims=dims, grn=True, layer_scale_init=0.0)
+
+
+def _iso(depth: int, dim: int) -> ConvNeXtConfig:
+    # The official isotropic models default to no layer scale; pass layer_scale_init=1e-6 for the trained L.
+    return ConvNeXtConfig(depths=(depth,), dims=(dim,), patch_size=16, stem_norm=False, layer_scale_init=0.0)
+
+
+def _widths(c: int) -> tuple[int, ...]:
+    return (c, 2 * c, 4 * c, 8 * c)
+
+
+SMALL, T, DEEP = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
+VARIANTS: dict[str, ConvNeXtConfig] = {
+    "convnext_atto": _v1(SMALL, _widths(40)),
+    "convnext_femto": _v1(SMALL, _widths(48)),
+    "convnext_pico": _v1(SMALL, _widths(64)),
+    "convnext_nano": _v1((2, 2, 8, 2), _widths(80)),
+    "convnext_tiny": _v1(T, _widths(96)),
+    "convnext_small": _v1(DEEP, _widths(96)),
+    "convnext_base": _v1(DEEP, _widths(128)),
+    "convnext_large": _v1(DEEP, _widths(192)),
+    "convnext_xlarge": _v1(DEEP, _widths(256)),
+    "convnext_xxlarge": _v1((3, 4, 30, 3), _widths(384)),
+    "convnextv2_atto": _v2(SMALL, _widths(40)),
+    "convnextv2_femto": _v2(SMALL, _widths(48)),
+    "convnextv2_pico": _v2(SMALL, _widths(64)),
+    "convnextv2_nano": _v2((2, 2, 8, 2), _widths(80)),
+    "convnextv2_tiny": _v2(T, _widths(96)),
+    "convnextv2_base": _v2(DEEP, _widths(128)),
+    "convnextv2_large": _v2(DEEP, _widths(192)),
+    "convnextv2_huge": _v2(DEEP, _widths(352)),
+    "convnext_isotropic_small": _iso(18, 384),
+    "convnext_isotropic_base": _iso(18, 768),
+    "convnext_isotropic_large": _iso(36, 1024),
+}
+
+
+def _config_builder(cfg: ConvNeXtConfig) -> Callable[..., nn.Module]:
+    allowed = {f.name for f in fields(ConvNeXtConfig)}
+
+    def build(**overrides) -> ConvNeXt:
+        unknown = set(overrides) - allowed
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; ConvNeXtConfig takes {sorted(allowed)}")
+        return ConvNeXt(cfg.with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}))
+
+    return build
+
+
+def default_registry() -> Registry:
+    """The registry of every model this package ships: the variant table, then the roadmap steps."""
+    reg = Registry()
+    for name, cfg in VARIANTS.items():
+        reg.register(name, _config_builder(cfg), cfg)
+    from convnext import roadmap  # the roadmap is built from model.py's parts
+
+    for name, build in roadmap.STEPS.items():
+        reg.register(name, build)
+    return reg
+
+
+MODELS = default_registry()
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """'convnext_tiny.fb_in1k' -> ('convnext_tiny', 'fb_in1k'); 'convnext_tiny' -> ('convnext_tiny', None)."""
+    arch, _, tag = name.partition(".")
+    return arch, tag or None
+
+
+def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
+    """Registered names matching a shell pattern (`convnext_*`, `roadmap_*`), in registry order.
+
+    With `pretrained=True`, the `arch.tag` names of published weights instead.
+    """
+    if pretrained:
+        from convnext.weights import WEIGHTS
+
+        return [n for n in WEIGHTS if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+    return MODELS.names(pattern)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None, **overrides) -> nn.Module:
+    """Build a registered model; `name` may carry a weight tag (`convnext_tiny.fb_in1k`).
+
+    pretrained: download (or take from the cache) the tagged weights, or the architecture's default tag.
+    checkpoint: a local weight file in any layout `weights.load_checkpoint` reads.
+    overrides: config fields (`num_classes=10`, `in_chans=1`, `drop_path_rate=0.1`, `patch_size=2`, ...);
+        the head and the stem are adapted when they differ from the weights'.
+    """
+    arch, tag = split_name(name)
+    entry = MODELS.get(arch)
+    spec = None
+    if pretrained or tag:
+        from convnext.weights import resolve_spec
+
+        spec = resolve_spec(arch, tag)
+        overrides.setdefault("num_classes", spec.num_classes)
+    model = entry.build(**overrides)
+    if pretrained:
+        from convnext.weights import load_pretrained
+
+        load_pretrained(model, spec)
+    if checkpoint is not None:
+        from convnext.weights import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    return model
