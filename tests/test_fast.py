@@ -1,0 +1,68 @@
+"""Every fast path gives the plain model's outputs (fp32 within 1e-4), and training through it still trains."""
+
+import pytest
+import torch
+
+from convnext.fast import fold_layer_scale, optimize
+from convnext.model import ConvNeXt, ConvNeXtConfig
+
+TINY = ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=5, patch_size=2, layer_scale_init=0.3)
+
+
+def _model(**kw) -> ConvNeXt:
+    torch.manual_seed(0)
+    return ConvNeXt(TINY.with_(**kw)).eval()
+
+
+def test_fold_layer_scale_is_exact():
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    folded = fold_layer_scale(model)
+    assert all(b.gamma is None for s in folded.stages for b in s.blocks)
+    torch.testing.assert_close(folded(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("grn", [False, True])
+def test_inference_fp32_matches_plain_model(compile, grn):
+    model = _model(grn=grn)
+    x = torch.randn(3, 3, 32, 32)
+    ref = model(x)
+    fast = optimize(model, "inference", torch.float32, example_input=x, compile=compile)
+    with torch.inference_mode():
+        out = fast(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out - ref).abs().max() <= 1e-4
+    assert model.stages[0].blocks[0].gamma is not None  # the original is untouched
+
+
+def test_inference_bf16_is_close_and_agrees_on_top1():
+    model = _model()
+    x = torch.randn(16, 3, 32, 32)
+    ref = model(x)
+    with torch.inference_mode():
+        out = optimize(model, "inference", torch.bfloat16, compile=False)(x)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_mode_trains_the_original_parameters(dtype):
+    model = _model().train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    ref_model = _model().train()
+    fast = optimize(model, "train", dtype, compile=False)
+    loss = torch.nn.functional.cross_entropy(fast(x), y)
+    loss.backward()
+    torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        tol = 1e-4 if dtype == torch.float32 else 5e-2 * (r.grad.abs().max().item() + 1e-3)
+        assert p.grad is not None and (p.grad - r.grad).abs().max() <= tol
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        optimize(_model(), "serve")
+    with pytest.raises(ValueError, match="dtype"):
+        optimize(_model(), dtype=torch.int8)
