@@ -10,10 +10,12 @@ Training: the model itself (so the optimizer keeps its parameters), channels-las
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 
 from convnext.model import Block
+
 
 def fold_layer_scale(model: nn.Module) -> nn.Module:
     """gamma * (W x + b) == (gamma W) x + gamma b: fold each block's layer scale into pwconv2 (inference only)."""
