@@ -1,0 +1,270 @@
+"""ConvNeXt as a multi-scale backbone for torchvision's FPN, Faster R-CNN and Mask R-CNN (and for UperNet).
+
+`build_backbone` turns any registered model into a `MultiScaleBackbone`: a dict of feature maps
+{"0": stride 4, "1": stride 8, "2": stride 16, "3": stride 32} with a LayerNorm on each output (as the
+official detection and segmentation backbones do), optional frozen stages and stochastic depth.
+
+- hierarchical ConvNeXt (V1, V2): `convnext.model.ConvNeXtFeatures`;
+- isotropic ConvNeXt (one stage at stride 16): a ViTDet-style simple pyramid (deconvolutions up to
+  stride 4 and 8, max-pool down to 32), since the model itself has a single scale;
+- any other registered model built as `stem` + `stages` (the roadmap steps).
+
+`detector` wraps a backbone in torchvision's `FeaturePyramidNetwork` and hands it, unchanged, to
+`torchvision.models.detection.FasterRCNN` or `MaskRCNN`. The torchvision ResNet-50 peers used by the
+transfer benchmark live here too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet50
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN, MaskRCNN, maskrcnn_resnet50_fpn
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from convnext.model import ConvNeXt, ConvNeXtFeatures, DropPath, LayerNorm2d
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    model: str = "convnext_atto"  # any registered name (`convnext list`), or "resnet50" for the torchvision peer
+    checkpoint: str | None = None  # weight file in any layout `convnext.create_model(checkpoint=...)` reads
+    pretrained_run: str | None = None  # a run folder written by `convnext train` (its best/last weights)
+    drop_path_rate: float = 0.1  # stochastic depth, linear over all blocks (the paper: T 0.4 for COCO/ADE)
+    frozen_stages: int = 0  # 0: all trainable; k: stem and the first k stages frozen (weights and eval mode)
+    patch_size: int = 4  # stem stride: 4 gives strides 4/8/16/32; a pretrained stem of another size is resized
+    norms: bool = True  # LayerNorm on each output, as the official dense backbones
+
+
+class MultiScaleBackbone(nn.Module):
+    """features: image (B, 3, H, W) -> {"0": (B, C0, H/4, W/4), ..., "3": (B, C3, H/32, W/32)}.
+
+    `out_channels` lists the widths of the returned maps (for FPN / UperNet); `frozen` names the modules
+    whose weights are frozen: they stay in eval mode (no stochastic depth) whatever `train()` says.
+    """
+
+    def __init__(self, features: nn.Module, out_channels: list[int], frozen: list[nn.Module] | None = None):
+        super().__init__()
+        self.features = features
+        self.out_channels = list(out_channels)
+        self._frozen = list(frozen or [])  # plain list: the modules are already registered under `features`
+        for m in self._frozen:
+            m.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MultiScaleBackbone:
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.features(x)
+
+
+class SimplePyramid(nn.Module):
+    """Isotropic ConvNeXt (one stride-16 map of width D) -> strides 4/8/16/32 with widths D/4, D/2, D, D.
+
+    As ViTDet: two 2x2 deconvolutions up to stride 4, one up to stride 8, identity at 16, max-pool to 32.
+    """
+
+    def __init__(self, model: ConvNeXt, norms: bool = True):
+        super().__init__()
+        d = model.cfg.dims[0]
+        self.stem, self.stages = model.stem, model.stages
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(d, d // 2, 2, stride=2),
+            LayerNorm2d(d // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(d // 2, d // 4, 2, 2),
+        )
+        self.up8 = nn.ConvTranspose2d(d, d // 2, 2, stride=2)
+        self.out_channels = [d // 4, d // 2, d, d]
+        self.norms = nn.ModuleDict(
+            {str(i): LayerNorm2d(c) if norms else nn.Identity() for i, c in enumerate(self.out_channels)}
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.stages[0](self.stem(x))  # (B, D, H/16, W/16)
+        maps = [self.up4(x), self.up8(x), x, F.max_pool2d(x, 2)]
+        return {str(i): self.norms[str(i)](m) for i, m in enumerate(maps)}
+
+
+class StagesFeatures(nn.Module):
+    """Any model built as `stem` + `stages` (e.g. the roadmap steps): each stage's output, with a LayerNorm.
+
+    The widths are read off one forward pass of a small image at construction.
+    """
+
+    def __init__(self, model: nn.Module, norms: bool = True, in_chans: int = 3):
+        super().__init__()
+        self.stem, self.stages = model.stem, model.stages
+        was_training = model.training
+        model.eval()  # BatchNorm steps (roadmap 00-10) must not update running stats on the probe
+        with torch.no_grad():
+            self.out_channels = [m.shape[1] for m in self._maps(torch.zeros(1, in_chans, 64, 64))]
+        model.train(was_training)
+        self.norms = nn.ModuleDict(
+            {str(i): LayerNorm2d(c) if norms else nn.Identity() for i, c in enumerate(self.out_channels)}
+        )
+
+    def _maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, outs = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {str(i): self.norms[str(i)](m) for i, m in enumerate(self._maps(x))}
+
+
+def set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 to `rate` over every DropPath in `model` (in module order)."""
+    paths = [m for m in model.modules() if isinstance(m, DropPath)]
+    for i, m in enumerate(paths):
+        m.p = rate * i / max(len(paths) - 1, 1)
+
+
+def resize_stem(model: ConvNeXt, patch_size: int) -> None:
+    """Give a ConvNeXt's patchify stem a new stride, keeping what it computes on content scaled to match.
+
+    The kernel is upsampled (nearest) by r = new / old and divided by r^2: on an image enlarged r times, each
+    output equals the old stem's on the original image. This is how a 32x32 CIFAR model (patch 1 or 2) becomes a
+    stride-4 backbone for 320px detection.
+    """
+    conv = model.stem[0]
+    old = conv.kernel_size[0]
+    if old == patch_size:
+        return
+    w = F.interpolate(conv.weight.data, size=(patch_size, patch_size), mode="nearest") * (old / patch_size) ** 2
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, patch_size, stride=patch_size)
+    new.weight.data.copy_(w)
+    new.bias.data.copy_(conv.bias.data)
+    model.stem[0] = new
+    model.cfg = model.cfg.with_(patch_size=patch_size)
+    model.feature_info = [{**f, "reduction": patch_size * 2**i} for i, f in enumerate(model.feature_info)]
+
+
+def load_model(cfg: BackboneConfig) -> nn.Module:
+    """The classification model behind a backbone, with its weights (from a run folder, a file, or none)."""
+    from convnext.registry import create_model
+
+    if cfg.pretrained_run is not None:
+        from convnext.train import load_run
+
+        model = load_run(Path(cfg.pretrained_run))
+        if isinstance(model, tuple):  # (model, config) or similar
+            model = model[0]
+        log.info("backbone: weights from run %s", cfg.pretrained_run)
+    else:
+        model = create_model(cfg.model, checkpoint=cfg.checkpoint, num_classes=0)  # no head: features only
+    if isinstance(model, ConvNeXt) and not model.cfg.isotropic:
+        resize_stem(model, cfg.patch_size)
+    set_drop_path(model, cfg.drop_path_rate)
+    return model
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """A `MultiScaleBackbone` (or the torchvision ResNet-50 peer when `cfg.model == "resnet50"`)."""
+    if cfg.model == "resnet50":
+        return resnet50_backbone(cfg.frozen_stages)
+    model = load_model(cfg)
+    if isinstance(model, ConvNeXt) and model.cfg.isotropic:
+        features = SimplePyramid(model, cfg.norms)
+    elif isinstance(model, ConvNeXt):
+        features = ConvNeXtFeatures(model, norms=cfg.norms)
+    elif isinstance(getattr(model, "stem", None), nn.Module) and isinstance(
+        getattr(model, "stages", None), nn.ModuleList
+    ):
+        features = StagesFeatures(model, cfg.norms)
+    else:
+        raise ValueError(f"model {cfg.model!r} exposes no stages (needs a `stem` and a `stages` ModuleList)")
+    return MultiScaleBackbone(features, features.out_channels, _frozen_modules(features, cfg.frozen_stages, cfg.model))
+
+
+def _frozen_modules(features: nn.Module, k: int, name: str) -> list[nn.Module]:
+    if k == 0:
+        return []
+    stem, stages = features.stem, features.stages
+    if not 0 <= k <= len(stages):
+        raise ValueError(f"frozen_stages={k}: model {name!r} has {len(stages)} stages")
+    return [stem, *stages[:k]]
+
+
+class BackboneWithFPN(nn.Module):
+    """A multi-scale backbone followed by torchvision's FPN (plus a max-pooled level), as torchvision's own
+    `BackboneWithFPN`: the same attributes (`body`, `fpn`, `out_channels`), so detectors take it unchanged."""
+
+    def __init__(self, body: nn.Module, out_channels: int = 256):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.out_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+def detector(
+    backbone: BackboneConfig,
+    num_classes: int,
+    masks: bool = True,
+    train_sizes: tuple[int, ...] = (800,),
+    test_size: int = 800,
+    max_size: int = 1333,
+    fpn_channels: int = 256,
+) -> nn.Module:
+    """torchvision's Mask R-CNN (`masks=True`) or Faster R-CNN on a ConvNeXt + FPN; `num_classes` counts background.
+
+    Multi-scale training is torchvision's own: during training the short side is drawn from `min_size`, in eval
+    it is `min_size[-1]`; so test_size goes last (and is one of the training sizes too).
+    """
+    min_size = tuple(s for s in train_sizes if s != test_size) + (test_size,)
+    if backbone.model == "resnet50":  # the peer: torchvision's own model, no weights, every layer trainable
+        if backbone.frozen_stages:
+            raise ValueError("frozen_stages: torchvision trains every ResNet-50 layer when it has no weights")
+        from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+        build = maskrcnn_resnet50_fpn if masks else fasterrcnn_resnet50_fpn
+        return build(weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size)
+    body = BackboneWithFPN(build_backbone(backbone), fpn_channels)
+    kind = MaskRCNN if masks else FasterRCNN
+    return kind(
+        body,
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+
+
+def resnet50_backbone(frozen_stages: int = 0) -> MultiScaleBackbone:
+    """torchvision's ResNet-50 (no weights) as a 4-map backbone (strides 4..32, widths 256..2048), the peer."""
+    net = resnet50(weights=None)
+    body = IntermediateLayerGetter(net, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"})
+    stem = nn.ModuleList([body.conv1, body.bn1])
+    frozen = [stem, *[getattr(body, f"layer{i + 1}") for i in range(frozen_stages)]] if frozen_stages else []
+    return MultiScaleBackbone(body, [256, 512, 1024, 2048], frozen)
+
+
+def backbone_of(model: nn.Module) -> nn.Module | None:
+    """The classification trunk inside a dense model (for layer-wise lr decay), or None for the peers."""
+    body = getattr(getattr(model, "backbone", None), "body", None)  # torchvision detectors
+    if body is None:
+        body = getattr(model, "backbone", None)  # our segmentors
+    if isinstance(body, MultiScaleBackbone) and not isinstance(body.features, IntermediateLayerGetter):
+        return body.features
+    return None
