@@ -1,0 +1,209 @@
+"""Export a model to ONNX, TorchScript or a torch.export ExportedProgram (.pt2), and prove the file matches eager.
+
+The written file is loaded back (ONNX through onnxruntime) and run on the same random input as the eager model;
+the largest difference is reported and the export fails if it is over tolerance. Exports take and return float32
+tensors whatever `dtype` is; inside an fp16/bf16 export every normalisation (LayerNorm, GRN) runs in float32, so
+the sum of squares cannot overflow (ConvNeXt-V2 issue #66).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from convnext.model import GRN
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Allowed max |export - eager| relative to max(1, max |eager|): the eager reference runs in the same dtype.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+_KEEP_FP32 = (nn.LayerNorm, GRN, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+class ParityError(RuntimeError):
+    """The exported file's outputs differ from eager PyTorch by more than the tolerance."""
+
+
+class Float32(nn.Module):
+    """Runs the wrapped module in float32 and hands back the input's dtype (for norms inside fp16/bf16 graphs)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float()).to(x.dtype)
+
+
+class CastIO(nn.Module):
+    """float32 input -> `dtype` model -> float32 output, so users feed the same tensors to every export."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
+def prepare(model: nn.Module, dtype: str = "fp32") -> nn.Module:
+    """An eval-mode copy of `model` ready to export in `dtype` (fp32 | fp16 | bf16); norms stay float32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if dtype == "fp32":
+        return model.float()
+    model = model.to(DTYPES[dtype])
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _KEEP_FP32):
+                setattr(parent, name, Float32(child))
+    return CastIO(model, DTYPES[dtype]).eval()
+
+
+@dataclass
+class ExportReport:
+    path: str
+    format: str
+    dtype: str
+    batch_sizes: list[int]  # the batch sizes the file was checked at
+    max_diff: float  # max |export - eager in the same dtype|
+    max_diff_vs_fp32: float  # max |export - eager float32 model|: the precision cost of dtype
+    tolerance: float  # the allowed max_diff (already scaled by the output's magnitude)
+    ok: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_model(
+    model: nn.Module,
+    fmt: str,
+    output: str | Path,
+    img_size: int = 224,
+    in_chans: int = 3,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    dtype: str = "fp32",
+    force: bool = False,
+    atol: float | None = None,
+    opset: int = 18,
+) -> ExportReport:
+    """Export `model` and check the written file against eager PyTorch; raises ParityError if it does not match.
+
+    batch_size: the input batch the graph is traced with (fixed in the file unless `dynamic_batch`).
+    dynamic_batch: any batch size works; checked at a second batch size.
+    force: overwrite an existing `output` (otherwise FileExistsError). A file that fails the check is not kept.
+    atol: tolerance relative to max(1, max |output|); defaults per dtype (TOLERANCE).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if fmt == "onnx" and dtype == "bf16":
+        raise ValueError("bf16 ONNX cannot be checked: onnxruntime has no bfloat16 Conv kernel; use --dtype fp16")
+    if opset < 17:
+        raise ValueError(f"opset must be 17 or newer (LayerNormalization), got {opset}")
+    output = Path(output)
+    if fmt == "exported-program" and output.suffix != ".pt2":
+        raise ValueError(f"{output}: an ExportedProgram file must end in .pt2 (torch.export.load requires it)")
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    if output.is_dir():
+        raise IsADirectoryError(f"{output} is a directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    fp32_model = copy.deepcopy(model).eval().float()
+    export = prepare(model, dtype)
+    trace_batch = max(batch_size, 2) if dynamic_batch else batch_size  # torch.export specialises batch 1
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(trace_batch, in_chans, img_size, img_size, generator=gen)
+
+    # Write into a private folder beside the target (so external ONNX data lands beside it too), then move.
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=output.parent))
+    try:
+        written = tmp / output.name
+        _write(export, fmt, written, x, dynamic_batch, opset)
+        run = _load(fmt, written)
+        batches = [trace_batch] + ([trace_batch + 3] if dynamic_batch else [])
+        max_diff = max_fp32 = scale = 0.0
+        with torch.inference_mode():
+            for b in batches:
+                xb = torch.randn(b, in_chans, img_size, img_size, generator=gen)
+                got, ref, ref32 = run(xb), export(xb).float().numpy(), fp32_model(xb).float().numpy()
+                if got.shape != ref.shape:
+                    raise ParityError(f"{fmt} export gave shape {got.shape} for batch {b}, eager {ref.shape}")
+                max_diff = max(max_diff, float(np.abs(got - ref).max()))
+                max_fp32 = max(max_fp32, float(np.abs(got - ref32).max()))
+                scale = max(scale, float(np.abs(ref).max()))
+        tol = (TOLERANCE[dtype] if atol is None else atol) * max(1.0, scale)
+        report = ExportReport(str(output), fmt, dtype, batches, max_diff, max_fp32, tol, max_diff <= tol)
+        if not report.ok:
+            raise ParityError(
+                f"{fmt} {dtype} export differs from eager by {max_diff:.3g} > tolerance {tol:.3g}; file not written"
+            )
+        for f in tmp.iterdir():
+            os.replace(f, output.parent / f.name)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(model: nn.Module, fmt: str, path: Path, x: torch.Tensor, dynamic_batch: bool, opset: int) -> None:
+    batch = torch.export.Dim("batch") if dynamic_batch else None
+    if fmt == "onnx":
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={"x": {0: batch}} if dynamic_batch else None,
+            verbose=False,
+            external_data=_param_bytes(model) > 1.5 * 2**30,  # the protobuf limit is 2 GiB
+        )
+    elif fmt == "torchscript":
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore", ".*is deprecated.*", FutureWarning)  # the user asked for TorchScript
+            torch.jit.trace(model, (x,), check_trace=False).save(str(path))
+    else:
+        ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}} if dynamic_batch else None)
+        torch.export.save(ep, str(path))
+
+
+def _load(fmt: str, path: Path):
+    """A function numpy-returning function that runs the file at `path` on a float32 NCHW tensor."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x.numpy()})[0].astype(np.float32)
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*is deprecated.*", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    else:
+        module = torch.export.load(str(path)).module()
+    return lambda x: module(x).float().numpy()
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

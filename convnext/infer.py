@@ -1,0 +1,464 @@
+"""Evaluate and predict: load a model (registered name, checkpoint or training run), read images robustly, score.
+
+- `load_model` resolves what a user names into a model plus the preprocessing and class names it was trained with.
+- `load_image` turns any image file into an 8-bit RGB picture or raises `BadImageError` naming the file.
+- `evaluate` returns top-1/top-5 (percent), mean loss, per-class accuracy and the confusion matrix.
+- `predict` yields one dict per image, in input order, with the top-k labels or the reason it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read any image file as 8-bit RGB (EXIF rotation applied, transparency composited on white).
+
+    Grayscale, palette, CMYK and 16-bit images are converted. Unreadable files, truncated data and images over
+    Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) raise `BadImageError`.
+    """
+    path = Path(path)
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb either way.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode now: truncated data raises here, not later in a worker
+                return to_rgb(ImageOps.exif_transpose(im))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImageError(f"{path}: refused, larger than Pillow's decompression-bomb limit ({e})") from e
+        except FileNotFoundError as e:
+            raise BadImageError(f"{path}: no such file") from e
+        except IsADirectoryError as e:
+            raise BadImageError(f"{path}: is a directory") from e
+        except UnidentifiedImageError as e:
+            raise BadImageError(f"{path}: not an image Pillow can read") from e
+        except OSError as e:
+            raise BadImageError(f"{path}: unreadable or truncated image ({e})") from e
+        except Exception as e:  # malformed files make Pillow raise almost anything (SyntaxError, struct.error, ...)
+            raise BadImageError(f"{path}: corrupt image ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16/32-bit and float images are scaled, not clipped (Pillow's convert clips)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "F":
+            top = 1.0 if a.size and a.max() <= 1.0 else 255.0
+        else:  # "I;16*" is 16-bit; "I" (32-bit) usually holds 16-bit PNG data
+            top = 65535.0 if im.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given (whatever their extension) and, for each directory, its image files recursively, sorted."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            paths.append(p)  # a missing file becomes a per-file error in predict, not a crash
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing: resize the shorter side to img_size / crop_pct, center-crop img_size, normalise."""
+
+    img_size: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+    def transform(self):
+        """The torchvision transforms.v2 pipeline: PIL RGB image -> normalised float tensor (3, S, S)."""
+        return _eval_transform(self)
+
+
+def _eval_transform(p: Preprocess):
+    from torchvision.transforms import v2
+
+    resize = int(math.floor(p.img_size / p.crop_pct))
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            # max_size keeps a needle-thin image from becoming a gigapixel one; the crop then pads it
+            v2.Resize(resize, interpolation=v2.InterpolationMode(p.interpolation), max_size=16 * resize),
+            v2.CenterCrop(p.img_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(p.mean), list(p.std)),
+        ]
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what it needs around it."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str] | None  # label of each output index; None = unknown (indices are printed)
+    name: str
+    ema: nn.Module | None = None  # the run's EMA weights, when asked for and present
+    run_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def label(self, index: int) -> str:
+        return self.classes[index] if self.classes and index < len(self.classes) else str(index)
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names, offline, from torchvision's weight metadata."""
+    from torchvision.models import ConvNeXt_Tiny_Weights
+
+    return list(ConvNeXt_Tiny_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def is_run_dir(path: str | Path | None) -> bool:
+    return path is not None and Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def load_model(
+    model: str | None,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    ema: bool = False,
+    img_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Resolve a model the way every command takes one.
+
+    model: a registered name (`convnext_tiny`, `convnext_tiny.fb_in1k`) or a training run folder (has config.json).
+    checkpoint: a weight file in any layout `convnext.weights` reads, or a run folder (then `model` may be None).
+    pretrained: load the published weights of the name's tag (or the architecture's default tag).
+    ema: also load the run's EMA weights into `LoadedModel.ema` (runs only; ignored when the run has none).
+    img_size: evaluate at this size instead of the one the weights or run were made for.
+    """
+    if is_run_dir(model) or (model is None and is_run_dir(checkpoint)):
+        loaded = _load_run(Path(model if is_run_dir(model) else checkpoint), ema)
+    elif model is None:
+        hint = " (a run folder needs config.json)" if checkpoint and Path(checkpoint).is_dir() else ""
+        raise ValueError(f"name the model architecture for checkpoint {checkpoint}{hint}, e.g. `convnext_tiny`")
+    elif Path(model).exists() and not is_run_dir(model):
+        raise ValueError(
+            f"{model} is a file or a folder without config.json; pass a registered name and `--checkpoint {model}`"
+        )
+    else:
+        loaded = _load_named(model, checkpoint, pretrained)
+    if img_size is not None:
+        loaded.preprocess = replace(loaded.preprocess, img_size=img_size)
+    loaded.model.to(device).eval()
+    if loaded.ema is not None:
+        loaded.ema.to(device).eval()
+    return loaded
+
+
+def _load_named(name: str, checkpoint: str | Path | None, pretrained: bool) -> LoadedModel:
+    from convnext.registry import create_model, split_name
+
+    arch, tag = split_name(name)
+    model = create_model(name, pretrained=pretrained, checkpoint=checkpoint)
+    preprocess, classes = Preprocess(), None
+    spec = _weight_spec(arch, tag) if (pretrained or tag or checkpoint) else None
+    if spec is not None:
+        preprocess = Preprocess(
+            img_size=int(_spec_get(spec, ("img_size", "input_size"), 224)),
+            crop_pct=float(_spec_get(spec, ("crop_pct",), 0.875)),
+            mean=tuple(_spec_get(spec, ("mean",), IMAGENET_MEAN)),
+            std=tuple(_spec_get(spec, ("std",), IMAGENET_STD)),
+            interpolation=str(_spec_get(spec, ("interpolation",), "bicubic")),
+        )
+        classes = _spec_get(spec, ("classes", "categories"), None)
+    num_classes = getattr(model, "num_classes", None)
+    if classes is None and num_classes == 1000:
+        classes = imagenet_classes()
+    return LoadedModel(model, preprocess, list(classes) if classes else None, name)
+
+
+def _weight_spec(arch: str, tag: str | None):
+    """The published-weights spec for preprocessing, or None when the architecture has none."""
+    try:
+        from convnext.weights import resolve_spec
+
+        return resolve_spec(arch, tag)
+    except (ImportError, KeyError, ValueError):
+        return None
+
+
+def _spec_get(spec, names: Sequence[str], default):
+    for n in names:
+        v = spec.get(n) if isinstance(spec, dict) else getattr(spec, n, None)
+        if v is not None:
+            if n == "input_size" and isinstance(v, (tuple, list)):
+                v = v[-1]
+            return v
+    return default
+
+
+def _load_run(run_dir: Path, with_ema: bool) -> LoadedModel:
+    from convnext.train import load_run
+
+    model, cfg = load_run(run_dir, which="best", ema=False)
+    ema_model = None
+    if with_ema and _run_has_ema(run_dir, cfg):
+        ema_model, _ = load_run(run_dir, which="best", ema=True)
+    data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    preprocess = Preprocess(
+        img_size=int(data.get("img_size", 224)),
+        crop_pct=float(data.get("crop_pct", 0.875)),
+        mean=tuple(data.get("mean", IMAGENET_MEAN)),
+        std=tuple(data.get("std", IMAGENET_STD)),
+        interpolation=str(data.get("interpolation", "bicubic")),
+    )
+    classes = data.get("classes")
+    name = cfg.get("model", {}).get("name", run_dir.name) if isinstance(cfg.get("model"), dict) else run_dir.name
+    return LoadedModel(model, preprocess, list(classes) if classes else None, str(name), ema_model, run_dir, cfg)
+
+
+def _run_has_ema(run_dir: Path, cfg: dict) -> bool:
+    ema_cfg = cfg.get("ema")
+    if isinstance(ema_cfg, dict):
+        return bool(ema_cfg.get("enabled", ema_cfg.get("decay", 0)))
+    if isinstance(ema_cfg, bool | int | float):
+        return bool(ema_cfg)
+    train_cfg = cfg.get("optim", {}) | cfg.get("train", {})
+    return bool(train_cfg.get("ema", train_cfg.get("ema_decay", 0)))
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict:
+    """Score a classifier on (images, targets) batches.
+
+    Returns {"top1", "top5" (percent; top-k with k = min(5, classes)), "loss" (mean cross-entropy), "n",
+    "per_class" (accuracy in percent, None for a class with no images), "confusion" (rows = true class)}.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    model.eval()
+    k = min(5, num_classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss_sum, topk_correct, n = 0.0, 0, 0
+    for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"model has {logits.shape[1]} outputs but the data has {num_classes} classes")
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(k, dim=1).indices  # (B, k)
+        topk_correct += (top == y[:, None]).any(dim=1).sum().item()
+        confusion += torch.bincount(y.cpu() * num_classes + top[:, 0].cpu(), minlength=num_classes**2).view(
+            num_classes, num_classes
+        )
+        n += y.numel()
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    per_class_n = confusion.sum(dim=1)
+    correct = confusion.diag()
+    return {
+        "top1": 100.0 * correct.sum().item() / n,
+        "top5": 100.0 * topk_correct / n,
+        "loss": loss_sum / n,
+        "n": n,
+        "per_class": [100.0 * c / t if t else None for c, t in zip(correct.tolist(), per_class_n.tolist())],
+        "confusion": confusion.tolist(),
+    }
+
+
+def eval_dataset(root: str | Path, preprocess: Preprocess, model_classes: list[str] | None):
+    """An image-folder dataset for evaluation, with targets in the model's class order.
+
+    `root` is a folder of class folders, or a dataset root holding `val/` (or `test/`). Classes are matched to the
+    model's by name; if the names differ but the counts agree (e.g. ImageNet wnid folders), by sorted order.
+    """
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no dataset folder at {root}")
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            root = root / split
+            break
+    ds = ImageFolder(str(root), transform=preprocess.transform(), loader=load_image)
+    if model_classes and set(ds.classes) <= set(model_classes):
+        index = {c: i for i, c in enumerate(model_classes)}
+        ds.target_transform = _Remap([index[c] for c in ds.classes])
+        ds.eval_classes = list(model_classes)
+    elif model_classes and len(model_classes) != len(ds.classes):
+        raise ValueError(
+            f"{root} has {len(ds.classes)} class folders ({', '.join(ds.classes[:5])}, ...) that do not match the "
+            f"model's {len(model_classes)} classes ({', '.join(model_classes[:5])}, ...)"
+        )
+    else:
+        ds.eval_classes = list(model_classes) if model_classes else list(ds.classes)
+    return ds
+
+
+class _Remap:
+    def __init__(self, table: list[int]):
+        self.table = table
+
+    def __call__(self, target: int) -> int:
+        return self.table[target]
+
+
+def run_eval(
+    loaded: LoadedModel,
+    data: str | Path,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    output_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a loaded model (and its EMA) on an image folder; writes metrics.json and confusion.png to output_dir.
+
+    Returns the summary: top1, top5, loss, n, per_class_accuracy ({class: percent}), and "ema" (same keys) when
+    the run has EMA weights, plus "confusion_png" when output_dir is given.
+    """
+    ds = eval_dataset(data, loaded.preprocess, loaded.classes)
+    classes = ds.eval_classes
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+    summary: dict = {"model": loaded.name, "data": str(data)}
+    targets = {"": loaded.model} | ({"ema": loaded.ema} if loaded.ema is not None else {})
+    confusion = None
+    for key, model in targets.items():
+        r = evaluate(model, loader, len(classes), device, amp_dtype, progress)
+        result = {name: r[name] for name in ("top1", "top5", "loss", "n")}
+        result["per_class_accuracy"] = dict(zip(classes, r["per_class"]))
+        if key:
+            summary[key] = result
+        else:
+            summary |= result
+            confusion = r["confusion"]
+    if output_dir is not None:
+        from convnext.viz import plot_confusion_matrix
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        png = plot_confusion_matrix(confusion, classes, out / "confusion.png", title=f"{loaded.name} on {data}")
+        summary["confusion_png"] = str(png)
+        (out / "metrics.json").write_text(json.dumps(summary | {"confusion": confusion}, indent=1) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+class _ImageFiles(Dataset):
+    """Paths -> (tensor or None, error or None): a bad file becomes an error string, never an exception."""
+
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.transform(load_image(self.paths[i])), None
+        except BadImageError as e:
+            return i, None, str(e)
+        except Exception as e:  # a transform failing on a strange image is still one file's problem
+            return i, None, f"{self.paths[i]}: {type(e).__name__}: {e}"
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    errors = {i: err for i, _, err in items if err is not None}
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], batch, errors
+
+
+@torch.inference_mode()
+def predict(
+    loaded: LoadedModel,
+    inputs: Iterable[str | Path],
+    topk: int = 5,
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Iterator[dict]:
+    """Yield {"path", "topk": [{"label", "prob"}, ...]} or {"path", "error"} per image, in input order.
+
+    `inputs` are files and folders (searched recursively for image files). Bad files never stop the batch.
+    """
+    from tqdm import tqdm
+
+    paths = find_images(inputs)
+    device = torch.device(device)
+    loader = DataLoader(
+        _ImageFiles(paths, loaded.preprocess.transform()),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+    for indices, batch, errors in loader:
+        results: dict[int, dict] = {i: {"path": str(paths[i]), "error": err} for i, err in errors.items()}
+        if batch is not None:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = loaded.model(batch.to(device))
+            probs = logits.float().softmax(dim=1)
+            p, idx = probs.topk(min(topk, probs.shape[1]), dim=1)
+            for row, i in enumerate(indices):
+                top = [{"label": loaded.label(c), "prob": v} for c, v in zip(idx[row].tolist(), p[row].tolist())]
+                results[i] = {"path": str(paths[i]), "topk": top}
+        bar.update(len(results))
+        yield from (results[i] for i in sorted(results))
+    bar.close()
