@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 
-from convnext.cli import core
+from convnext.cli import core, roadmap
 
-FAMILIES = [core]
+FAMILIES = [core, roadmap]
 
 
 def build_parser() -> argparse.ArgumentParser:
