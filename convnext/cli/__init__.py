@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 
-from convnext.cli import core, roadmap
+from convnext.cli import core, roadmap, weights
 
-FAMILIES = [core, roadmap]
+FAMILIES = [core, roadmap, weights]
 
 
 def build_parser() -> argparse.ArgumentParser:

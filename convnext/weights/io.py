@@ -1,0 +1,210 @@
+"""Read weight files safely and load any published layout into our model.
+
+Nothing here unpickles code: PyTorch files load with `weights_only=True`, safetensors hold only tensors.
+`load_checkpoint` checks every key and shape before it copies anything, so a bad file leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from convnext.weights.layouts import detect_layout, to_ours
+
+log = logging.getLogger(__name__)
+
+MAIN_KEYS = ("model", "state_dict", "model_state_dict")  # official / timm and lightning / common training scripts
+EMA_KEYS = ("model_ema", "state_dict_ema", "ema")  # official / timm / others
+PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+HF_FILES = ("model.safetensors", "pytorch_model.bin")  # inside a `save_pretrained` folder
+
+
+def read_file(path: str | Path) -> object:
+    """The object stored in a .safetensors / .pth / .pt / .bin file (or a Hugging Face model folder)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = next((path / f for f in HF_FILES if (path / f).is_file()), None)
+        if inside is None:
+            raise FileNotFoundError(f"{path}: a folder without any of {HF_FILES}")
+        path = inside
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weight file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path, device="cpu")
+        # Official checkpoints may carry the training `args` namespace: plain data, safe to allow.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, bad safetensors header, refused global, ...
+        lines = str(e).strip().splitlines() or [""]
+        refused = next((ln.strip() for ln in lines if "Unsupported global" in ln), None)
+        if refused:
+            raise ValueError(f"{path}: holds pickled Python objects, refusing to unpickle code ({refused})") from e
+        raise ValueError(
+            f"{path}: cannot read weights, the file is truncated or corrupt ({type(e).__name__}: {lines[0]})"
+        ) from e
+
+
+def unwrap(obj: object, ema: bool = False, name: str = "checkpoint") -> dict[str, Tensor]:
+    """Find the state dict inside a checkpoint: `{"model": ...}`, `{"state_dict": ...}`, EMA entries, `module.`.
+
+    The main weights win unless `ema` is set; a file holding only EMA weights gives those either way.
+    """
+    found_ema = False
+    for _ in range(4):  # wrappers nest at most a few levels
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{name}: expected a dict of tensors, found {type(obj).__name__}")
+        ema_key = next((k for k in EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
+        main_key = next((k for k in MAIN_KEYS if isinstance(obj.get(k), Mapping)), None)
+        key = ema_key if (ema and ema_key) else (main_key or ema_key)
+        if key is None:
+            break
+        found_ema |= key == ema_key
+        obj = obj[key]
+    if ema and not found_ema:
+        warnings.warn(f"{name}: no EMA weights found ({EMA_KEYS}); using the main weights", stacklevel=3)
+    sd = {_strip(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not sd:
+        shown = ", ".join(map(str, list(obj)[:8]))
+        raise ValueError(f"{name}: no tensors found (top-level keys: {shown})")
+    return sd
+
+
+def _strip(key: str) -> str:
+    while key.startswith(PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, Tensor]:
+    """The flat state dict of a weight file, in the file's own layout (unwrapped, prefixes stripped)."""
+    return unwrap(read_file(path), ema=ema, name=str(path))
+
+
+def adapt_in_chans(weight: Tensor, in_chans: int) -> Tensor:
+    """Stem conv weight (O, I, k, k) -> (O, in_chans, k, k).
+
+    One channel: sum over the input channels (a grey image gives what an RGB image of that grey gave).
+    Otherwise: repeat the channels and rescale by I / in_chans, which keeps the response to a constant input.
+    """
+    w = weight.float()
+    if in_chans == 1:
+        out = w.sum(dim=1, keepdim=True)
+    else:
+        reps = math.ceil(in_chans / w.shape[1])
+        out = w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
+    return out.to(weight.dtype)
+
+
+def load_checkpoint(
+    model: nn.Module, src: str | Path | Mapping[str, object], strict: bool = True, ema: bool = False
+) -> None:
+    """Load weights in any layout (official V1/V2, timm, torchvision, HF transformers, ours) into `model`.
+
+    src: a file path or an already loaded (possibly wrapped) state dict.
+    strict: every model key must be filled and every checkpoint key used, except the head (adapted: a
+        head for another number of classes is dropped and the model keeps its fresh one) and the stem
+        (adapted to another `in_chans`). Shapes must always match.
+    Raises ValueError naming the file and every offending key with both shapes; the model is then untouched.
+    """
+    name = "state dict" if isinstance(src, Mapping) else str(src)
+    sd = unwrap(src, ema=ema, name=name) if isinstance(src, Mapping) else read_state_dict(src, ema=ema)
+    target = model.state_dict()
+    if set(sd) == set(target):  # already ours (also any model outside the ConvNeXt family, e.g. roadmap steps)
+        layout, ours = "ours", sd
+    else:
+        try:
+            layout = detect_layout(sd)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        ours = to_ours(sd, layout)
+    final, problems = _match(ours, target, strict, name)
+    if problems:
+        raise ValueError(f"{name} ({layout} layout) does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(final, strict=False)  # every key and shape checked above
+    log.debug("loaded %s (%s layout, %d tensors)", name, layout, len(final))
+
+
+def _match(ours: dict[str, Tensor], target: dict[str, Tensor], strict: bool, name: str):
+    """Pair checkpoint tensors with model tensors, adapting head and stem; collect every problem."""
+    final, unexpected, shapes = {}, [], []
+    head_dropped = False
+    for k, v in ours.items():
+        t = target.get(k)
+        if t is None:
+            if k.startswith("head."):  # the model has no classifier (num_classes=0)
+                head_dropped = True
+            else:
+                unexpected.append(k)
+        elif v.shape == t.shape:
+            final[k] = v
+        elif k.startswith("head."):
+            head_dropped = True
+        elif k == "stem.0.weight" and v.ndim == 4 and (v.shape[0], *v.shape[2:]) == (t.shape[0], *t.shape[2:]):
+            final[k] = adapt_in_chans(v, t.shape[1])
+            warnings.warn(f"{name}: stem adapted from {v.shape[1]} to {t.shape[1]} input channels", stacklevel=3)
+        else:
+            shapes.append(f"{k} checkpoint {tuple(v.shape)} vs model {tuple(t.shape)}")
+    if head_dropped:
+        got, want = ours.get("head.weight"), target.get("head.weight")
+        n_got, n_want = (x.shape[0] if x is not None else 0 for x in (got, want))
+        warnings.warn(
+            f"{name}: checkpoint head has {n_got} classes, the model {n_want}: dropped, the model keeps its own head",
+            stacklevel=3,
+        )
+    missing = [k for k in target if k not in final]
+    has_head = any(k.startswith("head.") for k in ours)
+    allowed = [k for k in missing if k.startswith("head.") or (k.startswith("norm.") and not has_head)]
+    if allowed and not head_dropped:
+        warnings.warn(f"{name}: checkpoint has no {sorted(allowed)}; the model keeps its fresh ones", stacklevel=3)
+    missing = [k for k in missing if k not in allowed]
+
+    problems = [f"shape mismatch: {_listing(shapes)}"] if shapes else []
+    if strict and missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if not strict and (missing or unexpected):
+        warnings.warn(f"{name}: ignored {len(missing)} missing and {len(unexpected)} unexpected keys", stacklevel=3)
+    return final, problems
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def save_weights(
+    sd: Mapping[str, Tensor],
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    force: bool = False,
+    wrap_key: str | None = None,
+) -> None:
+    """Write a state dict: safetensors for a `.safetensors` path, else `torch.save` (as `{wrap_key: sd}` if given).
+
+    Writes a temporary file beside `path` and renames it, so `path` is either the old file or the complete
+    new one. Refuses to replace an existing file unless `force`.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists (pass force=True / --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.suffix == ".safetensors":
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
+        else:
+            torch.save({wrap_key: dict(sd)} if wrap_key else dict(sd), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
