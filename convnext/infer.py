@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -84,6 +83,19 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def center_crop_aspect(im: Image.Image, max_ratio: float = 4.0) -> Image.Image:
+    """Center-crop the long side to at most `max_ratio` x the short side. The eval crop keeps only the central
+    square anyway, so the result is the same, but a 1x5000 image no longer resizes to a gigapixel one first."""
+    w, h = im.size
+    short = min(w, h)
+    long_max = max(1, int(short * max_ratio))
+    if max(w, h) <= long_max:
+        return im
+    nw, nh = min(w, long_max), min(h, long_max)
+    left, top = (w - nw) // 2, (h - nh) // 2
+    return im.crop((left, top, left + nw, top + nh))
+
+
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     """Files as given (whatever their extension) and, for each directory, its image files recursively, sorted."""
     paths: list[Path] = []
@@ -107,27 +119,12 @@ class Preprocess:
     crop_pct: float = 0.875
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bicubic"
 
     def transform(self):
         """The torchvision transforms.v2 pipeline: PIL RGB image -> normalised float tensor (3, S, S)."""
-        return _eval_transform(self)
+        from convnext.data import eval_transform
 
-
-def _eval_transform(p: Preprocess):
-    from torchvision.transforms import v2
-
-    resize = int(math.floor(p.img_size / p.crop_pct))
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            # max_size keeps a needle-thin image from becoming a gigapixel one; the crop then pads it
-            v2.Resize(resize, interpolation=v2.InterpolationMode(p.interpolation), max_size=16 * resize),
-            v2.CenterCrop(p.img_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(p.mean), list(p.std)),
-        ]
-    )
+        return eval_transform(self.img_size, self.crop_pct, self.mean, self.std)
 
 
 @dataclass
@@ -196,72 +193,61 @@ def _load_named(name: str, checkpoint: str | Path | None, pretrained: bool) -> L
     from convnext.registry import create_model, split_name
 
     arch, tag = split_name(name)
-    model = create_model(name, pretrained=pretrained, checkpoint=checkpoint)
-    preprocess, classes = Preprocess(), None
-    spec = _weight_spec(arch, tag) if (pretrained or tag or checkpoint) else None
-    if spec is not None:
-        preprocess = Preprocess(
-            img_size=int(_spec_get(spec, ("img_size", "input_size"), 224)),
-            crop_pct=float(_spec_get(spec, ("crop_pct",), 0.875)),
-            mean=tuple(_spec_get(spec, ("mean",), IMAGENET_MEAN)),
-            std=tuple(_spec_get(spec, ("std",), IMAGENET_STD)),
-            interpolation=str(_spec_get(spec, ("interpolation",), "bicubic")),
-        )
-        classes = _spec_get(spec, ("classes", "categories"), None)
-    num_classes = getattr(model, "num_classes", None)
-    if classes is None and num_classes == 1000:
-        classes = imagenet_classes()
-    return LoadedModel(model, preprocess, list(classes) if classes else None, name)
-
-
-def _weight_spec(arch: str, tag: str | None):
-    """The published-weights spec for preprocessing, or None when the architecture has none."""
-    try:
+    spec = None
+    if pretrained or tag:
         from convnext.weights import resolve_spec
 
-        return resolve_spec(arch, tag)
-    except (ImportError, KeyError, ValueError):
-        return None
+        spec = resolve_spec(arch, tag)
+    overrides = _checkpoint_shape(checkpoint) if checkpoint is not None else {}
+    if checkpoint is not None:  # build the model the checkpoint was made for, then load it
+        from convnext.weights import load_checkpoint, read_state_dict
+
+        model = create_model(arch, **overrides)
+        load_checkpoint(model, read_state_dict(checkpoint))
+    else:
+        model = create_model(name, pretrained=pretrained)
+    preprocess = Preprocess()
+    if spec is not None:
+        preprocess = Preprocess(spec.input_size, spec.crop_pct, tuple(spec.mean), tuple(spec.std))
+    classes = imagenet_classes() if getattr(model, "num_classes", None) == 1000 else None
+    return LoadedModel(model, preprocess, classes, name)
 
 
-def _spec_get(spec, names: Sequence[str], default):
-    for n in names:
-        v = spec.get(n) if isinstance(spec, dict) else getattr(spec, n, None)
-        if v is not None:
-            if n == "input_size" and isinstance(v, (tuple, list)):
-                v = v[-1]
-            return v
-    return default
+def _checkpoint_shape(checkpoint: str | Path) -> dict:
+    """{num_classes, in_chans} of a ConvNeXt checkpoint in any layout, so an inference model gets its own head
+    rather than a fresh one (`load_checkpoint` drops a head of another size, which suits fine-tuning only)."""
+    from convnext.weights import detect_layout, read_state_dict, to_ours
+
+    sd = read_state_dict(checkpoint)
+    try:
+        sd = to_ours(sd, detect_layout(sd))
+    except ValueError:
+        return {}  # not a ConvNeXt layout (e.g. a roadmap step): load_checkpoint decides
+    out = {}
+    if "head.weight" in sd:
+        out["num_classes"] = int(sd["head.weight"].shape[0])
+    elif "norm.weight" in sd:
+        out["num_classes"] = 0  # a backbone without a head
+    if "stem.0.weight" in sd:
+        out["in_chans"] = int(sd["stem.0.weight"].shape[1])
+    return out
 
 
 def _load_run(run_dir: Path, with_ema: bool) -> LoadedModel:
     from convnext.train import load_run
 
     model, cfg = load_run(run_dir, which="best", ema=False)
-    ema_model = None
-    if with_ema and _run_has_ema(run_dir, cfg):
-        ema_model, _ = load_run(run_dir, which="best", ema=True)
-    data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    ema_model = load_run(run_dir, which="best", ema=True)[0] if with_ema and cfg.get("ema") else None
+    data = cfg.get("data", {})
     preprocess = Preprocess(
-        img_size=int(data.get("img_size", 224)),
-        crop_pct=float(data.get("crop_pct", 0.875)),
-        mean=tuple(data.get("mean", IMAGENET_MEAN)),
-        std=tuple(data.get("std", IMAGENET_STD)),
-        interpolation=str(data.get("interpolation", "bicubic")),
+        int(data.get("img_size", 224)),
+        float(data.get("crop_pct", 0.875)),
+        tuple(data.get("mean", IMAGENET_MEAN)),
+        tuple(data.get("std", IMAGENET_STD)),
     )
-    classes = data.get("classes")
-    name = cfg.get("model", {}).get("name", run_dir.name) if isinstance(cfg.get("model"), dict) else run_dir.name
-    return LoadedModel(model, preprocess, list(classes) if classes else None, str(name), ema_model, run_dir, cfg)
-
-
-def _run_has_ema(run_dir: Path, cfg: dict) -> bool:
-    ema_cfg = cfg.get("ema")
-    if isinstance(ema_cfg, dict):
-        return bool(ema_cfg.get("enabled", ema_cfg.get("decay", 0)))
-    if isinstance(ema_cfg, bool | int | float):
-        return bool(ema_cfg)
-    train_cfg = cfg.get("optim", {}) | cfg.get("train", {})
-    return bool(train_cfg.get("ema", train_cfg.get("ema_decay", 0)))
+    classes = data.get("classes") or None
+    name = cfg.get("model", {}).get("name", run_dir.name)
+    return LoadedModel(model, preprocess, classes, str(name), ema_model, run_dir, cfg)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -316,42 +302,59 @@ def evaluate(
     }
 
 
-def eval_dataset(root: str | Path, preprocess: Preprocess, model_classes: list[str] | None):
-    """An image-folder dataset for evaluation, with targets in the model's class order.
+def eval_dataset(
+    data: str | Path, preprocess: Preprocess, model_classes: list[str] | None, run_cfg: dict | None = None, **kwargs
+) -> tuple[Dataset, list[str]]:
+    """The images to evaluate on, with targets in the model's class order: (dataset, class names).
 
-    `root` is a folder of class folders, or a dataset root holding `val/` (or `test/`). Classes are matched to the
-    model's by name; if the names differ but the counts agree (e.g. ImageNet wnid folders), by sorted order.
+    data: an image folder (its `val/` split when it has one, else every image in it), or a dataset name that
+        `convnext.data` knows (`cifar10`, `digits`, ...). A run's own dataset gives the split it held out.
+    Classes are matched to the model's by name; if the names differ but the counts agree (e.g. ImageNet wnid
+    folders for a model whose classes are words), by sorted order.
     """
-    from torchvision.datasets import ImageFolder
+    from convnext.data import ImageFolder, build_eval_dataset
 
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no dataset folder at {root}")
-    for split in ("val", "test"):
-        if (root / split).is_dir():
-            root = root / split
-            break
-    ds = ImageFolder(str(root), transform=preprocess.transform(), loader=load_image)
-    if model_classes and set(ds.classes) <= set(model_classes):
-        index = {c: i for i, c in enumerate(model_classes)}
-        ds.target_transform = _Remap([index[c] for c in ds.classes])
-        ds.eval_classes = list(model_classes)
-    elif model_classes and len(model_classes) != len(ds.classes):
-        raise ValueError(
-            f"{root} has {len(ds.classes)} class folders ({', '.join(ds.classes[:5])}, ...) that do not match the "
-            f"model's {len(model_classes)} classes ({', '.join(model_classes[:5])}, ...)"
-        )
+    root = Path(data)
+    run_data = (run_cfg or {}).get("data", {})
+    same_as_run = run_data.get("name") is not None and str(run_data["name"]) == str(data)
+    splits = ("train", "val", "validation", "test")
+    if root.is_dir() and not any((root / s).is_dir() for s in splits) and not same_as_run:
+        ds = ImageFolder(root, preprocess.transform())
+        classes = list(ds.classes)
     else:
-        ds.eval_classes = list(model_classes) if model_classes else list(ds.classes)
-    return ds
+        if same_as_run:
+            for key in ("val_split", "data_dir"):
+                if run_data.get(key) is not None:
+                    kwargs.setdefault(key, run_data[key])
+        ds, classes = build_eval_dataset(
+            str(data), "val", preprocess.img_size, preprocess.crop_pct, preprocess.mean, preprocess.std, **kwargs
+        )
+    if not model_classes or classes == list(model_classes):
+        return ds, list(model_classes or classes)
+    if set(classes) <= set(model_classes):
+        index = {c: i for i, c in enumerate(model_classes)}
+        return _Remapped(ds, [index[c] for c in classes]), list(model_classes)
+    if len(classes) == len(model_classes):
+        log.warning("class names of %s differ from the model's; matching them in sorted order", data)
+        return ds, list(model_classes)
+    raise ValueError(
+        f"{data} has {len(classes)} classes ({', '.join(classes[:5])}, ...) that do not match the model's "
+        f"{len(model_classes)} ({', '.join(model_classes[:5])}, ...)"
+    )
 
 
-class _Remap:
-    def __init__(self, table: list[int]):
-        self.table = table
+class _Remapped(Dataset):
+    """(x, dataset target) -> (x, model target)."""
 
-    def __call__(self, target: int) -> int:
-        return self.table[target]
+    def __init__(self, dataset: Dataset, table: list[int]):
+        self.dataset, self.table = dataset, table
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x, self.table[y]
 
 
 def run_eval(
@@ -363,14 +366,14 @@ def run_eval(
     amp_dtype: torch.dtype | None = None,
     output_dir: str | Path | None = None,
     progress: bool = False,
+    **dataset_kwargs,
 ) -> dict:
     """Evaluate a loaded model (and its EMA) on an image folder; writes metrics.json and confusion.png to output_dir.
 
     Returns the summary: top1, top5, loss, n, per_class_accuracy ({class: percent}), and "ema" (same keys) when
     the run has EMA weights, plus "confusion_png" when output_dir is given.
     """
-    ds = eval_dataset(data, loaded.preprocess, loaded.classes)
-    classes = ds.eval_classes
+    ds, classes = eval_dataset(data, loaded.preprocess, loaded.classes, loaded.extra, **dataset_kwargs)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.device(device).type == "cuda")
     summary: dict = {"model": loaded.name, "data": str(data)}
     targets = {"": loaded.model} | ({"ema": loaded.ema} if loaded.ema is not None else {})
@@ -409,7 +412,7 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.transform(load_image(self.paths[i])), None
+            return i, self.transform(center_crop_aspect(load_image(self.paths[i]))), None
         except BadImageError as e:
             return i, None, str(e)
         except Exception as e:  # a transform failing on a strange image is still one file's problem
