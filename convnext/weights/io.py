@@ -94,7 +94,8 @@ def adapt_in_chans(weight: Tensor, in_chans: int) -> Tensor:
     """Stem conv weight (O, I, k, k) -> (O, in_chans, k, k).
 
     One channel: sum over the input channels (a grey image gives what an RGB image of that grey gave).
-    Otherwise: repeat the channels and rescale by I / in_chans, which keeps the response to a constant input.
+    Otherwise: repeat the channels cyclically and rescale by I / in_chans (timm's rule), which keeps the
+    response to a constant input when in_chans is a multiple of I.
     """
     w = weight.float()
     if in_chans == 1:
@@ -147,7 +148,7 @@ def _match(ours: dict[str, Tensor], target: dict[str, Tensor], strict: bool, nam
                 unexpected.append(k)
         elif v.shape == t.shape:
             final[k] = v
-        elif k.startswith("head."):
+        elif k.startswith("head.") and v.shape[1:] == t.shape[1:]:  # same features, another number of classes
             head_dropped = True
         elif k == "stem.0.weight" and v.ndim == 4 and (v.shape[0], *v.shape[2:]) == (t.shape[0], *t.shape[2:]):
             final[k] = adapt_in_chans(v, t.shape[1])
@@ -161,7 +162,7 @@ def _match(ours: dict[str, Tensor], target: dict[str, Tensor], strict: bool, nam
             f"{name}: checkpoint head has {n_got} classes, the model {n_want}: dropped, the model keeps its own head",
             stacklevel=3,
         )
-    missing = [k for k in target if k not in final]
+    missing = [k for k in target if k not in final and k not in ours]  # present but mismatched: reported above
     has_head = any(k.startswith("head.") for k in ours)
     allowed = [k for k in missing if k.startswith("head.") or (k.startswith("norm.") and not has_head)]
     if allowed and not head_dropped:
