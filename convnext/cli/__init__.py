@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 
-from convnext.cli import core, roadmap, weights
+from convnext.cli import core, infer, roadmap, train, weights
 
-FAMILIES = [core, roadmap, weights]
+FAMILIES = [core, roadmap, train, weights, infer]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,71 @@
+"""`convnext train`: parse flags into a TrainConfig and call `convnext.train.fit`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a model (any config field as --section.field VALUE, e.g. --optim.lr 1e-3)",
+        description="Train or fine-tune. Presets: demo, cifar10, finetune, in22k_ft_in1k, in1k_<variant>. "
+        "Any config field can be set as --section.field VALUE (e.g. --optim.lr 1e-3 --data.mixup 0). "
+        "Also runs under `torchrun --nproc_per_node N -m convnext train ...`.",
+    )
+    p.add_argument("--model", default=None, help="registered model name (default: the preset's)")
+    p.add_argument("--data", default=None, help="image folder, cifar10, cifar100, or digits (embedded)")
+    p.add_argument("--output", default=None, help="run folder to create (default: the preset's, runs/<preset>)")
+    p.add_argument("--preset", default="demo", help="starting config (default: demo)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 are (or get downloaded)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
+    p.add_argument("--budget-min", type=float, default=None, help="wall-clock training budget in minutes")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.set_defaults(func=cmd_train, accepts_overrides=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from convnext.train import apply_overrides, fit, from_dict, get_preset
+
+    if args.resume:
+        cfg_path = Path(args.resume) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
+        cfg = from_dict(json.loads(cfg_path.read_text()))
+        cfg.resume = args.resume
+    else:
+        cfg = get_preset(args.preset, args.model)
+    flags = {
+        "data.name": args.data,
+        "output": args.output,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "data.img_size": args.img_size,
+        "seed": args.seed,
+        "device": args.device,
+        "data.data_dir": args.data_dir,
+        "budget_min": args.budget_min,
+    }
+    if args.resume and (args.model or args.data):
+        raise ValueError("--resume continues a run with its own model and data; drop --model/--data")
+    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    if args.skip_bad_images:
+        cfg.data.skip_bad_images = True
+    if args.overwrite:
+        cfg.overwrite = True
+    apply_overrides(cfg, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    result = fit(cfg)
+    print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "run_dir") if k in result}))
+    return 0

@@ -1,0 +1,244 @@
+"""Datasets: image folders, CIFAR-10/100 (torchvision), and the embedded default `digits`.
+
+Every dataset yields `(PIL image or transformed tensor, int label)` and has `.classes`. Unreadable images raise
+one error naming the file, or, with `skip_bad=True`, yield None (the collate function drops and counts them).
+
+`digits` is scikit-learn's handwritten digits (1,797 8x8 grayscale images, 10 classes), which ships inside a
+dependency, so the default works offline on a fresh machine. The images are handed out as RGB PIL images and the
+transforms upsample them like any other picture: the model, the transforms and `convnext predict` on a PNG then all
+work the same way as for any other RGB dataset, at the cost of 3x the stem's input (negligible).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation", "test")}
+EMBEDDED = ("digits",)
+TORCHVISION = ("cifar10", "cifar100")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB; any failure becomes one ValueError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder (`root/<class>/*.jpg`) with clear errors and optional skipping of bad files."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, skip_bad: bool = False):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        try:
+            super().__init__(str(root), transform=transform, loader=load_image, is_valid_file=_is_image)
+        except FileNotFoundError as e:  # torchvision: no class folders, or no image in any of them
+            raise ValueError(f"no images in {root}: expected {root}/<class>/<image> files ({e})") from None
+        self.skip_bad = skip_bad
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, target = self.samples[index]
+        try:
+            img = load_image(path)
+        except ValueError:
+            if self.skip_bad:
+                return None
+            raise
+        return (self.transform(img) if self.transform else img), target
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS) and not Path(path).name.startswith(".")
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits as RGB PIL images; a fixed stratified 80/20 train/val split."""
+
+    def __init__(self, split: str = "train", transform: Callable | None = None, val_fraction: float = 0.2):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", "val"):
+            raise ValueError(f"digits has splits 'train' and 'val', not {split!r}")
+        d = load_digits()
+        idx = np.arange(len(d.target))
+        train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=0, stratify=d.target)
+        keep = np.sort(train_idx if split == "train" else val_idx)
+        self.images = (d.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
+        self.targets = d.target[keep].astype(int).tolist()
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+class Subset(Dataset):
+    """A fixed selection of another dataset's samples that keeps `.classes` and `.targets`."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+        self.classes = dataset.classes
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+
+def split_indices(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A stratified, seeded split: `val_fraction` of each class goes to val (at least one if it has two)."""
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(targets)
+    train, val = [], []
+    for c in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return sorted(train), sorted(val)
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for name in SPLIT_ALIASES[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def build_dataset(
+    data: str,
+    split: str,
+    transform: Callable | None = None,
+    *,
+    data_dir: str | None = None,
+    val_split: float = 0.1,
+    split_seed: int = 0,
+    skip_bad_images: bool = False,
+    download: bool = True,
+) -> tuple[Dataset, list[str]]:
+    """The `split` ("train" or "val") of `data`: an image folder path, `cifar10`/`cifar100`, or `digits`.
+
+    Image folders: `root/train/<class>/*` and `root/val/<class>/*` (`val` may also be named `validation` or
+    `test`); with no val folder, `val_split` of `root/train` (or of `root` itself when it holds the class folders)
+    is held out, stratified and seeded. CIFAR is read from `data_dir` (downloaded there when missing and
+    `download`). Returns the dataset and its class names.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    name = data.lower()
+    if name in EMBEDDED and not Path(data).exists():
+        ds: Any = DigitsDataset(split, transform)
+        return ds, ds.classes
+    if name in TORCHVISION and not Path(data).exists():
+        return _cifar(name, split, transform, data_dir, download)
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset {data!r} is neither a folder nor one of {', '.join(EMBEDDED + TORCHVISION)}")
+    train_dir = _find_split_dir(root, "train")
+    val_dir = _find_split_dir(root, "val")
+    if split == "train" and train_dir is not None:
+        if val_dir is not None:
+            return _checked(ImageFolder(train_dir, transform, skip_bad_images))
+        base = ImageFolder(train_dir, transform, skip_bad_images)
+    elif split == "val" and val_dir is not None:
+        return _checked(ImageFolder(val_dir, transform, skip_bad_images))
+    else:
+        base = ImageFolder(train_dir or root, transform, skip_bad_images)
+    if not 0 < val_split < 1:
+        raise ValueError(f"{root} has no val folder; set data.val_split to a fraction in (0, 1) to hold one out")
+    train_idx, val_idx = split_indices(base.targets, val_split, split_seed)
+    return _checked(Subset(base, train_idx if split == "train" else val_idx))
+
+
+def _checked(ds: Any) -> tuple[Dataset, list[str]]:
+    if len(ds) == 0:
+        raise ValueError("dataset has no images")
+    return ds, list(ds.classes)
+
+
+def _cifar(name: str, split: str, transform: Callable | None, data_dir: str | None, download: bool):
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    root = Path(data_dir or Path.home() / ".cache" / "convnext" / "data").expanduser()
+    try:
+        ds = cls(str(root), train=split == "train", transform=transform, download=download)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"{name} not found in {root} ({e}); pass --data-dir DIR holding it") from e
+    except OSError as e:  # no network
+        raise FileNotFoundError(f"{name} is not in {root} and could not be downloaded ({e})") from e
+    return ds, list(ds.classes)
+
+
+def build_eval_dataset(
+    data: str,
+    split: str = "val",
+    img_size: int = 224,
+    crop_pct: float = 0.875,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    data_dir: str | None = None,
+    **kwargs: Any,
+) -> tuple[Dataset, list[str]]:
+    """`data`'s split with the eval transform (resize to img_size / crop_pct, center crop): (dataset, classes)."""
+    from convnext.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+    tf = eval_transform(img_size, crop_pct, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    return build_dataset(data, split, tf, data_dir=data_dir, **kwargs)
+
+
+class SeededDataset(Dataset):
+    """Makes each sample's random augmentation a function of (seed, epoch, index) only.
+
+    Data order comes from the sampler and augmentation from here, so a run gives the same batches whatever the
+    number of workers or processes, and a resumed run replays exactly what the interrupted one would have seen.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.classes = getattr(dataset, "classes", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        key = hashlib.blake2b(f"{self.seed}:{self.epoch}:{index}".encode(), digest_size=8).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+            return self.dataset[index]
+
+
+def collate_skip(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack (image, label) pairs, dropping the None of skipped bad images: (images, labels, n_skipped)."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    x = torch.stack([b[0] for b in good])
+    y = torch.tensor([b[1] for b in good], dtype=torch.long)
+    return x, y, skipped

@@ -1,0 +1,35 @@
+"""Training: typed configs and presets, optimizer groups and schedules, EMA, the loop, checkpoints, DDP.
+
+from convnext.train import fit, get_preset, apply_overrides
+cfg = apply_overrides(get_preset("demo"), {"epochs": 3, "output": "runs/try"})
+metrics = fit(cfg)               # {"top1": ..., "top5": ..., "loss": ..., ...}
+model, cfg_dict = load_run("runs/try")
+"""
+
+from convnext.train.config import (
+    PRESETS,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    get_preset,
+)
+from convnext.train.fit import build_model, fit, load_run
+
+__all__ = [
+    "PRESETS",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "build_model",
+    "fit",
+    "from_dict",
+    "get_preset",
+    "load_run",
+]

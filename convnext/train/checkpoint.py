@@ -1,0 +1,91 @@
+"""Checkpoints as plain data (tensors, numbers, strings, dicts, lists): `torch.load(weights_only=True)` reads
+them. Writes are atomic (a temp file in the same folder, fsync, then rename), so a crash never leaves half a file.
+
+A training checkpoint holds: model, ema (or None), optimizer, scheduler (the schedule's resolved numbers),
+scaler (or None), rng, epoch, epoch_step (optimizer steps done in that epoch), step (global), best_top1, config.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
+    """torch.save to `path` through a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True` (plain data only), with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding pickled objects
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run draws from (torch CPU/CUDA, Python, NumPy) as plain data."""
+    np_state, py = np.random.get_state(), random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": list(py[1]),
+        "python_version": py[0],
+        "python_gauss": py[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate((state["python_version"], tuple(state["python"]), state.get("python_gauss")))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """One clear error when `state` does not fit `model` (missing/extra keys or other shapes)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or extra or shapes:
+        detail = "; ".join(
+            s
+            for s in (
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "",
+                f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}" if extra else "",
+                f"shape {shapes[:3]}" if shapes else "",
+            )
+            if s
+        )
+        raise ValueError(f"{source} is from another model than {type(model).__name__} configured here: {detail}")

@@ -1,0 +1,402 @@
+"""Training configs as typed dataclasses, the presets as plain functions, and `--a.b value` overrides.
+
+A run's resolved config is saved as a plain dict (`config.json`, and inside every checkpoint), so runs and
+checkpoints never hold pickled objects. `batch_size` is the GLOBAL batch of one optimizer step (all processes,
+all accumulation micro-batches); the lr is `optim.lr` when set, else `optim.base_lr * batch_size / optim.base_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from convnext.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnext_tiny"  # a registered name (`convnext list`), optionally with a weight tag
+    pretrained: bool = False  # start from the published weights of `name`
+    checkpoint: str | None = None  # or from a local weight file (fine-tuning); the head adapts to the classes
+    drop_path_rate: float | None = None  # None = the model's default
+    head_init_scale: float | None = None
+    patch_size: int | None = None  # stem stride: 1 or 2 for 32x32 images
+    kernel_size: int | None = None
+    layer_scale_init: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # any other builder argument
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The builder overrides this config sets (None fields keep the model's default)."""
+        named = ("drop_path_rate", "head_init_scale", "patch_size", "kernel_size", "layer_scale_init")
+        out = {k: getattr(self, k) for k in named if getattr(self, k) is not None}
+        return {**out, **self.kwargs}
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # an image folder, cifar10, cifar100, or digits (embedded)
+    data_dir: str | None = None  # where cifar10/cifar100 live (or are downloaded to)
+    download: bool = True  # cifar: download into data_dir when missing
+    val_split: float = 0.1  # fraction held out when an image folder has no val folder
+    img_size: int = 224
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, center-crop img_size
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop: str = "rrc"  # train crop: rrc (RandomResizedCrop) | pad (pad + random crop) | resize
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5
+    randaugment: bool = True  # rand-m9-mstd0.5 (2 ops)
+    ra_magnitude: float = 9.0
+    ra_magnitude_std: float = 0.5
+    ra_num_ops: int = 2
+    re_prob: float = 0.25  # random erasing
+    mixup: float = 0.8  # Beta alpha; 0 = off
+    cutmix: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5  # CutMix instead of Mixup with this probability, per batch
+    label_smoothing: float = 0.1
+    num_workers: int = 4
+    pin_memory: bool = True
+    skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping
+    classes: list[str] = field(default_factory=list)  # filled in from the dataset when the run starts
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float | None = None  # absolute lr; None = base_lr * batch_size / base_batch
+    base_lr: float = 4e-3
+    base_batch: int = 4096
+    weight_decay: float = 0.05  # not on biases, norms, layer scale and other 1-D parameters
+    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning); None = off
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    clip_grad: float | None = None  # max global grad norm; None = no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | step
+    warmup_epochs: float = 20.0
+    warmup_lr: float = 0.0  # lr at step 0 of the warmup
+    min_lr: float = 1e-6  # cosine floor
+    step_epochs: float = 30.0  # step: multiply by `gamma` every `step_epochs`
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    output: str = "runs/train"
+    epochs: int = 300
+    batch_size: int = 4096  # global: all processes x accumulation steps
+    accum_steps: int = 1
+    budget_min: float | None = None  # wall-clock training budget in minutes; the schedule is fitted to it
+    ema: bool = True
+    ema_decay: float = 0.9999
+    amp: str = "none"  # none | bf16 (CPU or CUDA) | fp16 (CUDA, with a grad scaler)
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch.set_num_threads on CPU
+    seed: int = 0
+    eval_every: int = 1  # epochs
+    ckpt_every_steps: int = 0  # also save last.pt every N optimizer steps (mid-epoch); 0 = at epoch ends only
+    tensorboard: bool = False
+    resume: str | None = None  # a run folder to continue
+    overwrite: bool = False  # allow writing into a run folder that already has a run
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- presets
+# The paper's ImageNet-1k recipe (Liu et al. 2022, appendix A.1; official TRAINING.md): 300 epochs, AdamW lr 4e-3
+# at batch 4096, 20 warmup epochs, cosine, wd 0.05, RandAugment m9-mstd0.5, Mixup 0.8, CutMix 1.0, random erasing
+# 0.25, label smoothing 0.1, layer scale 1e-6, EMA 0.9999, eval crop 0.875. Only stochastic depth varies.
+IN1K_DROP_PATH = {
+    "convnext_tiny": 0.1,
+    "convnext_small": 0.4,
+    "convnext_base": 0.5,
+    "convnext_large": 0.5,
+    "convnext_isotropic_small": 0.1,
+    "convnext_isotropic_base": 0.2,
+    "convnext_isotropic_large": 0.5,
+}
+# ImageNet-22k -> 1k fine-tuning (appendix A.1): stochastic depth per size; EMA only for XL.
+FT22K_DROP_PATH = {
+    "convnext_tiny": 0.0,
+    "convnext_small": 0.1,
+    "convnext_base": 0.2,
+    "convnext_large": 0.3,
+    "convnext_xlarge": 0.4,
+}
+
+
+def in1k(model: str = "convnext_tiny") -> TrainConfig:
+    """The paper's 300-epoch ImageNet-1k recipe for `model` (drop path from IN1K_DROP_PATH)."""
+    arch = model.split(".")[0]
+    if arch not in IN1K_DROP_PATH:
+        raise KeyError(f"the paper gives no ImageNet-1k recipe for {arch!r}; presets: {sorted(IN1K_DROP_PATH)}")
+    # The trained isotropic-L uses layer scale (the official isotropic default is off).
+    ls = 1e-6 if arch == "convnext_isotropic_large" else None
+    return TrainConfig(
+        model=ModelConfig(name=model, drop_path_rate=IN1K_DROP_PATH[arch], layer_scale_init=ls),
+        data=DataConfig(name="imagenet", img_size=224, crop_pct=0.875),
+        optim=OptimConfig(name="adamw", base_lr=4e-3, base_batch=4096, weight_decay=0.05),
+        sched=ScheduleConfig(name="cosine", warmup_epochs=20, min_lr=1e-6),
+        output=f"runs/in1k_{arch.removeprefix('convnext_')}",
+        epochs=300,
+        batch_size=4096,
+        ema=True,
+        ema_decay=0.9999,
+    )
+
+
+def in22k_ft_in1k(model: str = "convnext_base") -> TrainConfig:
+    """Fine-tune 22k-pretrained weights on ImageNet-1k: 30 epochs, lr 5e-5 at batch 512, no warmup, wd 1e-8,
+    layer decay 0.8, head init 0.001, no Mixup/CutMix, EMA only for XL. Pass the 22k weights with
+    `--model NAME.TAG` or `--model.checkpoint FILE`."""
+    arch = model.split(".")[0]
+    return TrainConfig(
+        model=ModelConfig(
+            name=model, pretrained="." in model, drop_path_rate=FT22K_DROP_PATH.get(arch, 0.2), head_init_scale=0.001
+        ),
+        data=DataConfig(name="imagenet", img_size=224, crop_pct=0.875, mixup=0.0, cutmix=0.0),
+        optim=OptimConfig(name="adamw", base_lr=5e-5, base_batch=512, weight_decay=1e-8, layer_decay=0.8),
+        sched=ScheduleConfig(name="cosine", warmup_epochs=0, min_lr=1e-6),
+        output=f"runs/in22k_ft_in1k_{arch.removeprefix('convnext_')}",
+        epochs=30,
+        batch_size=512,
+        ema=arch == "convnext_xlarge",
+        ema_decay=0.9999,
+    )
+
+
+def finetune(model: str = "convnext_tiny") -> TrainConfig:
+    """Fine-tune pretrained weights on a small dataset (an image folder): low lr, layer decay 0.7, short warmup,
+    head init 0.001, RandAugment but no Mixup/CutMix (they slow convergence on small data, FB issues #39/#134)."""
+    return TrainConfig(
+        model=ModelConfig(name=model, pretrained=True, drop_path_rate=0.1, head_init_scale=0.001),
+        data=DataConfig(img_size=224, crop_pct=0.875, scale=(0.25, 1.0), mixup=0.0, cutmix=0.0, re_prob=0.0),
+        optim=OptimConfig(name="adamw", base_lr=1e-4, base_batch=256, weight_decay=0.05, layer_decay=0.7),
+        sched=ScheduleConfig(name="cosine", warmup_epochs=2, min_lr=1e-6),
+        output="runs/finetune",
+        epochs=30,
+        batch_size=64,
+        ema=False,
+    )
+
+
+def cifar10(model: str = "convnext_atto") -> TrainConfig:
+    """CIFAR-10 at 32x32 from scratch: stem patch size 2 (16x16 after the stem), pad-and-crop + flip,
+    light RandAugment, no Mixup/CutMix, AdamW lr 2e-3 at batch 256; tuned for short CPU runs."""
+    return TrainConfig(
+        model=ModelConfig(name=model, patch_size=2, drop_path_rate=0.0),
+        data=DataConfig(
+            name="cifar10",
+            img_size=32,
+            crop_pct=1.0,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            crop="pad",
+            randaugment=False,
+            re_prob=0.0,
+            mixup=0.0,
+            cutmix=0.0,
+            label_smoothing=0.1,
+            num_workers=2,
+        ),
+        optim=OptimConfig(name="adamw", base_lr=2e-3, base_batch=256, weight_decay=0.05),
+        sched=ScheduleConfig(name="cosine", warmup_epochs=1, min_lr=1e-5),
+        output="runs/cifar10",
+        epochs=30,
+        batch_size=256,
+        ema=False,
+    )
+
+
+def demo(model: str = "convnext_atto") -> TrainConfig:
+    """The README's first command: the embedded digits at 32x32 (8x8 upsampled), a minute or two on 2 CPU cores.
+    No flips (a mirrored digit is another digit), mild crops, no RandAugment/Mixup/CutMix (too few steps)."""
+    return TrainConfig(
+        model=ModelConfig(name=model, patch_size=2, drop_path_rate=0.0),
+        data=DataConfig(
+            name="digits",
+            img_size=32,
+            crop_pct=1.0,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            crop="rrc",
+            scale=(0.6, 1.0),
+            hflip=0.0,
+            randaugment=False,
+            re_prob=0.0,
+            mixup=0.0,
+            cutmix=0.0,
+            label_smoothing=0.1,
+            num_workers=0,
+            pin_memory=False,
+        ),
+        optim=OptimConfig(name="adamw", base_lr=2e-3, base_batch=256, weight_decay=0.05),
+        sched=ScheduleConfig(name="cosine", warmup_epochs=1, min_lr=1e-5),
+        output="runs/demo",
+        epochs=10,
+        batch_size=64,
+        ema=False,
+        threads=None,
+    )
+
+
+def _in1k_preset(arch: str) -> Callable[..., TrainConfig]:
+    def preset(model: str | None = None) -> TrainConfig:
+        cfg = in1k(arch)  # the numbers are the variant's; --model only swaps the network (e.g. a V2 of that size)
+        cfg.model.name = model or arch
+        return cfg
+
+    preset.__doc__ = f"The paper's ImageNet-1k recipe for {arch}."
+    return preset
+
+
+PRESETS: dict[str, Callable[..., TrainConfig]] = {
+    **{f"in1k_{arch.removeprefix('convnext_')}": _in1k_preset(arch) for arch in IN1K_DROP_PATH},
+    "in22k_ft_in1k": in22k_ft_in1k,
+    "finetune": finetune,
+    "cifar10": cifar10,
+    "demo": demo,
+}
+
+
+def get_preset(name: str, model: str | None = None) -> TrainConfig:
+    """A preset's config; `model` swaps the model (presets whose numbers depend on the size pick them for it)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]() if model is None else PRESETS[name](model)
+
+
+# ---------------------------------------------------------------- plain data <-> typed config, overrides
+def from_dict(d: dict[str, Any], cls: type = TrainConfig) -> Any:
+    """Rebuild a (nested) config dataclass from `to_dict()` output; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        kwargs[k] = from_dict(v, t) if dataclasses.is_dataclass(t) else _coerce(v, t, k)
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str] | dict[str, Any]) -> TrainConfig:
+    """Set fields by dotted path: `["--optim.lr", "1e-3", "--data.mixup=0"]` or `{"optim.lr": 1e-3}`.
+
+    String values are parsed to the field's type (`none`, `true`, `0.1,0.2` or `[0.1, 0.2]` for tuples, JSON
+    for dicts); `model.kwargs.NAME value` sets one builder argument. Modifies and returns `cfg`.
+    """
+    pairs = overrides.items() if isinstance(overrides, dict) else _pairs(overrides)
+    for path, value in pairs:
+        *parents, leaf = path.split(".")
+        obj: Any = cfg
+        for i, p in enumerate(parents):
+            if isinstance(obj, dict):
+                obj = obj.setdefault(p, {})
+            elif dataclasses.is_dataclass(obj) and p in {f.name for f in fields(obj)}:
+                obj = getattr(obj, p)
+            else:
+                raise ValueError(f"unknown config field {'.'.join(parents[: i + 1])!r} (in --{path})")
+        if isinstance(obj, dict):
+            obj[leaf] = _parse_any(value) if isinstance(value, str) else value
+            continue
+        hints = typing.get_type_hints(type(obj))
+        if leaf not in hints or leaf not in {f.name for f in fields(obj)}:
+            choices = ", ".join(f.name for f in fields(obj))
+            raise ValueError(f"unknown config field {path!r}; {type(obj).__name__} has: {choices}")
+        try:
+            setattr(obj, leaf, _coerce(value, hints[leaf], path))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--{path}: {e}") from None
+    return cfg
+
+
+def _pairs(args: Sequence[str]) -> list[tuple[str, str]]:
+    out, i = [], 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r}; overrides look like --optim.lr 1e-3")
+        key = a[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+            value = args[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"--{key} needs a value")
+        out.append((key.replace("-", "_"), value))
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_any(s: str) -> Any:
+    low = s.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def _coerce(value: Any, t: Any, name: str) -> Any:
+    """Convert `value` (a CLI string or JSON data) to the annotated type `t`."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if t is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{name}: expected true/false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if t in (int, float, str):
+        if t is int and isinstance(value, str) and not value.lstrip("-").isdigit():
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return t(value)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
+        item = args[0] if args else str
+        return (tuple if origin is tuple else list)(_coerce(v, item, name) for v in value)
+    if origin is dict or t is dict:
+        return json.loads(value) if isinstance(value, str) else dict(value)
+    if t is typing.Any:
+        return _parse_any(value) if isinstance(value, str) else value
+    return value

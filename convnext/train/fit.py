@@ -1,0 +1,447 @@
+"""`fit(cfg)`: train (or fine-tune, or resume) one run end to end; `load_run(dir)`: a trained model back.
+
+Everything that can be checked is checked before the first step: the run folder, the data (empty, class mismatch
+between train and val, batch larger than the dataset), and the weights to resume from or start from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
+from convnext.registry import create_model
+from convnext.train import checkpoint as ckpt
+from convnext.train.config import ModelConfig, TrainConfig, from_dict
+from convnext.train.distributed import (
+    DistInfo,
+    ResumableSampler,
+    ShardSampler,
+    all_reduce_sum,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
+from convnext.train.ema import build_ema, ema_weights
+from convnext.train.loop import NonFiniteLossError, evaluate, train_one_epoch
+from convnext.train.optim import build_optimizer, lr_at, scaled_lr
+from convnext.train.report import MetricsLog, plot_curves
+
+log = logging.getLogger("convnext.train")
+RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
+
+
+def build_model(mcfg: ModelConfig, num_classes: int, init_weights: bool = True) -> nn.Module:
+    """The configured model with `num_classes` outputs; with `init_weights`, from its pretrained/checkpoint
+    weights (the head adapts to the classes)."""
+    kwargs = mcfg.build_kwargs() | {"num_classes": num_classes}
+    if not init_weights:
+        return create_model(mcfg.name.split(".")[0], **kwargs)
+    return create_model(mcfg.name, pretrained=mcfg.pretrained, checkpoint=mcfg.checkpoint, **kwargs)
+
+
+def fit(cfg: TrainConfig) -> dict[str, Any]:
+    """Train `cfg` (one process, or one rank of a torchrun job) and return the final metrics:
+    {"top1", "top5", "loss", "n", "ema_top1"..., "best_top1", "epochs", "steps", "img_per_s", "run_dir", ...}.
+
+    The run folder (`cfg.output`, or `cfg.resume` to continue a run) gets config.json, metrics.csv/.jsonl,
+    curves.png, last.pt, best.pt and results.json.
+    """
+    info = init_distributed(cfg.device)
+    started_group = info.distributed
+    try:
+        return _fit(cfg, info)
+    finally:
+        if started_group:
+            cleanup()
+
+
+def _fit(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    if not info.is_main:
+        log.setLevel(logging.WARNING)
+    if cfg.threads and info.device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.resume or cfg.output)
+    cfg.output = str(run_dir)
+    _check_run_dir(run_dir, cfg, info)
+
+    # ---- data: every check before any work
+    d = cfg.data
+    train_tf = train_transform(
+        d.img_size,
+        crop=d.crop,
+        scale=d.scale,
+        hflip=d.hflip,
+        randaugment=d.randaugment,
+        ra_num_ops=d.ra_num_ops,
+        ra_magnitude=d.ra_magnitude,
+        ra_magnitude_std=d.ra_magnitude_std,
+        re_prob=d.re_prob,
+        mean=d.mean,
+        std=d.std,
+    )
+    common = dict(data_dir=d.data_dir, val_split=d.val_split, skip_bad_images=d.skip_bad_images, download=d.download)
+    train_ds, classes = build_dataset(d.name, "train", train_tf, **common)
+    val_ds, val_classes = build_dataset(d.name, "val", eval_transform(d.img_size, d.crop_pct, d.mean, d.std), **common)
+    if classes != val_classes:
+        only_t, only_v = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+        raise ValueError(
+            f"train and val classes differ in {d.name}: only in train {only_t[:5]}, only in val {only_v[:5]}"
+            + ("" if only_t or only_v else " (same names, other order)")
+        )
+    if d.classes and d.classes != classes:
+        raise ValueError(f"the run was made for classes {d.classes[:5]}..., the data has {classes[:5]}...")
+    d.classes = classes
+    per_rank = _per_rank_batch(cfg, info, len(train_ds))
+
+    # ---- model, EMA, optimizer (same init on every rank; then per-rank randomness)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(classes), init_weights=not cfg.resume)
+    state = None
+    if cfg.resume:
+        state = ckpt.load(run_dir / "last.pt")
+        ckpt.check_compatible(model, state["model"], f"checkpoint {run_dir / 'last.pt'}")
+        model.load_state_dict(state["model"])
+    torch.manual_seed(cfg.seed + info.rank)
+    model.to(info.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    ema = build_ema(model, cfg.ema_decay) if cfg.ema else None
+
+    lr = (
+        cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, cfg.batch_size, cfg.optim.base_batch)
+    )
+    cfg.optim.lr = lr  # saved resolved: a resumed run (even on another number of processes) keeps it
+    o = cfg.optim
+    optimizer = build_optimizer(
+        model,
+        o.name,
+        lr,
+        o.weight_decay,
+        layer_decay=o.layer_decay,
+        betas=o.betas,
+        eps=o.eps,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+    )
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+    train_set = SeededDataset(train_ds, cfg.seed)
+    sampler = ResumableSampler(train_set, info, cfg.seed, shuffle=True, drop_last=True)
+    workers = d.num_workers
+    loader_args = dict(
+        num_workers=workers, pin_memory=d.pin_memory and info.device.type == "cuda", collate_fn=collate_skip
+    )
+    train_loader = DataLoader(
+        train_set, batch_size=per_rank, sampler=sampler, drop_last=True, generator=torch.Generator(), **loader_args
+    )
+    val_loader = DataLoader(
+        val_ds, batch_size=max(per_rank, 64), sampler=ShardSampler(len(val_ds), info), **loader_args
+    )
+    steps_per_epoch = len(train_loader) // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch size {cfg.batch_size} with accum_steps {cfg.accum_steps} leaves no full step per epoch"
+        )
+    sched = {
+        "total_steps": cfg.epochs * steps_per_epoch,
+        "warmup_steps": round(cfg.sched.warmup_epochs * steps_per_epoch),
+        "step_size": max(round(cfg.sched.step_epochs * steps_per_epoch), 1),
+        "steps_per_epoch": steps_per_epoch,
+    }
+
+    start_epoch, epoch_step, step, best = 0, 0, 0, -1.0
+    if state is not None:
+        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            raise ValueError(
+                f"{run_dir}: the run had {state['steps_per_epoch']} steps per epoch, now {steps_per_epoch}; "
+                "resume with the same batch size and data"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        sched.update(state["scheduler"])
+        sched["total_steps"] = max(sched["total_steps"], state["scheduler"]["total_steps"])
+        start_epoch, epoch_step, step = state["epoch"], state["epoch_step"], state["step"]
+        best = state.get("best_top1", -1.0)
+        rngs = state["rng"]
+        if len(rngs) == info.world_size:
+            ckpt.set_rng_state(rngs[info.rank])
+        else:
+            log.warning("resuming on %d processes, saved on %d: random streams restart", info.world_size, len(rngs))
+        log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch, step)
+        if start_epoch == cfg.epochs and epoch_step == 0:
+            log.info("the run is already finished (%d epochs)", cfg.epochs)
+
+    raw_model = model
+    if info.distributed:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    # ---- run folder
+    metrics = None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
+        if state is not None:
+            metrics.truncate_after(start_epoch - 1)
+    log.info(
+        "training %s on %s (%d train / %d val images, %d classes) for %d epochs x %d steps, batch %d "
+        "(%d per process x %d processes x %d accumulation), lr %.3g, %s",
+        cfg.model.name,
+        d.name,
+        len(train_ds),
+        len(val_ds),
+        len(classes),
+        cfg.epochs,
+        steps_per_epoch,
+        cfg.batch_size,
+        per_rank,
+        info.world_size,
+        cfg.accum_steps,
+        lr,
+        info.device,
+    )
+
+    def lr_fn(s: int) -> float:
+        return lr_at(
+            s,
+            lr=lr,
+            total_steps=sched["total_steps"],
+            warmup_steps=sched["warmup_steps"],
+            name=cfg.sched.name,
+            min_lr=cfg.sched.min_lr,
+            warmup_lr=cfg.sched.warmup_lr,
+            step_size=sched["step_size"],
+            gamma=cfg.sched.gamma,
+        )
+
+    def save(path: Path, epoch: int, e_step: int, s: int, extra: dict | None = None) -> None:
+        rngs = [ckpt.rng_state()]
+        if info.distributed:
+            rngs = [None] * info.world_size
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        if not info.is_main:
+            return
+        payload = {
+            "model": raw_model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": dict(sched),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs,
+            "epoch": epoch,
+            "epoch_step": e_step,
+            "step": s,
+            "steps_per_epoch": steps_per_epoch,
+            "best_top1": best,
+            "config": cfg.to_dict(),
+            **(extra or {}),
+        }
+        ckpt.save_atomic(payload, path)
+
+    t0, step0 = time.perf_counter(), step
+    planned_total, planned_warmup = cfg.epochs * steps_per_epoch, round(cfg.sched.warmup_epochs * steps_per_epoch)
+    budget_s = cfg.budget_min * 60 if cfg.budget_min is not None else None
+
+    def fit_schedule_to_budget(s: int) -> None:
+        """Shorten the schedule to the steps that fit in the budget at the speed measured so far."""
+        elapsed = time.perf_counter() - t0
+        per_step = elapsed / max(s - step0, 1)
+        est = s + int(max(budget_s - elapsed, 0) / per_step)
+        total = int(broadcast_object(min(planned_total, max(est, s + 1)), info))
+        sched["total_steps"] = total
+        sched["warmup_steps"] = round(planned_warmup * total / planned_total)  # keep warmup's share of the run
+
+    def out_of_time() -> bool:
+        flag = torch.tensor(float(time.perf_counter() - t0 >= budget_s))
+        return bool(all_reduce_sum(flag, info) > 0)
+
+    last_row: dict[str, Any] = {}
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch, skip=epoch_step * per_rank * cfg.accum_steps)
+            train_set.set_epoch(epoch)
+
+            def on_step(s: int, n: int, epoch: int = epoch, offset: int = epoch_step) -> None:
+                if budget_s is not None and s - step0 == 10:
+                    fit_schedule_to_budget(s)
+                if cfg.ckpt_every_steps and s % cfg.ckpt_every_steps == 0 and offset + n < steps_per_epoch:
+                    save(run_dir / "last.pt", epoch, offset + n, s)
+
+            r = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                info=info,
+                lr_fn=lr_fn,
+                step=step,
+                accum_steps=cfg.accum_steps,
+                mix=mix_transform(len(classes), d.mixup, d.cutmix, d.switch_prob, d.mix_prob),
+                label_smoothing=d.label_smoothing,
+                amp=cfg.amp,
+                scaler=scaler,
+                clip_grad=o.clip_grad,
+                ema=ema,
+                channels_last=cfg.channels_last,
+                on_step=on_step,
+                should_stop=out_of_time if budget_s is not None else None,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                total=(steps_per_epoch - epoch_step) * cfg.accum_steps,
+            )
+            step = r["step"]
+            stopped = r["stopped"]
+            done_epoch = epoch_step + r["steps"] >= steps_per_epoch
+            last_row = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": r["lr"],
+                "train_loss": r["loss"],
+                "img_per_s": r["img_per_s"],
+                "epoch_time_s": r["time"],
+                "skipped_images": r["skipped"],
+            }
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or stopped:
+                last_row |= _eval_row(raw_model, ema, val_loader, info, cfg)
+            last_row["elapsed_s"] = time.perf_counter() - t0
+            epoch_step = 0 if done_epoch else epoch_step + r["steps"]
+            next_epoch = epoch + 1 if done_epoch else epoch
+            improved = "val_top1" in last_row and last_row["val_top1"] > best
+            if improved:
+                best = last_row["val_top1"]
+            save(run_dir / "last.pt", next_epoch, epoch_step, step)
+            if improved and info.is_main:
+                shutil.copyfile(run_dir / "last.pt", run_dir / ".best.pt.tmp")
+                (run_dir / ".best.pt.tmp").replace(run_dir / "best.pt")
+            if info.is_main:
+                metrics.append(last_row)
+                plot_curves(metrics.rows(), run_dir / "curves.png")
+                log.info(_epoch_line(last_row, cfg.epochs))
+            if budget_s is not None and not stopped:
+                fit_schedule_to_budget(step)
+            if stopped:
+                log.info("time budget of %.1f min spent after %d steps", cfg.budget_min, step)
+                break
+    except NonFiniteLossError as e:
+        last = run_dir / "last.pt"
+        keep = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{e}: stopping; {keep}. Try a lower --optim.lr or --optim.clip_grad 1.0") from None
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+    if "val_top1" not in last_row:  # resumed a finished run, or eval_every skipped the end
+        last_row |= _eval_row(raw_model, ema, val_loader, info, cfg)
+    result = {
+        "top1": last_row["val_top1"],
+        "top5": last_row["val_top5"],
+        "loss": last_row["val_loss"],
+        "n": last_row.get("val_n"),
+        **{k: last_row[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in last_row},
+        "best_top1": max(best, last_row["val_top1"]),
+        "train_loss": last_row.get("train_loss"),
+        "img_per_s": last_row.get("img_per_s"),
+        "epochs": epoch + 1 if last_row else start_epoch,
+        "steps": step,
+        "time_s": time.perf_counter() - t0,
+        "run_dir": str(run_dir),
+    }
+    if info.is_main:
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _eval_row(model: nn.Module, ema: nn.Module | None, loader: DataLoader, info: DistInfo, cfg: TrainConfig) -> dict:
+    m = evaluate(model, loader, info=info, amp=cfg.amp, channels_last=cfg.channels_last, desc="eval")
+    row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
+    if ema is not None:
+        e = evaluate(ema.module, loader, info=info, amp=cfg.amp, channels_last=cfg.channels_last, desc="eval EMA")
+        row |= {"ema_loss": e["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
+    if m["skipped"]:
+        row["val_skipped"] = m["skipped"]
+    return row
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}"]
+    if "val_top1" in row:
+        parts.append(f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% loss {row['val_loss']:.4f}")
+    if "ema_top1" in row:
+        parts.append(f"EMA top-1 {row['ema_top1']:.2f}%")
+    parts.append(f"lr {row['lr']:.3g}  {row['img_per_s']:.0f} img/s  {row['epoch_time_s']:.1f}s")
+    if row.get("skipped_images"):
+        parts.append(f"skipped {row['skipped_images']} unreadable images")
+    return "  ".join(parts)
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, info: DistInfo) -> None:
+    if cfg.resume:
+        if not (run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
+        return
+    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if existing and not cfg.overwrite:
+        raise ValueError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); continue it with --resume {run_dir}, "
+            "or pass --overwrite, or choose another --output"
+        )
+    if existing and info.is_main:
+        for f in existing:
+            (run_dir / f).unlink()
+
+
+def _per_rank_batch(cfg: TrainConfig, info: DistInfo, n_train: int) -> int:
+    parts = info.world_size * cfg.accum_steps
+    if cfg.batch_size < 1 or cfg.batch_size % parts:
+        raise ValueError(
+            f"batch size {cfg.batch_size} must be a positive multiple of processes x accum_steps ({parts})"
+        )
+    if cfg.batch_size > n_train:
+        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({n_train} images)")
+    return cfg.batch_size // parts
+
+
+def load_run(run_dir: str | Path, which: str = "best", ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model from a run folder (in eval mode, on CPU) and its resolved config as a plain dict.
+
+    which: "best" or "last" checkpoint; ema: the EMA weights instead of the model's. Class names are
+    `cfg["data"]["classes"]`; eval preprocessing is `cfg["data"]` img_size, crop_pct, mean, std.
+    """
+    run_dir = Path(run_dir)
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', not {which!r}")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
+    cfg_dict = json.loads(cfg_path.read_text())
+    cfg = from_dict(cfg_dict)
+    path = run_dir / f"{which}.pt"
+    if which == "best" and not path.exists():
+        path = run_dir / "last.pt"
+    state = ckpt.load(path)
+    weights = state["model"]
+    if ema:
+        if state.get("ema") is None:
+            raise ValueError(f"{path} holds no EMA weights (the run had ema=false)")
+        weights = ema_weights(state["ema"])
+    model = build_model(cfg.model, len(cfg.data.classes), init_weights=False)
+    ckpt.check_compatible(model, weights, f"checkpoint {path}")
+    model.load_state_dict(weights)
+    return model.eval(), cfg_dict

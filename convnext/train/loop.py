@@ -1,0 +1,178 @@
+"""One training epoch and one evaluation pass: plain functions with explicit arguments that return dicts."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from convnext.train.distributed import DistInfo, all_reduce_sum
+from convnext.train.optim import set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops; the last good checkpoint stays."""
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (CPU or CUDA), fp16 (CUDA), or nothing for amp="none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16, not {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    info: DistInfo,
+    lr_fn: Callable[[int], float],
+    step: int,
+    accum_steps: int = 1,
+    mix: Callable | None = None,
+    label_smoothing: float = 0.0,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float | None = None,
+    ema: nn.Module | None = None,
+    channels_last: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    desc: str = "train",
+    total: int | None = None,
+) -> dict[str, Any]:
+    """Train over `loader` (batches of (images, labels, n_skipped)); one optimizer step per `accum_steps` batches.
+
+    `step` is the global optimizer step the epoch starts at; `lr_fn(step)` gives each step's lr. After each
+    optimizer step `on_step(step, steps_this_epoch)` runs (checkpointing); `should_stop()` (the same answer on
+    every rank) ends the epoch early. Returns {"loss", "images", "img_per_s", "steps", "step", "skipped", "stopped",
+    "lr", "time"}; "images" and "img_per_s" count all processes.
+    """
+    model.train()
+    device = info.device
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seen, skipped, micro, steps, stopped, lr = 0, 0, 0, 0, False, lr_fn(step)
+    start = time.perf_counter()
+    bar = tqdm(loader, total=total, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
+    optimizer.zero_grad(set_to_none=True)
+    for x, y, n_bad in bar:
+        skipped += n_bad
+        if len(y) == 0:
+            continue
+        x, y = _to_device(x, y, device, channels_last)
+        if mix is not None:
+            x, y = mix(x, y)
+        last_micro = (micro + 1) % accum_steps == 0
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            check = all_reduce_sum(loss.detach().clone().cpu(), info)
+            if not torch.isfinite(check):
+                raise NonFiniteLossError(f"loss is {check.item()} at optimizer step {step} ({desc})")
+            scaled = loss / accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        micro += 1
+        loss_sum += loss.detach().double().cpu() * len(y)
+        seen += len(y)
+        if not last_micro:
+            continue
+        lr = lr_fn(step)
+        set_lr(optimizer, lr)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(getattr(model, "module", model))
+        step += 1
+        steps += 1
+        if info.is_main:
+            rate = seen * info.world_size / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+        if on_step is not None:
+            on_step(step, steps)
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+    bar.close()
+    elapsed = time.perf_counter() - start
+    totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, skipped], dtype=torch.float64), info)
+    n = int(totals[1])
+    return {
+        "loss": float(totals[0]) / max(n, 1),
+        "images": n,
+        "img_per_s": n / max(elapsed, 1e-9),
+        "steps": steps,
+        "step": step,
+        "skipped": int(totals[2]),
+        "stopped": stopped,
+        "lr": lr,
+        "time": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    info: DistInfo,
+    amp: str = "none",
+    channels_last: bool = False,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Top-1, top-5 (in %), mean cross-entropy and image count over `loader`, summed over all processes."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, skipped
+    bar = tqdm(loader, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
+    for x, y, n_bad in bar:
+        sums[4] += n_bad
+        if len(y) == 0:
+            continue
+        x, y = _to_device(x, y, info.device, channels_last)
+        with autocast(info.device, amp):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(y[:, None])
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        sums[1] += hit[:, 0].sum().item()
+        sums[2] += hit.any(dim=1).sum().item()
+        sums[3] += len(y)
+    bar.close()
+    sums = all_reduce_sum(sums, info)
+    n = max(float(sums[3]), 1.0)
+    return {
+        "loss": float(sums[0]) / n,
+        "top1": 100.0 * float(sums[1]) / n,
+        "top5": 100.0 * float(sums[2]) / n,
+        "n": int(sums[3]),
+        "skipped": int(sums[4]),
+    }
