@@ -115,7 +115,8 @@ def load_checkpoint(
     strict: every model key must be filled and every checkpoint key used, except the head (adapted: a
         head for another number of classes is dropped and the model keeps its fresh one) and the stem
         (adapted to another `in_chans`). Shapes must always match.
-    Raises ValueError naming the file and every offending key with both shapes; the model is then untouched.
+    Raises ValueError naming the file and the offending keys (the first 8 of each kind) with both shapes;
+    the model is then untouched. Adaptations are reported with `warnings.warn`.
     """
     name = "state dict" if isinstance(src, Mapping) else str(src)
     sd = unwrap(src, ema=ema, name=name) if isinstance(src, Mapping) else read_state_dict(src, ema=ema)
@@ -128,16 +129,18 @@ def load_checkpoint(
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         ours = to_ours(sd, layout)
-    final, problems = _match(ours, target, strict, name)
+    final, problems, notes = _match(ours, target, strict)
     if problems:
         raise ValueError(f"{name} ({layout} layout) does not fit {type(model).__name__}: " + "; ".join(problems))
+    for note in notes:
+        warnings.warn(f"{name}: {note}", stacklevel=2)
     model.load_state_dict(final, strict=False)  # every key and shape checked above
     log.debug("loaded %s (%s layout, %d tensors)", name, layout, len(final))
 
 
-def _match(ours: dict[str, Tensor], target: dict[str, Tensor], strict: bool, name: str):
-    """Pair checkpoint tensors with model tensors, adapting head and stem; collect every problem."""
-    final, unexpected, shapes = {}, [], []
+def _match(ours: dict[str, Tensor], target: dict[str, Tensor], strict: bool):
+    """Pair checkpoint tensors with model tensors, adapting head and stem: (tensors, problems, notes)."""
+    final, unexpected, shapes, notes = {}, [], [], []
     head_dropped = False
     for k, v in ours.items():
         t = target.get(k)
@@ -152,21 +155,18 @@ def _match(ours: dict[str, Tensor], target: dict[str, Tensor], strict: bool, nam
             head_dropped = True
         elif k == "stem.0.weight" and v.ndim == 4 and (v.shape[0], *v.shape[2:]) == (t.shape[0], *t.shape[2:]):
             final[k] = adapt_in_chans(v, t.shape[1])
-            warnings.warn(f"{name}: stem adapted from {v.shape[1]} to {t.shape[1]} input channels", stacklevel=3)
+            notes.append(f"stem adapted from {v.shape[1]} to {t.shape[1]} input channels")
         else:
             shapes.append(f"{k} checkpoint {tuple(v.shape)} vs model {tuple(t.shape)}")
     if head_dropped:
         got, want = ours.get("head.weight"), target.get("head.weight")
         n_got, n_want = (x.shape[0] if x is not None else 0 for x in (got, want))
-        warnings.warn(
-            f"{name}: checkpoint head has {n_got} classes, the model {n_want}: dropped, the model keeps its own head",
-            stacklevel=3,
-        )
+        notes.append(f"checkpoint head has {n_got} classes, the model {n_want}: dropped, the model keeps its own head")
     missing = [k for k in target if k not in final and k not in ours]  # present but mismatched: reported above
     has_head = any(k.startswith("head.") for k in ours)
     allowed = [k for k in missing if k.startswith("head.") or (k.startswith("norm.") and not has_head)]
     if allowed and not head_dropped:
-        warnings.warn(f"{name}: checkpoint has no {sorted(allowed)}; the model keeps its fresh ones", stacklevel=3)
+        notes.append(f"checkpoint has no {sorted(allowed)}; the model keeps its fresh ones")
     missing = [k for k in missing if k not in allowed]
 
     problems = [f"shape mismatch: {_listing(shapes)}"] if shapes else []
@@ -175,8 +175,8 @@ def _match(ours: dict[str, Tensor], target: dict[str, Tensor], strict: bool, nam
     if strict and unexpected:
         problems.append(f"unexpected keys: {_listing(unexpected)}")
     if not strict and (missing or unexpected):
-        warnings.warn(f"{name}: ignored {len(missing)} missing and {len(unexpected)} unexpected keys", stacklevel=3)
-    return final, problems
+        notes.append(f"ignored {len(missing)} missing and {len(unexpected)} unexpected keys")
+    return final, problems, notes
 
 
 def _listing(items: list[str], limit: int = 8) -> str:
