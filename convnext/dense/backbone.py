@@ -19,16 +19,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection import FasterRCNN, MaskRCNN, maskrcnn_resnet50_fpn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from convnext.model import ConvNeXt, ConvNeXtFeatures, DropPath, LayerNorm2d
+from convnext.model import ConvNeXt, ConvNeXtConfig, ConvNeXtFeatures, DropPath, LayerNorm2d
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
+@dataclass
 class BackboneConfig:
     model: str = "convnext_atto"  # any registered name (`convnext list`), or "resnet50" for the torchvision peer
     checkpoint: str | None = None  # weight file in any layout `convnext.create_model(checkpoint=...)` reads
@@ -45,6 +46,8 @@ class BackboneConfig:
     frozen_stages: int = 0  # 0: all trainable; k: stem and the first k stages frozen (weights and eval mode)
     patch_size: int = 4  # stem stride: 4 gives strides 4/8/16/32; a pretrained stem of another size is resized
     norms: bool = True  # LayerNorm on each output, as the official dense backbones
+    mean: tuple[float, float, float] | None = None  # input normalisation; None: ImageNet's, or the pretrained run's
+    std: tuple[float, float, float] | None = None
 
 
 class MultiScaleBackbone(nn.Module):
@@ -52,12 +55,24 @@ class MultiScaleBackbone(nn.Module):
 
     `out_channels` lists the widths of the returned maps (for FPN / UperNet); `frozen` names the modules
     whose weights are frozen: they stay in eval mode (no stochastic depth) whatever `train()` says.
+    `trunk` is the classification model the features were cut from, kept (not as a submodule: its parameters
+    are the features') so the optimizer can group them by layer for layer-wise lr decay.
     """
 
-    def __init__(self, features: nn.Module, out_channels: list[int], frozen: list[nn.Module] | None = None):
+    def __init__(
+        self,
+        features: nn.Module,
+        out_channels: list[int],
+        frozen: list[nn.Module] | None = None,
+        trunk: nn.Module | None = None,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ):
         super().__init__()
         self.features = features
         self.out_channels = list(out_channels)
+        self.__dict__["trunk"] = trunk  # unregistered on purpose (see above)
+        self.mean, self.std = tuple(mean), tuple(std)
         self._frozen = list(frozen or [])  # plain list: the modules are already registered under `features`
         for m in self._frozen:
             m.requires_grad_(False)
@@ -158,16 +173,28 @@ def resize_stem(model: ConvNeXt, patch_size: int) -> None:
 
 
 def load_model(cfg: BackboneConfig) -> nn.Module:
-    """The classification model behind a backbone, with its weights (from a run folder, a file, or none)."""
-    from convnext.registry import create_model
+    """The classification model behind a backbone, with its weights (a run folder, a weight file, or none).
+
+    Pretrained ConvNeXt stems of another patch size (CIFAR runs use 1 or 2) are resized to `cfg.patch_size`.
+    Sets `cfg.mean`/`cfg.std` from a pretrained run (the normalisation its weights were trained with).
+    """
+    from convnext.registry import MODELS, create_model, split_name
 
     if cfg.pretrained_run is not None:
         from convnext.train import load_run
 
-        model = load_run(Path(cfg.pretrained_run))
-        if isinstance(model, tuple):  # (model, config) or similar
-            model = model[0]
+        model, run_cfg = load_run(Path(cfg.pretrained_run))
+        if cfg.mean is None:  # normalise as the backbone was trained; saved in the dense run's config
+            cfg.mean, cfg.std = tuple(run_cfg["data"]["mean"]), tuple(run_cfg["data"]["std"])
         log.info("backbone: weights from run %s", cfg.pretrained_run)
+    elif cfg.checkpoint is not None and isinstance(MODELS.get(split_name(cfg.model)[0]).config, ConvNeXtConfig):
+        from convnext.weights import detect_layout, load_checkpoint, read_state_dict, to_ours
+
+        sd = read_state_dict(cfg.checkpoint)
+        stem = to_ours(sd, detect_layout(sd)).get("stem.0.weight")
+        patch = {"patch_size": stem.shape[-1]} if stem is not None and stem.ndim == 4 else {}
+        model = create_model(cfg.model, num_classes=0, **patch)
+        load_checkpoint(model, sd)
     else:
         model = create_model(cfg.model, checkpoint=cfg.checkpoint, num_classes=0)  # no head: features only
     if isinstance(model, ConvNeXt) and not model.cfg.isotropic:
@@ -191,7 +218,9 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         features = StagesFeatures(model, cfg.norms)
     else:
         raise ValueError(f"model {cfg.model!r} exposes no stages (needs a `stem` and a `stages` ModuleList)")
-    return MultiScaleBackbone(features, features.out_channels, _frozen_modules(features, cfg.frozen_stages, cfg.model))
+    frozen = _frozen_modules(features, cfg.frozen_stages, cfg.model)
+    stats = {"mean": cfg.mean or IMAGENET_MEAN, "std": cfg.std or IMAGENET_STD}
+    return MultiScaleBackbone(features, features.out_channels, frozen, trunk=model, **stats)
 
 
 def _frozen_modules(features: nn.Module, k: int, name: str) -> list[nn.Module]:
@@ -225,20 +254,21 @@ def detector(
     test_size: int = 800,
     max_size: int = 1333,
     fpn_channels: int = 256,
+    **kwargs: Any,
 ) -> nn.Module:
     """torchvision's Mask R-CNN (`masks=True`) or Faster R-CNN on a ConvNeXt + FPN; `num_classes` counts background.
 
     Multi-scale training is torchvision's own: during training the short side is drawn from `min_size`, in eval
     it is `min_size[-1]`; so test_size goes last (and is one of the training sizes too).
+    kwargs: any other torchvision detector argument (box_batch_size_per_image, rpn_post_nms_top_n_test, ...).
     """
     min_size = tuple(s for s in train_sizes if s != test_size) + (test_size,)
     if backbone.model == "resnet50":  # the peer: torchvision's own model, no weights, every layer trainable
         if backbone.frozen_stages:
             raise ValueError("frozen_stages: torchvision trains every ResNet-50 layer when it has no weights")
-        from torchvision.models.detection import fasterrcnn_resnet50_fpn
-
         build = maskrcnn_resnet50_fpn if masks else fasterrcnn_resnet50_fpn
-        return build(weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size)
+        sizes = {"min_size": min_size, "max_size": max_size}
+        return build(weights=None, weights_backbone=None, num_classes=num_classes, **sizes, **kwargs)
     body = BackboneWithFPN(build_backbone(backbone), fpn_channels)
     kind = MaskRCNN if masks else FasterRCNN
     return kind(
@@ -265,6 +295,4 @@ def backbone_of(model: nn.Module) -> nn.Module | None:
     body = getattr(getattr(model, "backbone", None), "body", None)  # torchvision detectors
     if body is None:
         body = getattr(model, "backbone", None)  # our segmentors
-    if isinstance(body, MultiScaleBackbone) and not isinstance(body.features, IntermediateLayerGetter):
-        return body.features
-    return None
+    return body.trunk if isinstance(body, MultiScaleBackbone) else None
