@@ -8,6 +8,7 @@ the sum of squares cannot overflow (ConvNeXt-V2 issue #66).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -167,18 +168,19 @@ def export_model(
 def _write(model: nn.Module, fmt: str, path: Path, x: torch.Tensor, dynamic_batch: bool, opset: int) -> None:
     batch = torch.export.Dim("batch") if dynamic_batch else None
     if fmt == "onnx":
-        torch.onnx.export(
-            model,
-            (x,),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes={"x": {0: batch}} if dynamic_batch else None,
-            verbose=False,
-            external_data=_param_bytes(model) > 1.5 * 2**30,  # the protobuf limit is 2 GiB
-        )
+        with _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):  # its optimiser logs every rewrite at INFO
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                input_names=["input"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes={"x": {0: batch}} if dynamic_batch else None,
+                verbose=False,
+                external_data=_param_bytes(model) > 1.5 * 2**30,  # the protobuf limit is 2 GiB
+            )
     elif fmt == "torchscript":
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", ".*is deprecated.*", FutureWarning)  # the user asked for TorchScript
@@ -207,3 +209,16 @@ def _load(fmt: str, path: Path):
 
 def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

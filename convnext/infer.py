@@ -154,6 +154,11 @@ def is_run_dir(path: str | Path | None) -> bool:
     return path is not None and Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+def _is_run_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_file() and p.stem in ("best", "last") and is_run_dir(p.parent)
+
+
 def load_model(
     model: str | None,
     checkpoint: str | Path | None = None,
@@ -164,14 +169,19 @@ def load_model(
 ) -> LoadedModel:
     """Resolve a model the way every command takes one.
 
-    model: a registered name (`convnext_tiny`, `convnext_tiny.fb_in1k`) or a training run folder (has config.json).
-    checkpoint: a weight file in any layout `convnext.weights` reads, or a run folder (then `model` may be None).
+    model: a registered name (`convnext_tiny`, `convnext_tiny.fb_in1k`), a training run folder (has config.json)
+        or a run's `best.pt` / `last.pt`.
+    checkpoint: a weight file in any layout `convnext.weights` reads, or a run folder or run checkpoint (then
+        `model` may be None).
     pretrained: load the published weights of the name's tag (or the architecture's default tag).
     ema: also load the run's EMA weights into `LoadedModel.ema` (runs only; ignored when the run has none).
     img_size: evaluate at this size instead of the one the weights or run were made for.
     """
+    run_file = next((Path(p) for p in (model, checkpoint) if p and _is_run_checkpoint(p)), None)
     if is_run_dir(model) or (model is None and is_run_dir(checkpoint)):
         loaded = _load_run(Path(model if is_run_dir(model) else checkpoint), ema)
+    elif run_file is not None and (model is None or run_file == Path(model)):  # runs/x/last.pt
+        loaded = _load_run(run_file.parent, ema, which=run_file.stem)
     elif model is None:
         hint = " (a run folder needs config.json)" if checkpoint and Path(checkpoint).is_dir() else ""
         raise ValueError(f"name the model architecture for checkpoint {checkpoint}{hint}, e.g. `convnext_tiny`")
@@ -210,7 +220,8 @@ def _load_named(name: str, checkpoint: str | Path | None, pretrained: bool) -> L
     if spec is not None:
         preprocess = Preprocess(spec.input_size, spec.crop_pct, tuple(spec.mean), tuple(spec.std))
     classes = imagenet_classes() if getattr(model, "num_classes", None) == 1000 else None
-    return LoadedModel(model, preprocess, classes, name)
+    weights = bool(checkpoint or pretrained)
+    return LoadedModel(model, preprocess, classes, name, extra={} if weights else {"random_init": True})
 
 
 def _checkpoint_shape(checkpoint: str | Path) -> dict:
@@ -233,11 +244,11 @@ def _checkpoint_shape(checkpoint: str | Path) -> dict:
     return out
 
 
-def _load_run(run_dir: Path, with_ema: bool) -> LoadedModel:
+def _load_run(run_dir: Path, with_ema: bool, which: str = "best") -> LoadedModel:
     from convnext.train import load_run
 
-    model, cfg = load_run(run_dir, which="best", ema=False)
-    ema_model = load_run(run_dir, which="best", ema=True)[0] if with_ema and cfg.get("ema") else None
+    model, cfg = load_run(run_dir, which=which, ema=False)
+    ema_model = load_run(run_dir, which=which, ema=True)[0] if with_ema and cfg.get("ema") else None
     data = cfg.get("data", {})
     preprocess = Preprocess(
         int(data.get("img_size", 224)),
