@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 
-from convnext.cli import core, infer, roadmap, train, weights
+from convnext.cli import core, dense, infer, roadmap, train, weights
 
-FAMILIES = [core, roadmap, train, weights, infer]
+FAMILIES = [core, roadmap, train, weights, infer, dense]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,188 @@
+"""`convnext detect train|eval|predict` and `convnext segment train|eval|predict`: ConvNeXt as a dense backbone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    for task, preset, what in (
+        ("detect", "pennfudan", "object detection and instance segmentation (torchvision Mask/Faster R-CNN + FPN)"),
+        ("segment", "camvid", "semantic segmentation (UperNet)"),
+    ):
+        p = sub.add_parser(task, help=what, description=f"{what} on a ConvNeXt backbone")
+        actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        _add_train(actions, task, preset)
+        _add_eval(actions, task)
+        _add_predict(actions, task)
+
+
+def _add_train(actions: argparse._SubParsersAction, task: str, preset: str) -> None:
+    from convnext.dense.config import DETECT_PRESETS, SEGMENT_PRESETS
+
+    presets = ", ".join(DETECT_PRESETS if task == "detect" else SEGMENT_PRESETS)
+    p = actions.add_parser(
+        "train",
+        help="train (or resume) a run; any config field as --section.field VALUE",
+        description=f"Train a {task} run. Presets: {presets}. Any config field can be set as --section.field VALUE "
+        "(e.g. --optim.lr 3e-4 --backbone.frozen_stages 1 --data.train_sizes 288,320,352); --print-config shows them.",
+    )
+    p.add_argument("--preset", default=preset, help=f"starting config (default: {preset})")
+    p.add_argument("--model", default=None, help="backbone: a registered name (convnext list) or resnet50 (the peer)")
+    p.add_argument("--data", default=None, help="dataset root (pennfudan: PennFudanPed/; camvid: CamVid/)")
+    p.add_argument("--output", default=None, help="run folder to create")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (schedule fitted)")
+    p.add_argument("--budget-min", type=float, default=None, help="wall-clock training budget in minutes")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="backbone weights: a file in any layout convnext reads")
+    p.add_argument("--pretrained-run", default=None, help="backbone weights: a `convnext train` run folder")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    p.set_defaults(func=cmd_train, task=task, accepts_overrides=True)
+
+
+def _add_eval(actions: argparse._SubParsersAction, task: str) -> None:
+    p = actions.add_parser("eval", help="score a run on its validation data (or another split / folder)")
+    p.add_argument("run_dir", help=f"a run folder written by `convnext {task} train`")
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--data", default=None, help="another dataset root in the run's format")
+    if task == "segment":
+        p.add_argument("--split", default=None, help="camvid split to score (default: the run's val split)")
+        p.add_argument("--mode", default=None, choices=["whole", "slide"], help="inference mode")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval, task=task)
+
+
+def _add_predict(actions: argparse._SubParsersAction, task: str) -> None:
+    p = actions.add_parser("predict", help="write overlay PNGs for images")
+    p.add_argument("run_dir", help=f"a run folder written by `convnext {task} train`")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--output", required=True, help="folder for the overlay PNGs")
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    if task == "detect":
+        p.add_argument("--score-thresh", type=float, default=None, help="draw detections above this score")
+    else:
+        p.add_argument("--mode", default=None, choices=["whole", "slide"], help="inference mode")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_predict, task=task)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from convnext.dense.config import get_preset
+    from convnext.dense.train import load_config, train_detection, train_segmentation
+    from convnext.train import apply_overrides
+
+    if args.resume:
+        if args.model or args.data or args.checkpoint or args.pretrained_run:
+            raise ValueError("--resume continues a run with its own model, data and weights; drop those flags")
+        cfg = load_config(args.resume)
+        cfg.run.resume = args.resume
+    else:
+        cfg = get_preset(args.task, args.preset, args.model)
+    flags = {
+        "data.root": args.data,
+        "run.output": args.output,
+        "run.epochs": args.epochs,
+        "run.max_steps": args.max_steps,
+        "run.budget_min": args.budget_min,
+        "run.batch_size": args.batch_size,
+        "run.seed": args.seed,
+        "run.device": args.device,
+        "run.threads": args.threads,
+        "backbone.checkpoint": args.checkpoint,
+        "backbone.pretrained_run": args.pretrained_run,
+    }
+    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    if args.overwrite:
+        cfg.run.overwrite = True
+    apply_overrides(cfg, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    result = (train_detection if args.task == "detect" else train_segmentation)(cfg)
+    _print(result, args.json)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from convnext.dense.train import (
+        detection_datasets,
+        evaluate_detection,
+        evaluate_segmentation,
+        load_dense_run,
+        segmentation_datasets,
+    )
+    from convnext.train.distributed import resolve_device
+
+    model, cfg = load_dense_run(args.run_dir, args.which)
+    device = resolve_device(args.device)
+    model.to(device)
+    if args.data:
+        cfg.data.root = args.data
+    if args.task == "detect":
+        if not hasattr(cfg, "masks"):
+            raise ValueError(f"{args.run_dir} is a segmentation run; use `convnext segment eval`")
+        _, val, _ = detection_datasets(cfg)
+        result = evaluate_detection(model, val, device, cfg.masks)
+    else:
+        if hasattr(cfg, "masks"):
+            raise ValueError(f"{args.run_dir} is a detection run; use `convnext detect eval`")
+        if args.mode:
+            cfg.data.mode = args.mode
+        _, val = segmentation_datasets(cfg, val_split=args.split)
+        result = evaluate_segmentation(model, val, cfg, device)
+    result["n"] = len(val)
+    _print(result, args.json)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from convnext.dense.predict import image_files, predict_detection, predict_segmentation
+    from convnext.dense.train import load_dense_run
+    from convnext.train.distributed import resolve_device
+
+    model, cfg = load_dense_run(args.run_dir, args.which)
+    images = image_files(args.images)
+    device = resolve_device(args.device)
+    if args.task == "detect":
+        if not hasattr(cfg, "masks"):
+            raise ValueError(f"{args.run_dir} is a segmentation run; use `convnext segment predict`")
+        written = predict_detection(model, cfg, images, Path(args.output), args.score_thresh, device)
+    else:
+        if hasattr(cfg, "masks"):
+            raise ValueError(f"{args.run_dir} is a detection run; use `convnext detect predict`")
+        if args.mode:
+            cfg.data.mode = args.mode
+        written = predict_segmentation(model, cfg, images, Path(args.output), device)
+    print(f"wrote {len(written)} overlay(s) to {args.output}")
+    return 0
+
+
+def _print(result: dict, as_json: bool) -> None:
+    def clean(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    if as_json:
+        out = {k: ({n: clean(x) for n, x in v.items()} if isinstance(v, dict) else clean(v)) for k, v in result.items()}
+        print(json.dumps(out))
+        return
+    for k, v in result.items():
+        if isinstance(v, dict):
+            print(f"{k}:")
+            for n, x in v.items():
+                print(f"  {n:<14} {x:.4f}")
+        elif isinstance(v, float):
+            print(f"{k:<16} {v:.4f}")
+        else:
+            print(f"{k:<16} {v}")
