@@ -1,20 +1,29 @@
 """`optimize()`: the fastest path this machine offers for a ConvNeXt, called like the original model.
 
-Inference: a copy of the model in eval mode with layer scale folded into the last linear of each block, weights
-and activations channels-last end to end (then LayerNorm over channels is a free view, no permute copies), optional
-bf16 weights, and `torch.compile` with frozen, pre-packed weights (inductor `freezing`) and static shapes.
-Training: the model itself (so the optimizer keeps its parameters), channels-last, bf16 autocast, and
-`torch.compile(dynamic=False)`. Every path is checked against the plain model in the tests.
+What makes it fast (measured in `benchmarks/NOTES.md`):
+- The MLP's two "1x1 convolutions" run as real 1x1 convolutions on channels-last NCHW, using the Linear layers'
+  own weights as views. PyTorch sends fp32 `nn.Linear` to MKL's sgemm, which on AMD CPUs takes a slower code path;
+  oneDNN's convolution uses the full AVX-512 width, and under `torch.compile` it fuses GELU and the residual add
+  into the convolution and prepacks the weights.
+- Channels-last end to end: LayerNorm over channels is then a free view (no permute copies).
+- Inference: layer scale folded into the last 1x1 conv, weights frozen and prepacked by inductor's `freezing`,
+  static shapes, bf16 weights when asked for (LayerNorm accumulates in fp32; GRN computes its norm in fp32).
+- Training: the same forward on the model's own parameters, bf16 autocast, `torch.compile(dynamic=False)`.
+Models other than `ConvNeXt` (the roadmap's ResNet steps, say) get the generic part: channels-last, dtype, compile.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
+import torch._inductor.config
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from convnext.model import Block
+from convnext.model import Block, ConvNeXt
 
 
 def fold_layer_scale(model: nn.Module) -> nn.Module:
@@ -28,23 +37,66 @@ def fold_layer_scale(model: nn.Module) -> nn.Module:
     return model
 
 
+def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """`Block.forward` with the MLP as 1x1 convolutions on channels-last NCHW, on the block's own parameters."""
+    y = block.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
+    y = F.layer_norm(y, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
+    y = F.conv2d(y.permute(0, 3, 1, 2), block.pwconv1.weight[:, :, None, None], block.pwconv1.bias)  # (B, 4C, H, W)
+    y = block.act(y)
+    if not isinstance(block.grn, nn.Identity):
+        grn = block.grn
+        gx = torch.linalg.vector_norm(y.float(), ord=2, dim=(2, 3), keepdim=True)  # (B, 4C, 1, 1), fp32
+        nx = (gx / (gx.mean(dim=1, keepdim=True) + grn.eps)).to(y.dtype)
+        y = y + grn.bias[:, None, None] + grn.weight[:, None, None] * (y * nx)
+    w2, b2 = block.pwconv2.weight, block.pwconv2.bias
+    if block.gamma is not None:
+        w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
+    y = F.conv2d(y, w2[:, :, None, None], b2)
+    return x + block.drop_path(y)
+
+
+class FastConvNeXt(nn.Module):
+    """Runs a `ConvNeXt` (held, not copied: same parameters) through `block_forward`."""
+
+    def __init__(self, model: ConvNeXt):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.stem(x)
+        for stage in m.stages:
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                if stage.grad_checkpointing and x.requires_grad:
+                    x = checkpoint(block_forward, block, x, use_reentrant=False)
+                else:
+                    x = block_forward(block, x)
+        return m.forward_head(x)
+
+
 class Optimized(nn.Module):
     """Takes plain NCHW float input, converts it to what the inner module wants, returns float32 output."""
 
-    def __init__(self, inner: nn.Module, dtype: torch.dtype, autocast: bool, device_type: str):
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, autocast: bool, device_type: str, freeze: bool = False):
         super().__init__()
         self.inner = inner
         self.dtype = dtype
         self.autocast = autocast
         self.device_type = device_type
+        self.freeze = freeze
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(memory_format=torch.channels_last)
-        if self.autocast:
-            with torch.autocast(self.device_type, dtype=self.dtype):
-                out = self.inner(x)
-        else:
-            out = self.inner(x.to(self.dtype))
+        # Inductor reads `freezing` when it compiles, i.e. inside the first call for each input shape, and freezes
+        # only under no_grad. A scoped patch rather than torch.compile(options=...): that option is read before the
+        # options apply, so passing it there silently compiles an unfrozen graph.
+        with torch._inductor.config.patch(freezing=self.freeze), torch.no_grad() if self.freeze else nullcontext():
+            if self.autocast:
+                with torch.autocast(self.device_type, dtype=self.dtype):
+                    out = self.inner(x)
+            else:
+                out = self.inner(x.to(self.dtype))
         return out.float()
 
 
@@ -57,12 +109,11 @@ def optimize(
 ) -> nn.Module:
     """Return a module called like `model` on NCHW float input, holding the fastest path found.
 
-    mode: "inference" works on a frozen copy (the original is untouched); "train" wraps the model itself, so an
-        optimizer built on `model.parameters()` still trains it.
-    dtype: torch.float32 or torch.bfloat16 (bf16 weights for inference, bf16 autocast for training; on CUDA,
-        float16 autocast too).
-    example_input: if given, the compiled path is run once on it (compilation happens here, not on first call).
-    compile: torch.compile the result (static shapes); off gives the eager channels-last path.
+    mode: "inference" works on a frozen copy (the original is untouched); "train" runs the model's own parameters,
+        so an optimizer built on `model.parameters()` trains it.
+    dtype: torch.float32 or torch.bfloat16 (bf16 weights for CPU inference, autocast otherwise); float16 on CUDA.
+    example_input: if given, the path is run once on it, so compilation happens here rather than on first use.
+    compile: torch.compile the result (static shapes); False gives the eager channels-last path.
     """
     if mode not in ("inference", "train"):
         raise ValueError(f"mode must be 'inference' or 'train', got {mode!r}")
@@ -70,26 +121,27 @@ def optimize(
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     device_type = next(model.parameters()).device.type
     if mode == "inference":
-        inner = fold_layer_scale(copy.deepcopy(model).eval())
+        inner = fold_layer_scale(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
         for p in inner.parameters():
             p.requires_grad_(False)
-        inner = inner.to(memory_format=torch.channels_last)
         use_autocast = dtype != torch.float32 and device_type == "cuda"
         if dtype != torch.float32 and not use_autocast:
-            inner = inner.to(dtype)  # CPU LayerNorm accumulates in fp32 for bf16 input; GRN upcasts itself
+            inner = inner.to(dtype)
+        inner = FastConvNeXt(inner) if isinstance(inner, ConvNeXt) else inner
         if compile:
-            inner = torch.compile(inner, dynamic=False, options={"freezing": True})
-        wrapped = Optimized(inner, dtype, use_autocast, device_type).eval()
+            inner = torch.compile(inner, dynamic=False)
+        wrapped = Optimized(inner, dtype, use_autocast, device_type, freeze=compile).eval()
         if example_input is not None:
             with torch.inference_mode():
                 wrapped(example_input)
         return wrapped
 
-    inner = model.to(memory_format=torch.channels_last).train()
+    model.to(memory_format=torch.channels_last).train()
+    inner = FastConvNeXt(model) if isinstance(model, ConvNeXt) else model
     if compile:
         inner = torch.compile(inner, dynamic=False)
     wrapped = Optimized(inner, dtype, dtype != torch.float32, device_type).train()
     if example_input is not None:
-        wrapped(example_input).float().sum().backward()
+        wrapped(example_input).sum().backward()
         model.zero_grad(set_to_none=True)
     return wrapped

@@ -152,6 +152,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
 
         spec = resolve_spec(arch, tag)
         overrides.setdefault("num_classes", spec.num_classes)
+        for key, value in spec.model_kwargs:  # e.g. layer scale on the trained isotropic L
+            overrides.setdefault(key, value)
     model = entry.build(**overrides)
     if pretrained:
         from convnext.weights import load_pretrained

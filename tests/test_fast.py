@@ -23,9 +23,8 @@ def test_fold_layer_scale_is_exact():
     torch.testing.assert_close(folded(x), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("grn", [False, True])
-def test_inference_fp32_matches_plain_model(compile, grn):
+@pytest.mark.parametrize(("grn", "compile"), [(False, False), (True, False), (True, True)])
+def test_inference_fp32_matches_plain_model(grn, compile):
     model = _model(grn=grn)
     x = torch.randn(3, 3, 32, 32)
     ref = model(x)
@@ -47,18 +46,34 @@ def test_inference_bf16_is_close_and_agrees_on_top1():
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_train_mode_trains_the_original_parameters(dtype):
-    model = _model().train()
+@pytest.mark.parametrize(("dtype", "compile"), [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_train_mode_trains_the_original_parameters(dtype, compile):
+    model, ref_model = _model().train(), _model().train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    ref_model = _model().train()
-    fast = optimize(model, "train", dtype, compile=False)
-    loss = torch.nn.functional.cross_entropy(fast(x), y)
-    loss.backward()
-    torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+    fast = optimize(model, "train", dtype, compile=compile)
+    torch.nn.functional.cross_entropy(fast(x), y).backward()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        torch.nn.functional.cross_entropy(ref_model(x), y).backward()
     for p, r in zip(model.parameters(), ref_model.parameters()):
-        tol = 1e-4 if dtype == torch.float32 else 5e-2 * (r.grad.abs().max().item() + 1e-3)
-        assert p.grad is not None and (p.grad - r.grad).abs().max() <= tol
+        assert p.grad is not None
+        if dtype == torch.float32:
+            assert (p.grad - r.grad).abs().max() <= 1e-4
+        else:  # bf16 rounding differs with the op order: the gradients point the same way
+            assert torch.nn.functional.cosine_similarity(p.grad.flatten(), r.grad.flatten(), dim=0) > 0.99
+
+
+def test_gradient_checkpointing_through_the_fast_path():
+    model = _model().train()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "train", compile=False)
+    fast(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(False)
+    model(x).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_bad_arguments():
