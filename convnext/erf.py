@@ -15,41 +15,29 @@ import torch
 from torch import nn
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_images(folder: str | Path, img_size: int, limit: int = 32) -> torch.Tensor:
-    """Up to `limit` images found under `folder` (sorted, recursive): resized, centre-cropped, ImageNet-normalised.
-
-    Returns (N, 3, img_size, img_size) float32.
-    """
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import v2
+def load_images(
+    folder: str | Path,
+    img_size: int,
+    limit: int = 32,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Up to `limit` images found under `folder` (sorted, recursive), as the model's eval input: resized,
+    centre-cropped to img_size, normalised with mean/std. Returns (N, 3, img_size, img_size) float32."""
+    from convnext.data import eval_transform, load_image
+    from convnext.data.datasets import IMG_EXTENSIONS
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images: no such folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)[:limit]
     if not files:
-        raise FileNotFoundError(f"--images: no {sorted(IMAGE_SUFFIXES)} files under {folder}")
-    tf = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(img_size, antialias=True),
-            v2.CenterCrop(img_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(tf(im.convert("RGB")))
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"--images: cannot decode {f}: {e}") from e
-    return torch.stack(images)
+        raise FileNotFoundError(f"--images: no image files ({', '.join(IMG_EXTENSIONS)}) under {folder}")
+    tf = eval_transform(img_size, 1.0, mean, std)  # crop_pct 1: the whole short side, centre-cropped square
+    return torch.stack([tf(load_image(f)) for f in files])
 
 
 def random_images(n: int, img_size: int, in_chans: int = 3, seed: int = 0) -> torch.Tensor:

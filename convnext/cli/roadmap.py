@@ -11,9 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "roadmap", help="train the roadmap steps (ResNet-50 -> ConvNeXt-T) on one data set and budget"
-    )
+    p = sub.add_parser("roadmap", help="train the roadmap steps (ResNet-50 -> ConvNeXt-T) on one data set and budget")
     p.add_argument("--data", required=True, help="'cifar10' or an image folder with train/ and val/ (or test/)")
     p.add_argument("--budget-min", type=float, required=True, help="wall-clock training minutes per step")
     p.add_argument("--steps", default="0-12", help="steps to run, e.g. '0,2,5-12' (default all)")
@@ -26,17 +24,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only this many images per split (smoke runs)")
     p.set_defaults(func=cmd_roadmap)
 
     p = sub.add_parser("erf", help="effective receptive field heatmap(s) and area shares of one or more models")
-    p.add_argument("models", nargs="+", help="registered names; several go side by side in one figure")
+    p.add_argument("models", nargs="+", help="registered names or run folders; several go side by side in one figure")
     p.add_argument("--images", default=None, help="folder of images to average over (default: random images)")
     p.add_argument("--num-images", type=int, default=32)
-    p.add_argument("--checkpoint", action="append", default=None, help="weights per model (repeat, in model order)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=None, help="stem stride override (e.g. 1 or 2 for 32px models)")
-    p.add_argument("--num-classes", type=int, default=None, help="head size of the checkpoint")
+    p.add_argument("--checkpoint", action="append", default=None, help="weights or run per model (repeat, in order)")
+    p.add_argument("--img-size", type=int, default=None, help="default: the run's / weights' size, else 224")
+    p.add_argument("--patch-size", type=int, default=None, help="untrained models: stem stride (1 or 2 for 32px)")
+    p.add_argument("--num-classes", type=int, default=None, help="untrained models: head size")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", default="erf.png", help="PNG to write")
     p.add_argument("--json", action="store_true", help="print the area shares as JSON")
@@ -74,7 +71,6 @@ def cmd_roadmap(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         seed=args.seed,
-        limit=args.limit,
     )
     rows = run_ladder(cfg)
     print(Path(cfg.output, "roadmap.md").read_text() if rows else "no steps run")
@@ -85,32 +81,42 @@ def cmd_erf(args: argparse.Namespace) -> int:
     import torch
 
     from convnext.erf import area_shares, erf_map, load_images, plot_erfs, random_images
+    from convnext.infer import load_model
     from convnext.registry import create_model, split_name
 
     checkpoints = args.checkpoint or []
     if len(checkpoints) > len(args.models):
         raise ValueError(f"--checkpoint given {len(checkpoints)} times for {len(args.models)} model(s)")
     overrides = {k: v for k, v in (("num_classes", args.num_classes), ("patch_size", args.patch_size)) if v is not None}
-    if args.images:
-        images = load_images(args.images, args.img_size, args.num_images)
-    else:
-        images = random_images(args.num_images, args.img_size)
     maps, report = {}, []
     for i, name in enumerate(args.models):
         ckpt = checkpoints[i] if i < len(checkpoints) else None
-        tagged = split_name(name)[1] is not None  # `convnext_tiny.fb_in1k`: published weights
-        model = create_model(name, pretrained=tagged and ckpt is None, checkpoint=ckpt, **overrides)
+        local = Path(name).exists()  # a run folder or a run's best.pt / last.pt
+        tagged = split_name(name)[1] is not None and not local  # convnext_tiny.fb_in1k
+        if ckpt or tagged or local:  # trained weights: the model is built the way their run or file says
+            loaded = load_model(name, ckpt, pretrained=tagged and ckpt is None)
+            model, pre = loaded.model, loaded.preprocess
+            size, mean, std = args.img_size or pre.img_size, pre.mean, pre.std
+        else:
+            model = create_model(name, **overrides)
+            size, mean, std = args.img_size or 224, None, None
+        if args.images:
+            norm = {"mean": mean, "std": std} if mean is not None else {}
+            images = load_images(args.images, size, args.num_images, **norm)
+        else:
+            images = random_images(args.num_images, size)
         erf = erf_map(model, torch.split(images, args.batch_size))
-        maps[name] = erf
+        label = name if not local else Path(name).name if Path(name).is_dir() else "/".join(Path(name).parts[-2:])
+        maps[label] = erf
         shares = {f"{int(t * 100)}%": round(s, 5) for t, s in area_shares(erf).items()}
-        report.append({"model": name, "checkpoint": ckpt, "img_size": args.img_size, "area_shares": shares})
+        report.append({"model": label, "checkpoint": ckpt, "img_size": size, "area_shares": shares})
     out = plot_erfs(maps, args.output)
     if args.json:
         print(json.dumps(report))
     else:
-        source = f"{len(images)} images from {args.images}" if args.images else f"{len(images)} random images"
-        print(f"effective receptive field at {args.img_size}x{args.img_size}, averaged over {source} -> {out}")
+        source = f"{args.num_images} images from {args.images}" if args.images else f"{args.num_images} random images"
+        print(f"effective receptive field, averaged over {source} -> {out}")
         for r in report:
             shares = "  ".join(f"{t}: {s:.2%}" for t, s in r["area_shares"].items())
-            print(f"  {r['model']:36s} area holding {shares}")
+            print(f"  {r['model']:36s} {r['img_size']}px  area holding {shares}")
     return 0
