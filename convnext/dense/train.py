@@ -306,13 +306,14 @@ def _fit(
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     train_set = SeededDataset(train_ds, r.seed)
     sampler = ResumableSampler(train_set, DistInfo(device=device), r.seed, shuffle=True, drop_last=True)
-    loader = DataLoader(
+    loader = DataLoader(  # its own generator: starting an epoch must not draw from the global RNG (exact resume)
         train_set,
         batch_size=r.batch_size,
         sampler=sampler,
         drop_last=True,
         num_workers=r.num_workers,
         collate_fn=collate,
+        generator=torch.Generator(),
     )
 
     def save(path: Path) -> None:
@@ -335,6 +336,7 @@ def _fit(
     t0, step0, saved_step = time.perf_counter(), step, step
     budget_s = r.budget_min * 60 if r.budget_min is not None else None
     metrics: dict[str, Any] = {}
+    lr = 0.0
     bar = tqdm(total=sched["total_steps"], initial=step, desc="train", disable=None)
     try:
         while step < sched["total_steps"]:
