@@ -25,7 +25,7 @@ def load_images(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """Up to `limit` images found under `folder` (sorted, recursive), as the model's eval input: resized,
+    """Up to `limit` images under `folder` (recursive, evenly spaced in sorted order), as eval input: resized,
     centre-cropped to img_size, normalised with mean/std. Returns (N, 3, img_size, img_size) float32."""
     from convnext.data import eval_transform, load_image
     from convnext.data.datasets import IMG_EXTENSIONS
@@ -33,7 +33,8 @@ def load_images(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images: no such folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)[:limit]
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    files = files[:: max(len(files) // limit, 1)][:limit]  # spread over the list: every class folder, not the first
     if not files:
         raise FileNotFoundError(f"--images: no image files ({', '.join(IMG_EXTENSIONS)}) under {folder}")
     tf = eval_transform(img_size, 1.0, mean, std)  # crop_pct 1: the whole short side, centre-cropped square
