@@ -228,13 +228,14 @@ def cifar10(model: str = "convnext_atto") -> TrainConfig:
 
 
 def demo(model: str = "convnext_atto") -> TrainConfig:
-    """The README's first command: the embedded digits at 32x32 (8x8 upsampled), a minute or two on 2 CPU cores.
-    No flips (a mirrored digit is another digit), mild crops, no RandAugment/Mixup/CutMix (too few steps)."""
+    """The README's first command: the embedded 8x8 digits, upsampled 2x to 16x16 RGB, on ConvNeXt-atto with a
+    2x2 stem, whose 8x8 token grid lines up with the digits' own pixels (nothing is lost, and it costs 4x less than
+    32x32). No flips (a mirrored digit is another digit), mild crops, no RandAugment/Mixup/CutMix (too few steps)."""
     return TrainConfig(
         model=ModelConfig(name=model, patch_size=2, drop_path_rate=0.0),
         data=DataConfig(
             name="digits",
-            img_size=32,
+            img_size=16,
             crop_pct=1.0,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
@@ -249,13 +250,12 @@ def demo(model: str = "convnext_atto") -> TrainConfig:
             num_workers=0,
             pin_memory=False,
         ),
-        optim=OptimConfig(name="adamw", base_lr=2e-3, base_batch=256, weight_decay=0.05),
+        optim=OptimConfig(name="adamw", base_lr=2e-3, base_batch=32, weight_decay=0.05),
         sched=ScheduleConfig(name="cosine", warmup_epochs=1, min_lr=1e-5),
         output="runs/demo",
         epochs=10,
-        batch_size=64,
+        batch_size=32,
         ema=False,
-        threads=None,
     )
 
 

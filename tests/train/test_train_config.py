@@ -1,0 +1,109 @@
+"""Presets carry the paper's numbers; any field is overridable from the command line; configs round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from convnext.cli import main
+from convnext.registry import MODELS
+from convnext.train import PRESETS, TrainConfig, apply_overrides, from_dict, get_preset
+from convnext.train.optim import scaled_lr
+
+
+@pytest.mark.parametrize("size,dp", [("tiny", 0.1), ("small", 0.4), ("base", 0.5), ("large", 0.5)])
+def test_in1k_presets_are_the_papers_recipe(size, dp):
+    c = get_preset(f"in1k_{size}")
+    assert c.model.name == f"convnext_{size}" and c.model.drop_path_rate == dp
+    assert (c.epochs, c.batch_size, c.sched.warmup_epochs, c.sched.name, c.sched.min_lr) == (
+        300,
+        4096,
+        20,
+        "cosine",
+        1e-6,
+    )
+    assert (c.optim.name, c.optim.base_lr, c.optim.base_batch, c.optim.weight_decay) == ("adamw", 4e-3, 4096, 0.05)
+    assert (c.optim.betas, c.optim.eps, c.optim.layer_decay) == ((0.9, 0.999), 1e-8, None)
+    d = c.data
+    assert (d.randaugment, d.ra_num_ops, d.ra_magnitude, d.ra_magnitude_std) == (True, 2, 9, 0.5)
+    assert (d.mixup, d.cutmix, d.switch_prob, d.mix_prob, d.re_prob, d.label_smoothing) == (
+        0.8,
+        1.0,
+        0.5,
+        1.0,
+        0.25,
+        0.1,
+    )
+    assert (d.img_size, d.crop_pct, d.scale, d.hflip) == (224, 0.875, (0.08, 1.0), 0.5)
+    assert (c.ema, c.ema_decay) == (True, 0.9999)
+    assert scaled_lr(c.optim.base_lr, 1024, c.optim.base_batch) == pytest.approx(1e-3)  # other batches scale
+
+
+def test_isotropic_presets():
+    assert get_preset("in1k_isotropic_small").model.drop_path_rate == 0.1
+    assert get_preset("in1k_isotropic_base").model.drop_path_rate == 0.2
+    large = get_preset("in1k_isotropic_large")
+    assert large.model.drop_path_rate == 0.5 and large.model.layer_scale_init == 1e-6
+
+
+def test_in22k_finetune_preset():
+    c = get_preset("in22k_ft_in1k", "convnext_large")
+    assert (c.epochs, c.batch_size, c.optim.base_lr, c.optim.base_batch) == (30, 512, 5e-5, 512)
+    assert (c.sched.warmup_epochs, c.optim.weight_decay, c.optim.layer_decay, c.model.head_init_scale) == (
+        0,
+        1e-8,
+        0.8,
+        0.001,
+    )
+    assert (c.data.mixup, c.data.cutmix, c.model.drop_path_rate, c.ema) == (0.0, 0.0, 0.3, False)
+    assert (
+        get_preset("in22k_ft_in1k", "convnext_xlarge").ema and get_preset("in22k_ft_in1k").model.drop_path_rate == 0.2
+    )
+
+
+def test_small_data_presets():
+    ft = get_preset("finetune")
+    assert ft.model.pretrained and ft.optim.layer_decay == 0.7 and ft.data.mixup == 0.0
+    c10 = get_preset("cifar10")
+    assert c10.data.img_size == 32 and c10.model.patch_size in (1, 2) and c10.data.name == "cifar10"
+    demo = get_preset("demo")
+    assert demo.data.name == "digits" and demo.data.hflip == 0.0
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_names_a_registered_model_and_round_trips(name):
+    c = get_preset(name)
+    assert c.model.name.split(".")[0] in MODELS
+    assert from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_overrides_parse_to_field_types():
+    args = ["--optim.lr", "1e-3", "--data.scale", "0.5,1", "--ema", "false", "--budget_min=2.5"]
+    args += ["--data.mean=[0.1,0.2,0.3]", "--model.kwargs.depths", "[1,1,1,1]", "--optim.clip_grad", "none"]
+    args += ["--sched.name", "step", "--epochs", "3", "--model.drop_path_rate", "0.1", "--data.data_dir", "/tmp/x"]
+    c = apply_overrides(get_preset("demo"), args)
+    assert c.optim.lr == 1e-3 and c.data.scale == (0.5, 1.0) and c.ema is False and c.budget_min == 2.5
+    assert c.data.mean == (0.1, 0.2, 0.3) and c.model.kwargs == {"depths": [1, 1, 1, 1]}
+    assert c.optim.clip_grad is None and c.sched.name == "step" and c.epochs == 3 and c.data.data_dir == "/tmp/x"
+    assert c.model.build_kwargs() == {"drop_path_rate": 0.1, "patch_size": 2, "depths": [1, 1, 1, 1]}
+    with pytest.raises(ValueError, match="unknown config field 'optim.learning_rate'"):
+        apply_overrides(TrainConfig(), ["--optim.learning_rate", "1"])
+    with pytest.raises(ValueError, match="expected an integer"):
+        apply_overrides(TrainConfig(), ["--epochs", "many"])
+    with pytest.raises(ValueError, match="needs a value"):
+        apply_overrides(TrainConfig(), ["--optim.lr"])
+
+
+def test_cli_resolves_preset_flags_and_overrides(capsys):
+    argv = ["train", "--preset", "cifar10", "--model", "convnext_femto", "--data", "cifar100", "--epochs", "3",
+            "--batch-size", "128", "--img-size", "32", "--seed", "7", "--skip-bad-images", "--optim.lr", "1e-3",
+            "--data.mixup", "0.2", "--print-config"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"]["name"] == "convnext_femto" and cfg["data"]["name"] == "cifar100"
+    assert (cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["optim"]["lr"]) == (3, 128, 7, 1e-3)
+    assert cfg["data"]["skip_bad_images"] is True and cfg["data"]["mixup"] == 0.2
+    assert main(["train", "--preset", "demo", "--optim.nope", "1", "--print-config"]) == 2
+    assert "unknown config field 'optim.nope'" in capsys.readouterr().err
+    assert main(["train", "--preset", "nope", "--print-config"]) == 2
