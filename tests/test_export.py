@@ -1,0 +1,171 @@
+"""Export to ONNX / TorchScript / ExportedProgram: parity with eager (reloaded from the written file), dynamic
+batch, norms kept in fp32 inside fp16/bf16 graphs, no overwriting, a failed check keeps no file, and the CLI."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from convnext.cli import main
+from convnext.export import ParityError, export_model, prepare
+from convnext.registry import create_model
+
+SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+CASES = [(f, d) for f in SUFFIX for d in ("fp32", "fp16", "bf16") if (f, d) != ("onnx", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def v2_model() -> torch.nn.Module:
+    """A small ConvNeXt V2 (LayerNorm and GRN) with non-trivial GRN weights."""
+    torch.manual_seed(0)
+    model = create_model("convnextv2_atto", num_classes=10, **SMALL).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".grn." in name:
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def _load(fmt: str, path: Path):
+    if fmt == "onnx":
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            m = torch.jit.load(str(path))
+        return m
+    return torch.export.load(str(path)).module()
+
+
+@pytest.mark.parametrize("fmt,dtype", CASES)
+def test_export_parity_and_dynamic_batch(v2_model, tmp_path, fmt, dtype):
+    out = tmp_path / f"m{SUFFIX[fmt]}"
+    r = export_model(v2_model, fmt, out, img_size=32, dynamic_batch=True, dtype=dtype)
+    assert r.ok and out.is_file() and r.batch_sizes == [2, 5]
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp folder or external data left behind
+    if dtype == "fp32":
+        assert r.max_diff <= 1e-4 and r.max_diff_vs_fp32 <= 1e-4
+    else:
+        assert r.max_diff <= r.tolerance and r.max_diff_vs_fp32 < 0.1
+    # our own check, independent of the report: another batch size, against the fp32 eager model
+    run = _load(fmt, out)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got, want = run(x).float(), v2_model(x)
+    assert got.shape == (3, 10) and got.dtype == torch.float32
+    tol = 1e-4 if dtype == "fp32" else 0.1
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+
+
+def test_fixed_batch_onnx_has_static_shape(v2_model, tmp_path):
+    r = export_model(v2_model, "onnx", tmp_path / "m.onnx", img_size=32, batch_size=4)
+    dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [4, 3, 32, 32] and r.batch_sizes == [4]
+    dyn = export_model(v2_model, "onnx", tmp_path / "d.onnx", img_size=32, dynamic_batch=True)
+    dims = onnx.load(str(tmp_path / "d.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dyn.ok
+
+
+def test_onnx_fp16_keeps_norms_in_fp32(v2_model, tmp_path):
+    export_model(v2_model, "onnx", tmp_path / "h.onnx", img_size=32, dtype="fp16", opset=18)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "h.onnx")))
+    assert model.opset_import[0].version >= 17
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    types |= {t.name: t.data_type for t in model.graph.initializer}
+    by_op: dict[str, set] = {}
+    for node in model.graph.node:
+        by_op.setdefault(node.op_type, set()).add(types.get(node.input[0]))
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert by_op["LayerNormalization"] == {f32}  # every LayerNorm, channels-first ones included
+    grn_ops = by_op.get("ReduceL2", set()) | by_op.get("ReduceSumSquare", set())
+    assert grn_ops == {f32}  # GRN's spatial L2 norm
+    assert f16 in by_op["Conv"] and (f16 in by_op.get("MatMul", set()) or f16 in by_op.get("Gemm", set()))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_exported_program_keeps_norms_in_fp32(v2_model, tmp_path, dtype):
+    export_model(v2_model, "exported-program", tmp_path / "m.pt2", img_size=32, dtype=dtype)
+    graph = torch.export.load(str(tmp_path / "m.pt2")).graph
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    seen: dict[str, set] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            name = str(node.target).split(".")[1] if str(node.target).startswith("aten.") else str(node.target)
+            seen.setdefault(name, set()).add(node.args[0].meta["val"].dtype if node.args else None)
+    norms = seen.get("layer_norm", set()) | seen.get("native_layer_norm", set())
+    assert norms == {torch.float32}
+    assert seen["linalg_vector_norm"] == {torch.float32}
+    assert low in seen["conv2d"] and low in (seen.get("linear", set()) | seen.get("addmm", set()))
+
+
+def test_torchscript_fp16_keeps_norms_in_fp32(v2_model, tmp_path):
+    """TorchScript graphs lose dtypes on save, so watch the reloaded module run: input dtype of every op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    export_model(v2_model, "torchscript", tmp_path / "m.pt", img_size=32, dtype="fp16")
+    module = _load("torchscript", tmp_path / "m.pt")
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        module(torch.randn(1, 3, 32, 32))
+    seen: dict[str, set] = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.dtypes():
+            seen.setdefault(e.name(), set()).add(e.dtypes()[0])
+    assert seen["aten::layer_norm"] == {"float"} and seen["aten::linalg_vector_norm"] == {"float"}
+    assert seen["aten::linear"] == {"c10::Half"}
+
+
+def test_prepare_leaves_the_model_alone(v2_model):
+    before = {k: v.clone() for k, v in v2_model.state_dict().items()}
+    prepare(v2_model, "bf16")
+    assert all(v.dtype == torch.float32 for v in v2_model.state_dict().values())
+    assert all(torch.equal(before[k], v) for k, v in v2_model.state_dict().items())
+
+
+def test_refuses_to_overwrite_unless_forced(v2_model, tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="--force"):
+        export_model(v2_model, "torchscript", out, img_size=32)
+    assert out.read_bytes() == b"precious"
+    export_model(v2_model, "torchscript", out, img_size=32, force=True)
+    assert out.read_bytes() != b"precious"
+
+
+def test_failed_parity_writes_nothing(v2_model, tmp_path):
+    out = tmp_path / "h.onnx"
+    with pytest.raises(ParityError, match="differs from eager"):
+        export_model(v2_model, "onnx", out, img_size=32, dtype="fp16", atol=1e-12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_requests(v2_model, tmp_path):
+    with pytest.raises(ValueError, match="bf16 ONNX"):
+        export_model(v2_model, "onnx", tmp_path / "m.onnx", dtype="bf16")
+    with pytest.raises(ValueError, match=".pt2"):
+        export_model(v2_model, "exported-program", tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="opset"):
+        export_model(v2_model, "onnx", tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ValueError, match="format"):
+        export_model(v2_model, "tflite", tmp_path / "m.tflite")
+
+
+def test_cli_export_exit_codes(tmp_path, capsys):
+    out = tmp_path / "atto.pt2"
+    args = ["export", "convnext_atto", "--format", "exported-program", "--output", str(out), "--img-size", "32"]
+    assert main(args + ["--dynamic-batch"]) == 0
+    printed = capsys.readouterr().out
+    assert "max |diff|" in printed and str(out) in printed
+    assert main(args) == 2  # exists
+    assert "--force" in capsys.readouterr().err
+    onnx_args = ["export", "convnext_atto", "--format", "onnx", "--output", str(tmp_path / "a.onnx")]
+    assert main(onnx_args + ["--img-size", "32", "--dtype", "fp16", "--atol", "1e-12"]) == 1  # parity fails
+    assert "FAILED" in capsys.readouterr().err and not (tmp_path / "a.onnx").exists()
+    x = torch.randn(2, 3, 32, 32)
+    got = torch.export.load(str(out)).module()(x)
+    assert got.shape == (2, 1000) and np.isfinite(got.detach().numpy()).all()
