@@ -213,7 +213,7 @@ def markdown(results: dict, meta: dict) -> str:
         "",
     ]
     for model, modes in results.items():
-        impls = [i for i in IMPLS if any(i in r["img_per_s"] for r in modes.values())]
+        impls = [i for i in IMPLS if any(i in r["img_per_s"] or i in r["errors"] for r in modes.values())]
         head = ["mode", "batch", *(LABELS[i] for i in impls), "ours / best peer", "roofline", "ours' share"]
         lines += [f"## {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for mode, r in modes.items():

@@ -1,0 +1,131 @@
+"""`convnext bench` and `benchmarks/compare.py`: the fields are there and sane, memory is measured for real
+(no timing assertions: timings on a shared machine mean nothing)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from convnext.bench import PeakMemory, benchmark, format_result, matmul_peak_gflops
+from convnext.cli import main
+from convnext.flops import count_gmacs
+from convnext.registry import create_model
+
+SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+
+
+def small() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("convnext_atto", num_classes=10, **SMALL)
+
+
+def test_matmul_peak_is_positive():
+    for dtype in (torch.float32, torch.bfloat16):
+        g = matmul_peak_gflops(dtype, "cpu", n=128, runs=2)
+        assert math.isfinite(g) and g > 0
+
+
+def test_peak_memory_sees_torch_allocations():
+    with PeakMemory(torch.device("cpu")) as mem:
+        a = torch.ones(10 * 2**20 // 4)  # 10 MiB
+        b = a * 2  # another 10 MiB live at once
+        del a, b
+    assert 19.5 <= mem.mb <= 21  # exactly the two live tensors (plus nothing much else)
+    with PeakMemory(torch.device("cpu")) as mem2:
+        for _ in range(5):
+            torch.ones(10 * 2**20 // 4)  # freed each time: the peak stays at one tensor
+    assert 9.5 <= mem2.mb <= 11
+
+
+@pytest.mark.parametrize("impl", ["eager", "fast"])
+def test_inference_fields(impl):
+    model = small()
+    r = benchmark(model, "small", batch=4, img_size=32, impl=impl, compile=False, warmup=1, runs=3, matmul_n=128)
+    d = r.as_dict()
+    assert d["mode"] == "inference" and d["batch"] == 4 and d["impl"] == impl and d["runs"] == 3
+    assert d["img_per_s"] > 0 and d["latency_ms"] > 0 and d["latency_p90_ms"] >= d["latency_ms"] * 0.999
+    assert d["img_per_s"] == pytest.approx(4 / (d["latency_ms"] / 1e3))
+    assert d["gmacs"] == pytest.approx(count_gmacs(model, 32))
+    assert d["achieved_gflops"] == pytest.approx(d["img_per_s"] * 2 * d["gmacs"])
+    assert d["roofline_share"] == pytest.approx(d["achieved_gflops"] / d["matmul_peak_gflops"])
+    assert d["peak_mem_mb"] >= 0 and d["grad_checkpointing"] == {}
+    assert d["channels_last"] == (impl == "fast") and "img/s" in format_result(r)
+    json.dumps(d)
+
+
+def test_train_step_reports_grad_checkpointing_memory():
+    """At a size where activations dominate, checkpointing must show a real drop in measured peak memory."""
+    torch.manual_seed(0)
+    model = create_model("convnext_atto", num_classes=10, depths=(2, 2, 2, 2), dims=(8, 16, 32, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = benchmark(model, "small", batch=8, img_size=64, impl="eager", train=True, warmup=1, runs=2, matmul_n=128)
+    assert r.mode == "train" and r.img_per_s > 0
+    assert r.achieved_gflops == pytest.approx(r.img_per_s * 2 * r.gmacs * 3)
+    g = r.grad_checkpointing
+    assert set(g) == {"img_per_s", "latency_ms", "peak_mem_mb", "time_ratio", "memory_ratio"}
+    assert 0 < g["peak_mem_mb"] < r.peak_mem_mb and g["memory_ratio"] < 0.8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model untouched
+    assert "grad ckpt" in format_result(r)
+
+
+def test_fast_train_bf16_runs():
+    r = benchmark(small(), "small", batch=2, img_size=32, dtype="bf16", impl="fast", train=True, compile=False,
+                  warmup=1, runs=2, grad_checkpointing=False, matmul_n=128)  # fmt: skip
+    assert r.dtype == "bf16" and r.img_per_s > 0 and r.grad_checkpointing == {}
+
+
+def test_cli_bench_json(capsys):
+    args = ["bench", "convnext_atto", "--batch", "2", "--img-size", "32", "--impl", "eager", "--no-compile"]
+    assert main(args + ["--runs", "2", "--warmup", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "convnext_atto" and d["compile"] is False and d["img_per_s"] > 0
+    assert d["gmacs"] == pytest.approx(count_gmacs(create_model("convnext_atto"), 32))
+
+
+def _compare_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_compare", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_peers_compute_the_same_function():
+    """timm and torchvision models built by compare.py hold our weights: same outputs on the same input."""
+    compare = _compare_module()
+    case = compare.QUICK["tiny"]
+    torch.manual_seed(0)
+    ours = create_model(case.arch).eval()
+    with torch.no_grad():
+        for block in (b for s in ours.stages for b in s.blocks):
+            block.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = ours(x)
+        for impl in ("timm_eager", "torchvision"):
+            torch.testing.assert_close(compare.peer_model(impl, case, ours).eval()(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_compare_table_ratios():
+    compare = _compare_module()
+    results = {
+        "convnext_tiny": {
+            "infer_fp32": {"batch": 16, "img_per_s": {"ours": 20.0, "timm_eager": 10.0, "onnxruntime": 16.0},
+                           "errors": {"timm_compiled": "boom"}, "agreement": {"timm_eager": 1e-6}, "roofline": 25.0},
+            "latency_fp32": {"batch": 1, "img_per_s": {"ours": 20.0, "onnxruntime": 25.0}, "errors": {},
+                             "agreement": {}, "roofline": 40.0},
+        }
+    }  # fmt: skip
+    meta = {"machine": "cpu", "threads": 2, "torch": "x", "peak_gflops": {"fp32": 1.0, "bf16": 2.0}, "command": "c"}
+    table = compare.markdown(results, meta)
+    assert (
+        "| infer_fp32 | 16 | 20.0 | 10.0 (2.00x) | failed | 16.0 (1.25x) | 1.25x (onnxruntime) | 25.0 img/s | 80% |"
+        in table
+    )
+    assert "| latency_fp32 | 1 | 50.0 ms | - | - | 40.0 ms (0.80x) | 0.80x (onnxruntime) | 25.00 ms | 50% |" in table
+    assert "timm compiled: boom" in table.split("## Failures")[1]
