@@ -14,7 +14,7 @@ $(BIN)/convnext: pyproject.toml
 setup: $(BIN)/convnext
 
 demo: setup
-	$(BIN)/convnext train --preset demo --data digits --output runs/demo
+	$(BIN)/convnext train --preset demo --data digits --output runs/demo --overwrite
 
 test: setup
 	$(BIN)/ruff check convnext tests benchmarks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 
@@ -67,5 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     result = fit(cfg)
+    logging.getLogger("convnext.train").info(
+        "done: val top-1 %.2f%% (top-5 %.2f%%) on %s held-out images; run folder %s",
+        result["top1"], result["top5"], result["n"], result["run_dir"],
+    )  # fmt: skip
     print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "run_dir") if k in result}))
     return 0

@@ -253,7 +253,7 @@ def demo(model: str = "convnext_atto") -> TrainConfig:
         optim=OptimConfig(name="adamw", base_lr=2e-3, base_batch=32, weight_decay=0.05),
         sched=ScheduleConfig(name="cosine", warmup_epochs=1, min_lr=1e-5),
         output="runs/demo",
-        epochs=10,
+        epochs=15,
         batch_size=32,
         ema=False,
     )

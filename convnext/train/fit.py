@@ -49,23 +49,26 @@ def build_model(mcfg: ModelConfig, num_classes: int, init_weights: bool = True) 
     return create_model(mcfg.name, pretrained=mcfg.pretrained, checkpoint=mcfg.checkpoint, **kwargs)
 
 
-def fit(cfg: TrainConfig) -> dict[str, Any]:
+def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     """Train `cfg` (one process, or one rank of a torchrun job) and return the final metrics:
     {"top1", "top5", "loss", "n", "ema_top1"..., "best_top1", "epochs", "steps", "img_per_s", "run_dir", ...}.
 
     The run folder (`cfg.output`, or `cfg.resume` to continue a run) gets config.json, metrics.csv/.jsonl,
     curves.png, last.pt, best.pt and results.json.
+
+    model: train this module (e.g. a timm or torchvision network, for comparisons) instead of building
+        `cfg.model`; it must output `len(classes)` logits. `load_run` cannot rebuild such a run.
     """
     info = init_distributed(cfg.device)
     started_group = info.distributed
     try:
-        return _fit(cfg, info)
+        return _fit(cfg, info, model)
     finally:
         if started_group:
             cleanup()
 
 
-def _fit(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str, Any]:
     if not info.is_main:
         log.setLevel(logging.WARNING)
     if cfg.threads and info.device.type == "cpu":
@@ -105,7 +108,7 @@ def _fit(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
     # ---- model, EMA, optimizer (same init on every rank; then per-rank randomness)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(classes), init_weights=not cfg.resume)
+    model = module if module is not None else build_model(cfg.model, len(classes), init_weights=not cfg.resume)
     state = None
     if cfg.resume:
         state = ckpt.load(run_dir / "last.pt")
@@ -257,6 +260,7 @@ def _fit(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         ckpt.save_atomic(payload, path)
 
     t0, step0 = time.perf_counter(), step
+    trained = {"images": 0, "time": 0.0}
     planned_total, planned_warmup = cfg.epochs * steps_per_epoch, round(cfg.sched.warmup_epochs * steps_per_epoch)
     budget_s = cfg.budget_min * 60 if cfg.budget_min is not None else None
 
@@ -307,6 +311,8 @@ def _fit(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 total=(steps_per_epoch - epoch_step) * cfg.accum_steps,
             )
             step = r["step"]
+            trained["images"] += r["images"]
+            trained["time"] += r["time"]
             stopped = r["stopped"]
             done_epoch = epoch_step + r["steps"] >= steps_per_epoch
             last_row = {
@@ -357,7 +363,7 @@ def _fit(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         **{k: last_row[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in last_row},
         "best_top1": max(best, last_row["val_top1"]),
         "train_loss": last_row.get("train_loss"),
-        "img_per_s": last_row.get("img_per_s"),
+        "img_per_s": trained["images"] / trained["time"] if trained["time"] else None,  # training, all processes
         "epochs": epoch + 1 if last_row else start_epoch,
         "steps": step,
         "time_s": time.perf_counter() - t0,

@@ -128,3 +128,19 @@ def test_demo_preset_smoke(tmp_path):
     result = fit(cfg)
     assert result["n"] == 360 and result["top1"] > 10.0  # better than chance after one epoch
     assert Path(result["run_dir"], "best.pt").is_file()
+
+
+def test_gradient_accumulation_matches_full_batch(image_folder, tiny_config, tmp_path):
+    """2 micro-batches of 3 accumulate to the same update as one batch of 6 (no batch-level randomness)."""
+    common = {"epochs": 1, "data.mixup": 0.0, "data.cutmix": 0.0, "model.drop_path_rate": 0.0}
+    fit(tiny_config(image_folder, tmp_path / "full", **common))
+    fit(tiny_config(image_folder, tmp_path / "accum", accum_steps=2, **common))
+    a, b = load(tmp_path / "full" / "last.pt")["model"], load(tmp_path / "accum" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_channels_last_tensorboard(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    result = fit(tiny_config(image_folder, out, epochs=1, amp="bf16", channels_last=True, tensorboard=True))
+    assert result["n"] == 21 and any((out / "tb").iterdir())
