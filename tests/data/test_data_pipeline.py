@@ -136,3 +136,8 @@ def test_seeded_dataset_augmentation_depends_on_seed_epoch_index_only():
     assert torch.equal(a, s[5][0])
     s.set_epoch(1)  # ... the epoch does
     assert not torch.equal(a, s[5][0])
+
+
+def test_cifar_missing_locally_without_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"cifar10 not found in {tmp_path}.*--data-dir"):
+        build_dataset("cifar10", "train", data_dir=str(tmp_path), download=False)
