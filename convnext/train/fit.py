@@ -6,6 +6,7 @@ between train and val, batch larger than the dataset), and the weights to resume
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -59,6 +60,7 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     model: train this module (e.g. a timm or torchvision network, for comparisons) instead of building
         `cfg.model`; it must output `len(classes)` logits. `load_run` cannot rebuild such a run.
     """
+    cfg = copy.deepcopy(cfg)  # the run resolves fields (lr, classes); the caller's config stays as given
     info = init_distributed(cfg.device)
     started_group = info.distributed
     try:
@@ -176,8 +178,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
             ema.load_state_dict(state["ema"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        sched.update(state["scheduler"])
-        sched["total_steps"] = max(sched["total_steps"], state["scheduler"]["total_steps"])
+        if cfg.budget_min is not None:  # keep the schedule that was fitted to the budget
+            sched.update(state["scheduler"])
         start_epoch, epoch_step, step = state["epoch"], state["epoch_step"], state["step"]
         best = state.get("best_top1", -1.0)
         rngs = state["rng"]
@@ -203,7 +205,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
         if state is not None:
-            metrics.truncate_after(start_epoch - 1)
+            metrics.truncate_after(start_epoch)  # rows of finished epochs stay; a half epoch's is redone
     log.info(
         "training %s on %s (%d train / %d val images, %d classes) for %d epochs x %d steps, batch %d "
         "(%d per process x %d processes x %d accumulation), lr %.3g, %s",

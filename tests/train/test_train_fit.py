@@ -29,7 +29,8 @@ def test_run_folder_contents_and_load_run(image_folder, tiny_config, tmp_path):
 
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["classes"] == ["circle", "square", "stripe"]
-    assert saved["optim"]["lr"] == pytest.approx(2e-3 * 6 / 256)  # resolved from base_lr * batch / base_batch
+    o = cfg.optim
+    assert saved["optim"]["lr"] == pytest.approx(o.base_lr * 6 / o.base_batch)  # resolved: base_lr * batch / base_batch
 
     state = load(out / "last.pt")  # weights_only=True
     assert {"model", "ema", "optimizer", "scheduler", "rng", "epoch", "step", "config"} <= set(state)
@@ -144,3 +145,11 @@ def test_bf16_autocast_channels_last_tensorboard(image_folder, tiny_config, tmp_
     out = tmp_path / "run"
     result = fit(tiny_config(image_folder, out, epochs=1, amp="bf16", channels_last=True, tensorboard=True))
     assert result["n"] == 21 and any((out / "tb").iterdir())
+
+
+def test_resume_a_finished_run_for_more_epochs(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_config(image_folder, out, epochs=1))
+    result = fit(tiny_config(image_folder, out, epochs=2, resume=str(out)))
+    assert result["steps"] == 12 and load(out / "last.pt")["epoch"] == 2
+    assert [int(r["epoch"]) for r in csv.DictReader((out / "metrics.csv").open())] == [1, 2]
