@@ -334,6 +334,11 @@ def _fit(
         )
 
     t0, step0, saved_step = time.perf_counter(), step, step
+    eval_s = 0.0  # evaluation time, not counted in the training budget
+
+    def train_s() -> float:
+        return time.perf_counter() - t0 - eval_s
+
     budget_s = r.budget_min * 60 if r.budget_min is not None else None
     metrics: dict[str, Any] = {}
     lr = 0.0
@@ -364,9 +369,9 @@ def _fit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
                 if budget_s is not None and step - step0 == CALIBRATION_STEPS + 1:
-                    sched["total_steps"] = _fit_to_budget(step, step0, t0, budget_s, planned)
+                    sched["total_steps"] = _fit_to_budget(step, step0, train_s(), budget_s, planned)
                     bar.total = sched["total_steps"]
-                if step >= sched["total_steps"] or (budget_s is not None and time.perf_counter() - t0 >= budget_s):
+                if step >= sched["total_steps"] or (budget_s is not None and train_s() >= budget_s):
                     sched["total_steps"] = step  # a spent budget ends the schedule here (a resume does not go on)
                     break
                 if r.ckpt_every_steps and step % r.ckpt_every_steps == 0 and epoch_step < steps_per_epoch:
@@ -375,10 +380,12 @@ def _fit(
             if epoch_step >= steps_per_epoch:
                 epoch, epoch_step = epoch + 1, 0
             finished = step >= sched["total_steps"]
-            row = {"epoch": epoch, "step": step, "lr": lr, "time_s": round(time.perf_counter() - t0, 1)}
+            row = {"epoch": epoch, "step": step, "lr": lr, "train_time_s": round(train_s(), 1)}
             row |= {k: v / max(n, 1) for k, v in sums.items()}
             if finished or (r.eval_every and epoch_step == 0 and epoch % r.eval_every == 0):
+                t_eval = time.perf_counter()
                 metrics = evaluate(model, device)
+                eval_s += time.perf_counter() - t_eval
                 row |= metrics
                 log.info("epoch %d step %d: %s", epoch, step, _summary(metrics, main_metric))
             improved = main_metric in row and _num(row[main_metric]) > best
@@ -406,7 +413,8 @@ def _fit(
     if not metrics:  # resumed a finished run
         metrics = evaluate(model, device)
     result = {**metrics, "steps": step, "epochs_done": epoch + epoch_step / steps_per_epoch, "run_dir": str(run_dir)}
-    result["train_time_s"] = round(time.perf_counter() - t0, 1)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["train_time_s"] = round(train_s(), 1)
     (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -417,9 +425,8 @@ def lr_at(step: int, o: Any, sched: dict[str, int]) -> float:
     return _lr_at(step, lr=o.lr, total_steps=total, warmup_steps=min(o.warmup_steps, total), min_lr=o.min_lr)
 
 
-def _fit_to_budget(step: int, step0: int, t0: float, budget_s: float, planned: int) -> int:
+def _fit_to_budget(step: int, step0: int, elapsed: float, budget_s: float, planned: int) -> int:
     """The schedule's length: the steps that fit in the budget at the speed of the steps so far (max `planned`)."""
-    elapsed = time.perf_counter() - t0
     per_step = elapsed / max(step - step0, 1)
     total = min(planned, step + int(max(budget_s - elapsed, 0) / per_step))
     log.info("time budget %.1f min: %.2f s per step -> %d steps", budget_s / 60, per_step, total)
