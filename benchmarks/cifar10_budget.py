@@ -98,6 +98,8 @@ def run(name: str, folder: Path, args: argparse.Namespace) -> dict:
             "overwrite": True,
         },
     )
+    if name == "ours" and args.ours:
+        apply_overrides(cfg, [f"--{kv}" for kv in args.ours])
     module = None
     if PEERS[name] is not None:
         torch.manual_seed(args.seed)
@@ -131,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=100, help="upper bound; the budget normally ends training first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
+    p.add_argument(
+        "--ours",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override our recipe, e.g. --ours model.patch_size=4 (repeatable)",
+    )
     p.add_argument("--tar", type=Path, default=DEFAULT_TAR)
     p.add_argument("--cache", type=Path, default=ROOT / "runs" / "data")
     p.add_argument("--output", default=str(ROOT / "runs" / "cifar10_budget"))
