@@ -173,7 +173,8 @@ def load_model(
         or a run's `best.pt` / `last.pt`.
     checkpoint: a weight file in any layout `convnext.weights` reads, or a run folder or run checkpoint (then
         `model` may be None).
-    pretrained: load the published weights of the name's tag (or the architecture's default tag).
+    pretrained: load the published weights of the name's tag (or the architecture's default tag); a name with a
+        tag loads its weights anyway unless a checkpoint is given.
     ema: also load the run's EMA weights into `LoadedModel.ema` (runs only; ignored when the run has none).
     img_size: evaluate at this size instead of the one the weights or run were made for.
     """
@@ -203,33 +204,31 @@ def _load_named(name: str, checkpoint: str | Path | None, pretrained: bool) -> L
     from convnext.registry import create_model, split_name
 
     arch, tag = split_name(name)
-    spec = None
+    pretrained = pretrained or (tag is not None and checkpoint is None)  # `convnext_tiny.fb_in1k` means its weights
+    if checkpoint is not None:  # build the model the checkpoint was made for, then load it
+        from convnext.weights import load_checkpoint, read_state_dict
+
+        sd = read_state_dict(checkpoint)
+        model = create_model(name, **_checkpoint_shape(sd))
+        load_checkpoint(model, sd)
+    else:
+        model = create_model(name, pretrained=pretrained)
+    preprocess = Preprocess()
     if pretrained or tag:
         from convnext.weights import resolve_spec
 
         spec = resolve_spec(arch, tag)
-    overrides = _checkpoint_shape(checkpoint) if checkpoint is not None else {}
-    if checkpoint is not None:  # build the model the checkpoint was made for, then load it
-        from convnext.weights import load_checkpoint, read_state_dict
-
-        model = create_model(arch, **overrides)
-        load_checkpoint(model, read_state_dict(checkpoint))
-    else:
-        model = create_model(name, pretrained=pretrained)
-    preprocess = Preprocess()
-    if spec is not None:
         preprocess = Preprocess(spec.input_size, spec.crop_pct, tuple(spec.mean), tuple(spec.std))
     classes = imagenet_classes() if getattr(model, "num_classes", None) == 1000 else None
-    weights = bool(checkpoint or pretrained)
-    return LoadedModel(model, preprocess, classes, name, extra={} if weights else {"random_init": True})
+    extra = {} if (checkpoint or pretrained) else {"random_init": True}
+    return LoadedModel(model, preprocess, classes, name, extra=extra)
 
 
-def _checkpoint_shape(checkpoint: str | Path) -> dict:
-    """{num_classes, in_chans} of a ConvNeXt checkpoint in any layout, so an inference model gets its own head
+def _checkpoint_shape(sd: dict[str, torch.Tensor]) -> dict:
+    """{num_classes, in_chans} of a ConvNeXt state dict in any layout, so an inference model gets its own head
     rather than a fresh one (`load_checkpoint` drops a head of another size, which suits fine-tuning only)."""
-    from convnext.weights import detect_layout, read_state_dict, to_ours
+    from convnext.weights import detect_layout, to_ours
 
-    sd = read_state_dict(checkpoint)
     try:
         sd = to_ours(sd, detect_layout(sd))
     except ValueError:

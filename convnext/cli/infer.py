@@ -210,7 +210,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = _load(argparse.Namespace(**{**vars(args), "img_size": None}))
+    from convnext.infer import is_run_dir
+    from convnext.registry import split_name
+
+    model = args.model
+    if model and not (args.checkpoint or args.pretrained or is_run_dir(model) or Path(model).exists()):
+        model = split_name(model)[0]  # timing needs no weights: do not download a tag's
+    loaded = _load(argparse.Namespace(**{**vars(args), "model": model, "img_size": None}))
     r = benchmark(
         loaded.model,
         loaded.name,
