@@ -50,6 +50,17 @@ def build_model(mcfg: ModelConfig, num_classes: int, init_weights: bool = True) 
     return create_model(mcfg.name, pretrained=mcfg.pretrained, checkpoint=mcfg.checkpoint, **kwargs)
 
 
+def shrink_schedule(planned: dict[str, int], total: int) -> dict[str, int]:
+    """The schedule `planned` compressed to `total` steps: warmup and step decay keep their share of the run."""
+    ratio = total / planned["total_steps"]
+    return {
+        **planned,
+        "total_steps": total,
+        "warmup_steps": round(planned["warmup_steps"] * ratio),
+        "step_size": max(round(planned["step_size"] * ratio), 1),
+    }
+
+
 def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     """Train `cfg` (one process, or one rank of a torchrun job) and return the final metrics:
     {"top1", "top5", "loss", "n", "ema_top1"..., "best_top1", "epochs", "steps", "img_per_s", "run_dir", ...}.
@@ -263,7 +274,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
 
     t0, step0 = time.perf_counter(), step
     trained = {"images": 0, "time": 0.0}
-    planned_total, planned_warmup = cfg.epochs * steps_per_epoch, round(cfg.sched.warmup_epochs * steps_per_epoch)
+    planned = dict(sched)
     budget_s = cfg.budget_min * 60 if cfg.budget_min is not None else None
 
     def fit_schedule_to_budget(s: int) -> None:
@@ -271,9 +282,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
         elapsed = time.perf_counter() - t0
         per_step = elapsed / max(s - step0, 1)
         est = s + int(max(budget_s - elapsed, 0) / per_step)
-        total = int(broadcast_object(min(planned_total, max(est, s + 1)), info))
-        sched["total_steps"] = total
-        sched["warmup_steps"] = round(planned_warmup * total / planned_total)  # keep warmup's share of the run
+        total = int(broadcast_object(min(planned["total_steps"], max(est, s + 1)), info))
+        sched.update(shrink_schedule(planned, total))
 
     def out_of_time() -> bool:
         flag = torch.tensor(float(time.perf_counter() - t0 >= budget_s))

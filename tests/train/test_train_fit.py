@@ -153,3 +153,12 @@ def test_resume_a_finished_run_for_more_epochs(image_folder, tiny_config, tmp_pa
     result = fit(tiny_config(image_folder, out, epochs=2, resume=str(out)))
     assert result["steps"] == 12 and load(out / "last.pt")["epoch"] == 2
     assert [int(r["epoch"]) for r in csv.DictReader((out / "metrics.csv").open())] == [1, 2]
+
+
+def test_shrink_schedule_keeps_warmup_and_step_decay_shares():
+    from convnext.train.fit import shrink_schedule
+
+    planned = {"total_steps": 1000, "warmup_steps": 100, "step_size": 300, "steps_per_epoch": 10}
+    short = shrink_schedule(planned, 250)
+    assert short == {"total_steps": 250, "warmup_steps": 25, "step_size": 75, "steps_per_epoch": 10}
+    assert shrink_schedule(planned, 2)["step_size"] == 1
