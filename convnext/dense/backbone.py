@@ -184,6 +184,9 @@ def load_model(cfg: BackboneConfig) -> nn.Module:
         from convnext.train import load_run
 
         model, run_cfg = load_run(Path(cfg.pretrained_run))
+        if run_cfg["model"]["name"] != cfg.model:
+            log.warning("backbone: %s holds a %s; using it", cfg.pretrained_run, run_cfg["model"]["name"])
+            cfg.model = run_cfg["model"]["name"]  # so the run's own checkpoints rebuild the right architecture
         if cfg.mean is None:  # normalise as the backbone was trained; saved in the dense run's config
             cfg.mean, cfg.std = tuple(run_cfg["data"]["mean"]), tuple(run_cfg["data"]["std"])
         log.info("backbone: weights from run %s", cfg.pretrained_run)

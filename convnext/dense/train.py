@@ -278,9 +278,7 @@ def _fit(
 
     torch.manual_seed(r.seed)
     state = ckpt.load(run_dir / "last.pt") if r.resume else None
-    if state is not None:
-        cfg.backbone.checkpoint, cfg.backbone.pretrained_run = None, None  # the run's own weights replace them
-    model = build(cfg)
+    model = build(cfg if state is None else _architecture_only(cfg))
     if state is not None:
         ckpt.check_compatible(model, state["model"], f"checkpoint {run_dir / 'last.pt'}")
         model.load_state_dict(state["model"])
@@ -458,6 +456,13 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- run folders
+def _architecture_only(cfg: DetectConfig | SegmentConfig) -> DetectConfig | SegmentConfig:
+    """A copy that builds the run's model without its initial weights (the run's checkpoint replaces them)."""
+    out = copy.deepcopy(cfg)
+    out.backbone.checkpoint, out.backbone.pretrained_run = None, None
+    return out
+
+
 def load_config(run_dir: str | Path) -> DetectConfig | SegmentConfig:
     """The typed config saved in a run folder (detection or segmentation, told apart by its fields)."""
     path = Path(run_dir) / "config.json"
@@ -475,8 +480,8 @@ def load_dense_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module,
     if which == "best" and not path.exists():
         path = run_dir / "last.pt"
     state = ckpt.load(path)
-    cfg.backbone.checkpoint, cfg.backbone.pretrained_run = None, None  # the run's weights replace them
-    model = build_detection_model(cfg) if isinstance(cfg, DetectConfig) else build_segmentation_model(cfg)
+    arch = _architecture_only(cfg)
+    model = build_detection_model(arch) if isinstance(cfg, DetectConfig) else build_segmentation_model(arch)
     ckpt.check_compatible(model, state["model"], f"checkpoint {path}")
     model.load_state_dict(state["model"])
     return model.eval(), cfg

@@ -150,3 +150,27 @@ def test_a_run_stopped_by_a_corrupt_image_resumes_to_the_same_weights(tmp_path):
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     shutil.rmtree(tmp_path / "a")
+
+
+def test_backbone_from_a_training_run_folder(tmp_path):
+    from convnext.dense.backbone import build_backbone
+    from convnext.train import apply_overrides, fit, get_preset, load_run
+
+    pre = tmp_path / "pre"  # a real `convnext train` run: the digits demo (atto, 2x2 stem, mean/std 0.5), cut short
+    fit(apply_overrides(get_preset("demo"), {"epochs": 1, "budget_min": 0.02, "output": str(pre)}))
+    trained, _ = load_run(pre)
+
+    cfg = BackboneConfig("convnext_femto", pretrained_run=str(pre))
+    b = build_backbone(cfg)
+    assert cfg.model == "convnext_atto" and cfg.mean == (0.5, 0.5, 0.5)  # the run's model and normalisation
+    assert b.features.stem[0].stride == (4, 4) and b.mean == (0.5, 0.5, 0.5)
+    assert torch.equal(b.features.stages[3].blocks[1].pwconv2.weight, trained.stages[3].blocks[1].pwconv2.weight)
+
+    data = write_label_folder(tmp_path / "seg")
+    seg = seg_config(data, tmp_path / "run", max_steps=1)
+    seg.backbone.pretrained_run = str(pre)
+    train_segmentation(seg)
+    shutil.rmtree(pre)  # the dense run no longer needs the pre-training run
+    model, loaded = load_dense_run(tmp_path / "run")
+    assert loaded.backbone.pretrained_run == str(pre) and loaded.backbone.mean == (0.5, 0.5, 0.5)
+    assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5]
