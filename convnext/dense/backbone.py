@@ -264,6 +264,8 @@ def detector(
     Multi-scale training is torchvision's own: during training the short side is drawn from `min_size`, in eval
     it is `min_size[-1]`; so test_size goes last (and is one of the training sizes too).
     kwargs: any other torchvision detector argument (box_batch_size_per_image, rpn_post_nms_top_n_test, ...).
+    `backbone.model == "resnet50"` gives torchvision's own `maskrcnn_resnet50_fpn` / `fasterrcnn_resnet50_fpn`
+    with no weights (its FPN is 256 wide whatever `fpn_channels`), the peer of the transfer benchmark.
     """
     min_size = tuple(s for s in train_sizes if s != test_size) + (test_size,)
     if backbone.model == "resnet50":  # the peer: torchvision's own model, no weights, every layer trainable
