@@ -105,7 +105,7 @@ def make_runner(
     if impl == "torchvision" and case.torchvision is None:
         return None
 
-    model = copy.deepcopy(ours) if impl == "ours" else peer_model(impl, case, ours)
+    model = copy.deepcopy(ours) if impl == "ours" else peer_model(impl, case, ours).to(x.device)
     autocast = dtype != torch.float32
     if impl == "ours":
         net = optimize(model, mode="train" if train else "inference", dtype=dtype, example_input=x)
