@@ -208,7 +208,7 @@ def run_ladder(lc: LadderConfig) -> list[dict[str, Any]]:
         row = {
             "step": step,
             "name": name,
-            **step_costs(name, lc.img_size, **cfg.model.build_kwargs(), num_classes=len(cfg.data.classes)),
+            **step_costs(name, lc.img_size, **cfg.model.build_kwargs(), num_classes=len(metrics["classes"])),
             "img_per_s": round(metrics["img_per_s"] or 0.0, 1),
             "top1": round(metrics["top1"], 2),
             "top5": round(metrics["top5"], 2),

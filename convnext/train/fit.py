@@ -372,6 +372,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
         "top5": last_row["val_top5"],
         "loss": last_row["val_loss"],
         "n": last_row.get("val_n"),
+        "classes": list(classes),
         **{k: last_row[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in last_row},
         "best_top1": max(best, last_row["val_top1"]),
         "train_loss": last_row.get("train_loss"),
