@@ -171,7 +171,7 @@ def build_runner(
     if impl == "fast":
         from convnext.fast import optimize
 
-        net = optimize(model, mode="train" if train else "inference", dtype=dtype, compile=compile)
+        net = optimize(model, mode="train" if train else "inference", dtype=dtype, example_input=x, compile=compile)
         autocast = False  # optimize() converts what it needs
     elif impl == "eager":
         net = model.train(train)
