@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -95,6 +94,7 @@ def make_runner(
     impl: str, case: ModelCase, ours: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, workdir: Path
 ) -> Callable[[], object] | None:
     """A closure running one iteration of `mode` through `impl`, warmed up (compiled); None if not applicable."""
+    from convnext.bench import iteration
     from convnext.fast import optimize
 
     kind, dt = mode.split("_")
@@ -116,28 +116,7 @@ def make_runner(
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         net = torch.compile(model, dynamic=False) if impl == "timm_compiled" else model
-    device_type = x.device.type
-
-    if not train:
-
-        def infer() -> object:
-            with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                return net(x)
-
-        return infer
-
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> object:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=dtype, enabled=autocast):
-            out = net(x)
-        loss = F.cross_entropy(out.float(), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+    return iteration(net, model, x, y, train, dtype, autocast)
 
 
 def _onnx_runner(ours: nn.Module, x: torch.Tensor, path: Path) -> Callable[[], object]:

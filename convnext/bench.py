@@ -176,7 +176,6 @@ def build_runner(
     impl "eager": the model as is, with optional channels_last, torch.compile and autocast to `dtype`.
     `train` steps modify `model`'s weights: pass a copy you can spare.
     """
-    device = x.device
     compile = (impl == "fast") if compile is None else compile
     if impl == "fast":
         from convnext.fast import optimize
@@ -194,10 +193,25 @@ def build_runner(
     else:
         raise ValueError(f"impl must be 'fast' or 'eager', got {impl!r}")
 
+    return iteration(net, model, x, y, train, dtype, autocast)
+
+
+def iteration(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: bool,
+    dtype: torch.dtype,
+    autocast: bool,
+) -> Callable[[], object]:
+    """`net`'s forward on `x` under inference mode, or a full training step (forward, cross-entropy on `y`,
+    backward, AdamW on `model`'s trainable parameters), with autocast to `dtype` if `autocast`."""
+    device_type = x.device.type
     if not train:
 
         def infer() -> object:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
                 return net(x)
 
         return infer
@@ -206,7 +220,7 @@ def build_runner(
 
     def step() -> object:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        with torch.autocast(device_type, dtype=dtype, enabled=autocast):
             out = net(x)
         loss = F.cross_entropy(out.float(), y)
         loss.backward()
