@@ -114,9 +114,10 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """Optional downsampling (LN + 2x2 conv stride 2) followed by `depth` blocks at one width."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, cfg: ConvNeXtConfig, drop_paths: list[float]):
+    def __init__(
+        self, in_dim: int, dim: int, depth: int, cfg: ConvNeXtConfig, drop_paths: list[float], downsample: bool
+    ):
         super().__init__()
-        downsample = in_dim != dim
         self.downsample = (
             nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
             if downsample
@@ -154,8 +155,8 @@ class ConvNeXt(nn.Module):
         rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear over all blocks
         self.stages = nn.ModuleList()
         in_dim, start = cfg.dims[0], 0
-        for depth, dim in zip(cfg.depths, cfg.dims):
-            self.stages.append(Stage(in_dim, dim, depth, cfg, rates[start : start + depth]))
+        for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
+            self.stages.append(Stage(in_dim, dim, depth, cfg, rates[start : start + depth], downsample=i > 0))
             in_dim, start = dim, start + depth
         self.feature_info = [
             {"num_chs": d, "reduction": cfg.patch_size * 2**i, "module": f"stages.{i}"} for i, d in enumerate(cfg.dims)

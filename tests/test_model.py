@@ -146,3 +146,8 @@ def test_torch_export_matches_eager():
     x = torch.randn(2, 3, 32, 32)
     ep = torch.export.export(model, (x,))
     torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_stages_after_the_first_downsample_even_at_equal_width():
+    model = ConvNeXt(ConvNeXtConfig(depths=(1, 1), dims=(8, 8), num_classes=2))
+    assert model.forward_intermediates(torch.randn(1, 3, 32, 32))[1].shape == (1, 8, 4, 4)
