@@ -28,27 +28,6 @@ from torch.utils.checkpoint import checkpoint
 from convnext.model import Block, ConvNeXt
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed activation buffers instead of returning them to the OS after every step.
-
-    By default glibc hands blocks over 128 KiB back with munmap, so every training step page-faults its
-    activations in again: 20% of a CPU step here was system time (benchmarks/NOTES.md). This is process-wide,
-    so only a program's entry point should call it (`convnext train` does); returns False where the C library
-    is not glibc. The same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30))
-
-
 def fold_layer_scale(model: nn.Module) -> nn.Module:
     """gamma * (W x + b) == (gamma W) x + gamma b: fold each block's layer scale into pwconv2 (inference only)."""
     for block in model.modules():

@@ -35,9 +35,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from convnext.fast import keep_freed_memory
     from convnext.train import apply_overrides, fit, from_dict, get_preset
 
     if args.resume:
@@ -70,8 +67,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        keep_freed_memory()  # this process is ours: keep activation buffers between steps (fast.py says why)
     result = fit(cfg)
     logging.getLogger("convnext.train").info(
         "done: val top-1 %.2f%% (top-5 %.2f%%) on %s held-out images; run folder %s",
