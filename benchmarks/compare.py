@@ -188,7 +188,8 @@ def markdown(results: dict, meta: dict) -> str:
         f"Matmul peak measured in this run: {meta['peak_gflops']['fp32']:.0f} GFLOP/s fp32, "
         f"{meta['peak_gflops']['bf16']:.0f} GFLOP/s bf16. Cells: img/s (latency rows: ms per image) and, in "
         "brackets, ours' speed / that peer's (> 1: ours is faster). Roofline: img/s at the matmul peak "
-        "(2 x GMACs per image, x3 for a training step); share = ours / roofline.",
+        "(2 x GMACs per image, x3 for a training step); share = ours / roofline. glibc keeps freed buffers "
+        "(`convnext.fast.keep_freed_memory`, process-wide) for every implementation alike.",
         "",
     ]
     for model, modes in results.items():
@@ -253,11 +254,16 @@ def chart(results: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[dict, dict]:
+    from convnext.fast import keep_freed_memory
     from convnext.flops import count_gmacs
     from convnext.registry import create_model
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        # What optimize() does to the process's allocator (glibc keeps freed buffers) holds for every
+        # implementation timed here, from the first measurement on, not only for those timed after ours.
+        keep_freed_memory()
     cases = QUICK if args.quick else CASES
     peaks = matmul_peaks(device, args.quick)
     log(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")

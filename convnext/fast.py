@@ -15,6 +15,8 @@ Models other than `ConvNeXt` (the roadmap's ResNet steps, say) get the generic p
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import tempfile
 import time
 from contextlib import nullcontext
@@ -25,7 +27,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from convnext import kernels
 from convnext.model import Block, ConvNeXt
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed activation buffers instead of returning them to the OS after every step.
+
+    By default glibc hands big blocks back (munmap, heap trimming), so every training step page-faults its
+    activations in again: atto 128 batch 64 trains 1.18x faster with this (benchmarks/NOTES.md). It is
+    process-wide: `optimize` calls it for CPU models, so every model in the process gets it (peers timed in the
+    same process alike). Returns False where the C library is not glibc. The same as the environment
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30))
 
 
 def fold_layer_scale(model: nn.Module) -> nn.Module:
@@ -65,13 +87,33 @@ class PointwiseConv(torch.autograd.Function):
         weight_t = weight.t().contiguous()[:, :, None, None]  # (K, N, 1, 1)
         grad_x = torch.ops.mkldnn._convolution_pointwise(grad, weight_t, None, _ZERO, _ONE, _ONE, 1, "none", [], "")
         grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # (BHW, N), a view
-        grad_w = grad_2d.t() @ x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N, K)
+        if _weight_grad_by_onednn(*weight.shape, weight.dtype):
+            args = (grad, x, weight[:, :, None, None], None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
+            grad_w = torch.ops.aten.convolution_backward(*args, [False, True, False])[1][:, :, 0, 0]
+        else:
+            grad_w = grad_2d.t() @ x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N, K)
         return grad_x, grad_w, grad_2d.sum(0)
 
 
+def _weight_grad_by_onednn(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's backward-weights convolution beats a matmul for the 1x1 conv grad-weight (N, K).
+
+    Measured on the ConvNeXt block shapes (benchmarks/NOTES.md): fp32 matmuls go to MKL, which runs about half
+    speed on AMD CPUs, so oneDNN wins 1.6-2.2x except with few input channels (K = 40: 6.3 vs 5.5 ms); in bf16
+    both are oneDNN-class and the conv wins only on the wide, shallow early stages (min(N, K) <= 96).
+    """
+    if dtype == torch.float32:
+        return k >= 64
+    return min(n, k) <= 96
+
+
 class DepthwiseConv(torch.autograd.Function):
-    """Depthwise kxk convolution whose backward asks for grad-input and grad-weight separately: aten computes
-    both together about 1.5x slower than one after the other on channels-last input."""
+    """Depthwise kxk convolution (stride 1, same padding) with a faster CPU backward than aten's.
+
+    grad-input is the forward convolution of the gradient with the flipped kernel (oneDNN's forward kernel; aten's
+    backward-data path is up to 2.5x slower on channels-last input); grad-weight is the C kernel
+    `convnext.kernels.depthwise_weight_grad` (3-5x aten's; aten's own when no C compiler is found).
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -82,10 +124,9 @@ class DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        c, p = weight.shape[0], weight.shape[-1] // 2
-        args = (grad, x, weight, None, _ONE, [p, p], _ONE, False, _ZERO, c)
-        grad_x = torch.ops.aten.convolution_backward(*args, [True, False, False])[0]
-        grad_w = torch.ops.aten.convolution_backward(*args, [False, True, False])[1]
+        c, k = weight.shape[0], weight.shape[-1]
+        grad_x = F.conv2d(grad, weight.flip(-2, -1), None, padding=k // 2, groups=c)
+        grad_w = kernels.depthwise_weight_grad(x, grad, k).to(weight.dtype)
         return grad_x, grad_w, grad.sum(dim=(0, 2, 3))
 
 
@@ -235,12 +276,15 @@ def optimize(
     example_input: if given, the path is run once on it, so compilation happens here rather than on first use.
     compile: torch.compile the result (static shapes); False gives the eager channels-last path.
     aot: for CPU inference with an `example_input`, also compile that shape ahead of time with AOTInductor.
+    On CPU it also calls `keep_freed_memory()` (process-wide: glibc keeps freed activation buffers).
     """
     if mode not in ("inference", "train"):
         raise ValueError(f"mode must be 'inference' or 'train', got {mode!r}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     device_type = next(model.parameters()).device.type
+    if device_type == "cpu":
+        keep_freed_memory()
     if mode == "inference":
         inner = fold_layer_scale(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
         for p in inner.parameters():

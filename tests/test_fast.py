@@ -92,3 +92,13 @@ def test_ahead_of_time_path_matches_and_other_shapes_still_work():
         assert (fast(x) - model(x)).abs().max() <= 1e-4
         x2 = torch.randn(2, 3, 32, 32)
         assert (fast(x2) - model(x2)).abs().max() <= 1e-4  # another batch size: the torch.compile path
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    import platform
+
+    from convnext.fast import keep_freed_memory
+
+    applied = keep_freed_memory()
+    assert applied is (platform.libc_ver()[0] == "glibc")
+    assert keep_freed_memory() is applied  # idempotent

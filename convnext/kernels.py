@@ -1,0 +1,95 @@
+"""Small C kernels for what aten does slowly on CPU, built on first use with the system's C compiler.
+
+`depthwise_weight_grad` is the only one: the weight gradient of the 7x7 depthwise convolution, which aten computes
+at a few GFLOP/s on CPU (a tenth of its forward; see `benchmarks/NOTES.md`). The source is `csrc/depthwise.c`; it
+is compiled with `-O3 -march=native -fopenmp` into a cache folder keyed by the source, the flags and the CPU, and
+loaded with ctypes. OpenMP there is torch's own runtime (the same `libgomp.so.1`), so it uses torch's threads.
+Without a compiler, or off Linux, `available()` is False and the op falls back to aten's kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).parent / "csrc" / "depthwise.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CONVNEXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "convnext")
+    return Path(root) / "kernels"
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's feature flags (a cache shared by different machines stays right)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None or platform.system() != "Linux":
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    target = cache_dir() / f"depthwise-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return None
+            os.replace(built, target)  # atomic: a concurrent build or reader sees the whole file or none
+    lib = ctypes.CDLL(str(target))
+    lib.depthwise_weight_grad.restype = ctypes.c_int
+    lib.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5
+    return lib
+
+
+def available() -> bool:
+    """True when the C kernels could be built and loaded on this machine."""
+    return _library() is not None
+
+
+@torch.library.custom_op("convnext::depthwise_weight_grad", mutates_args=())
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """d(loss)/d(weight) of `conv2d(x, weight, padding=k // 2, groups=C)` given d(loss)/d(output) `grad`.
+
+    x, grad: (B, C, H, W) CPU tensors (any layout, any float dtype: computed in float32); returns (C, 1, k, k)
+    float32. Without the C kernel (no compiler), or for an even k, aten computes it.
+    """
+    b, c, h, w = x.shape
+    p = kernel_size // 2
+    lib = _library()
+    if lib is None or kernel_size % 2 == 0:  # aten's kernel: slower, same result
+        x, grad = x.float(), grad.float()
+        weight = x.new_empty(c, 1, kernel_size, kernel_size)
+        args = (grad, x, weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], c)
+        return torch.ops.aten.convolution_backward(*args, [False, True, False])[1]
+    x_pad = F.pad(x.float(), (p, p, p, p)).permute(0, 2, 3, 1).contiguous()  # (B, H + 2p, W + 2p, C)
+    g = grad.float().permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): views when the inputs are channels-last
+    out = torch.empty(kernel_size, kernel_size, c)
+    if lib.depthwise_weight_grad(x_pad.data_ptr(), g.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size) != 0:
+        raise MemoryError("convnext: depthwise_weight_grad could not allocate its per-thread buffers")
+    return out.permute(2, 0, 1).unsqueeze(1).contiguous()
+
+
+@depthwise_weight_grad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[1], 1, kernel_size, kernel_size, dtype=torch.float32)

@@ -1,0 +1,54 @@
+"""The C depthwise weight-gradient kernel against aten's, on the shapes and dtypes the fast path gives it."""
+
+import pytest
+import torch
+
+from convnext import kernels
+
+
+def _aten_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
+    c = x.shape[1]
+    weight = torch.empty(c, 1, k, k)
+    args = (grad.float(), x.float(), weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], c)
+    return torch.ops.aten.convolution_backward(*args, [False, True, False])[1]
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "h", "w", "k"),
+    [(2, 40, 9, 7, 7), (3, 16, 5, 6, 3), (1, 24, 8, 8, 5), (2, 37, 6, 4, 7), (2, 8, 4, 4, 11), (1, 3, 10, 10, 9)],
+)
+def test_matches_aten(b, c, h, w, k):
+    torch.manual_seed(0)
+    x = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(b, c, h, w)  # any layout
+    out = kernels.depthwise_weight_grad(x, grad, k)
+    assert out.shape == (c, 1, k, k) and out.dtype == torch.float32
+    torch.testing.assert_close(out, _aten_weight_grad(x, grad, k), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_inputs_are_summed_in_float32():
+    torch.manual_seed(0)
+    x, grad = torch.randn(4, 16, 8, 8).bfloat16(), torch.randn(4, 16, 8, 8).bfloat16()
+    torch.testing.assert_close(kernels.depthwise_weight_grad(x, grad, 7), _aten_weight_grad(x, grad, 7))
+
+
+def test_even_kernel_falls_back_to_aten():
+    x, grad = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 7, 7)  # k = 4, padding 2: output one larger
+    out = kernels.depthwise_weight_grad(x, grad, 4)
+    torch.testing.assert_close(out, _aten_weight_grad(x, grad, 4))
+
+
+def test_builds_into_the_cache_folder(tmp_path, monkeypatch):
+    if not kernels.available():
+        pytest.skip("no C compiler on this machine: the kernels fall back to aten")
+    monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path))
+    lib = kernels._library.__wrapped__()  # a fresh build, not the process's cached one
+    assert lib is not None
+    built = list((tmp_path / "kernels").glob("depthwise-*.so"))
+    assert len(built) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no leftovers
+
+
+def test_traces_under_torch_compile():
+    x, grad = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(lambda a, g: kernels.depthwise_weight_grad(a, g, 7) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x, grad), 2 * _aten_weight_grad(x, grad, 7))
