@@ -34,11 +34,13 @@ from convnext.model import Block, ConvNeXt
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed activation buffers instead of returning them to the OS after every step.
 
-    By default glibc hands big blocks back (munmap, heap trimming), so every training step page-faults its
-    activations in again: atto 128 batch 64 trains 1.18x faster with this (benchmarks/NOTES.md). It is
-    process-wide: `optimize` calls it for CPU models, so every model in the process gets it (peers timed in the
-    same process alike). Returns False where the C library is not glibc. The same as the environment
-    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
+    By default glibc serves every block over 128 KiB-32 MiB with its own mmap and unmaps it when freed, so each
+    step page-faults its activations in again: a 38 MB 1x1-conv output took 12.5 ms instead of 4.1 ms, and atto
+    128 batch 64 trains 1.2x faster without it (benchmarks/NOTES.md). Here big blocks come from the heap
+    (M_MMAP_MAX = 0) and the heap is trimmed only past 1 GiB free at its top: the process keeps its peak memory.
+    It is process-wide: `optimize` calls it for CPU models, so every model in the process gets it (peers timed in
+    the same process alike). Returns False where the C library is not glibc. The same as the environment
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824.
     """
     name = ctypes.util.find_library("c")
     if name is None:
@@ -46,8 +48,8 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30))
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**30))
 
 
 def fold_layer_scale(model: nn.Module) -> nn.Module:
@@ -99,12 +101,10 @@ def _weight_grad_by_onednn(n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether oneDNN's backward-weights convolution beats a matmul for the 1x1 conv grad-weight (N, K).
 
     Measured on the ConvNeXt block shapes (benchmarks/NOTES.md): fp32 matmuls go to MKL, which runs about half
-    speed on AMD CPUs, so oneDNN wins 1.6-2.2x except with few input channels (K = 40: 6.3 vs 5.5 ms); in bf16
-    both are oneDNN-class and the conv wins only on the wide, shallow early stages (min(N, K) <= 96).
+    speed on AMD CPUs, so oneDNN wins (1.05-2.2x); in bf16 both are oneDNN-class and the conv wins only on the
+    wide, shallow early stages (min(N, K) <= 96: 1.2-1.4x), the matmul on the rest (1.1-1.5x).
     """
-    if dtype == torch.float32:
-        return k >= 64
-    return min(n, k) <= 96
+    return dtype == torch.float32 or min(n, k) <= 96
 
 
 class DepthwiseConv(torch.autograd.Function):

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "depthwise.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
@@ -58,7 +57,7 @@ def _library() -> ctypes.CDLL | None:
             os.replace(built, target)  # atomic: a concurrent build or reader sees the whole file or none
     lib = ctypes.CDLL(str(target))
     lib.depthwise_weight_grad.restype = ctypes.c_int
-    lib.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5
+    lib.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5 + [ctypes.c_int]
     return lib
 
 
@@ -71,23 +70,24 @@ def available() -> bool:
 def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """d(loss)/d(weight) of `conv2d(x, weight, padding=k // 2, groups=C)` given d(loss)/d(output) `grad`.
 
-    x, grad: (B, C, H, W) CPU tensors (any layout, any float dtype: computed in float32); returns (C, 1, k, k)
-    float32. Without the C kernel (no compiler), or for an even k, aten computes it.
+    x, grad: (B, C, H, W) CPU tensors of one dtype (any layout; float32 or bfloat16, summed in float32); returns
+    (C, 1, k, k) float32. Without the C kernel (no compiler), for an even k or another dtype, aten computes it.
     """
     b, c, h, w = x.shape
-    p = kernel_size // 2
     lib = _library()
-    if lib is None or kernel_size % 2 == 0:  # aten's kernel: slower, same result
-        x, grad = x.float(), grad.float()
-        weight = x.new_empty(c, 1, kernel_size, kernel_size)
-        args = (grad, x, weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], c)
-        return torch.ops.aten.convolution_backward(*args, [False, True, False])[1]
-    x_pad = F.pad(x.float(), (p, p, p, p)).permute(0, 2, 3, 1).contiguous()  # (B, H + 2p, W + 2p, C)
-    g = grad.float().permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): views when the inputs are channels-last
-    out = torch.empty(kernel_size, kernel_size, c)
-    if lib.depthwise_weight_grad(x_pad.data_ptr(), g.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size) != 0:
-        raise MemoryError("convnext: depthwise_weight_grad could not allocate its per-thread buffers")
-    return out.permute(2, 0, 1).unsqueeze(1).contiguous()
+    native = x.dtype == grad.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    if lib is not None and native and kernel_size % 2 == 1 and kernel_size <= 15:
+        xs = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): views when the inputs are channels-last
+        gs = grad.permute(0, 2, 3, 1).contiguous()
+        out = torch.empty(kernel_size, kernel_size, c)
+        bf16 = int(x.dtype == torch.bfloat16)
+        if lib.depthwise_weight_grad(xs.data_ptr(), gs.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size, bf16):
+            raise MemoryError("convnext: depthwise_weight_grad could not allocate its per-thread buffers")
+        return out.permute(2, 0, 1).unsqueeze(1).contiguous()
+    x, grad, p = x.float(), grad.float(), kernel_size // 2  # aten's kernel: slower, same result
+    weight = x.new_empty(c, 1, kernel_size, kernel_size)
+    args = (grad, x, weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], c)
+    return torch.ops.aten.convolution_backward(*args, [False, True, False])[1]
 
 
 @depthwise_weight_grad.register_fake
