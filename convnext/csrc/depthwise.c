@@ -15,23 +15,15 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef unsigned int u16 __attribute__((vector_size(64)));
-typedef unsigned int u8 __attribute__((vector_size(32)));
 typedef unsigned short h16 __attribute__((vector_size(32), aligned(2)));
-typedef unsigned short h8 __attribute__((vector_size(16), aligned(2)));
 typedef unsigned short bf16;
 
 #define KMAX 15
 
-/* Loads of 16, 8 or 1 channels as float32; a bfloat16 is the top half of a float32. */
+/* Loads of 16, 8 or 1 channels. */
 static inline v16 load16_f(const float *p) { return *(const v16 *)p; }
 static inline v8 load8_f(const float *p) { return *(const v8 *)p; }
 static inline float load1_f(const float *p) { return *p; }
-static inline v16 load16_b(const bf16 *p) { return (v16)(__builtin_convertvector(*(const h16 *)p, u16) << 16); }
-static inline v8 load8_b(const bf16 *p) { return (v8)(__builtin_convertvector(*(const h8 *)p, u8) << 16); }
-static inline float load1_b(const bf16 *p) {
-    union { unsigned int u; float f; } v = {.u = (unsigned int)*p << 16};
-    return v.f;
-}
 
 /* out[j] += sum_w g[w] * x[w + j - p] over one image row, for one block of channels. */
 #define ROW(NAME, T, VT, LOAD)                                                                                    \
@@ -52,46 +44,61 @@ static inline float load1_b(const bf16 *p) {
         for (long j = 0; j < k; j++) *(VT *)(out + j * C) += acc[j];                                              \
     }
 
-ROW(row16_f, float, v16, load16_f)
-ROW(row8_f, float, v8, load8_f)
-ROW(row1_f, float, float, load1_f)
-ROW(row16_b, bf16, v16, load16_b)
-ROW(row8_b, bf16, v8, load8_b)
-ROW(row1_b, bf16, float, load1_b)
+ROW(row16, float, v16, load16_f)
+ROW(row8, float, v8, load8_f)
+ROW(row1, float, float, load1_f)
 
-/* grad_w += the sum over rows r0..r1 of the flattened (b, h) index. */
-#define ROWS(NAME, T, R16, R8, R1)                                                                                \
-    static inline __attribute__((always_inline)) void NAME(const T *x, const T *g, float *grad_w, long r0,        \
-                                                           long r1, long H, long W, long C, long k) {             \
-        long p = k / 2;                                                                                           \
-        for (long r = r0; r < r1; r++) {                                                                          \
-            long b = r / H, h = r % H;                                                                            \
-            const T *gr = g + r * W * C;                                                                          \
-            for (long i = 0; i < k; i++) {                                                                        \
-                if (h + i - p < 0 || h + i - p >= H) continue;                                                    \
-                const T *xr = x + (b * H + h + i - p) * W * C;                                                    \
-                float *out = grad_w + i * k * C;                                                                  \
-                long c = 0;                                                                                       \
-                for (; c + 16 <= C; c += 16) R16(xr + c, gr + c, out + c, W, C, k);                               \
-                for (; c + 8 <= C; c += 8) R8(xr + c, gr + c, out + c, W, C, k);                                  \
-                for (; c < C; c++) R1(xr + c, gr + c, out + c, W, C, k);                                          \
-            }                                                                                                     \
-        }                                                                                                         \
+/* One image row g and one input row x (each W x C) into the kernel row out (k x C). */
+static inline __attribute__((always_inline)) void row(const float *xr, const float *gr, float *out, long W, long C,
+                                                      long k) {
+    long c = 0;
+    for (; c + 16 <= C; c += 16) row16(xr + c, gr + c, out + c, W, C, k);
+    for (; c + 8 <= C; c += 8) row8(xr + c, gr + c, out + c, W, C, k);
+    for (; c < C; c++) row1(xr + c, gr + c, out + c, W, C, k);
+}
+
+/* A bfloat16 row to float32 (a bfloat16 is the top half of a float32). */
+static void widen(const bf16 *src, float *dst, long n) {
+    long e = 0;
+    for (; e + 16 <= n; e += 16) *(v16 *)(dst + e) = (v16)(__builtin_convertvector(*(const h16 *)(src + e), u16) << 16);
+    for (; e < n; e++) {
+        union { unsigned int u; float f; } v = {.u = (unsigned int)src[e] << 16};
+        dst[e] = v.f;
     }
+}
 
-ROWS(rows_f, float, row16_f, row8_f, row1_f)
-ROWS(rows_b, bf16, row16_b, row8_b, row1_b)
+/* grad_w += the sum over rows r0..r1 of the flattened (b, h) index. bfloat16 rows are widened into the per-thread
+   buffers xbuf and gbuf (W x C floats each) first: each x row k times, instead of k * k times inside the loads. */
+static inline __attribute__((always_inline)) void rows(const void *x, const void *g, int is_bf16, float *grad_w,
+                                                       float *xbuf, float *gbuf, long r0, long r1, long H, long W,
+                                                       long C, long k) {
+    long p = k / 2, n = W * C;
+    for (long r = r0; r < r1; r++) {
+        long b = r / H, h = r % H;
+        const float *gr = is_bf16 ? gbuf : (const float *)g + r * n;
+        if (is_bf16) widen((const bf16 *)g + r * n, gbuf, n);
+        for (long i = 0; i < k; i++) {
+            if (h + i - p < 0 || h + i - p >= H) continue;
+            long xrow = (b * H + h + i - p) * n;
+            const float *xr = is_bf16 ? xbuf : (const float *)x + xrow;
+            if (is_bf16) widen((const bf16 *)x + xrow, xbuf, n);
+            row(xr, gr, grad_w + i * k * C, W, C, k);
+        }
+    }
+}
 
 /* The common kernel sizes as constants, so the k accumulators are registers and the j loops unroll. */
-#define DISPATCH(ROWS_FN, T)                                                                                      \
-    switch (k) {                                                                                                  \
-    case 3: ROWS_FN((const T *)x, (const T *)g, part, r0, r1, H, W, C, 3); break;                                 \
-    case 5: ROWS_FN((const T *)x, (const T *)g, part, r0, r1, H, W, C, 5); break;                                 \
-    case 7: ROWS_FN((const T *)x, (const T *)g, part, r0, r1, H, W, C, 7); break;                                 \
-    case 9: ROWS_FN((const T *)x, (const T *)g, part, r0, r1, H, W, C, 9); break;                                 \
-    case 11: ROWS_FN((const T *)x, (const T *)g, part, r0, r1, H, W, C, 11); break;                               \
-    default: ROWS_FN((const T *)x, (const T *)g, part, r0, r1, H, W, C, k); break;                                \
+static void rows_k(const void *x, const void *g, int is_bf16, float *part, float *xbuf, float *gbuf, long r0, long r1,
+                   long H, long W, long C, long k) {
+    switch (k) {
+    case 3: rows(x, g, is_bf16, part, xbuf, gbuf, r0, r1, H, W, C, 3); break;
+    case 5: rows(x, g, is_bf16, part, xbuf, gbuf, r0, r1, H, W, C, 5); break;
+    case 7: rows(x, g, is_bf16, part, xbuf, gbuf, r0, r1, H, W, C, 7); break;
+    case 9: rows(x, g, is_bf16, part, xbuf, gbuf, r0, r1, H, W, C, 9); break;
+    case 11: rows(x, g, is_bf16, part, xbuf, gbuf, r0, r1, H, W, C, 11); break;
+    default: rows(x, g, is_bf16, part, xbuf, gbuf, r0, r1, H, W, C, k); break;
     }
+}
 
 /* grad_w = the sum over all B * H rows (is_bf16: x and g hold bfloat16). OpenMP threads (torch's own runtime:
    the same libgomp, the same thread count) each take a contiguous range of rows into a private buffer; the buffers
@@ -106,16 +113,13 @@ int depthwise_weight_grad(const void *x, const void *g, float *grad_w, long B, l
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
         long r0 = R * t / T, r1 = R * (t + 1) / T;
-        float *part = calloc(n, sizeof(float));
+        /* the partial sums, then (bfloat16 only) the widened x and g rows */
+        float *part = calloc(n + (is_bf16 ? 2 * W * C : 0), sizeof(float));
         if (part == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            if (is_bf16) {
-                DISPATCH(rows_b, bf16)
-            } else {
-                DISPATCH(rows_f, float)
-            }
+            rows_k(x, g, is_bf16, part, part + n, part + n + W * C, r0, r1, H, W, C, k);
 #pragma omp critical
             for (long e = 0; e < n; e++) grad_w[e] += part[e];
             free(part);
