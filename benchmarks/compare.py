@@ -9,7 +9,8 @@ Implementations: ours = `convnext.optimize` (what `convnext bench` runs), timm e
 torch.compile'd, torchvision eager, onnxruntime on our fp32 ONNX export. Every implementation gets the same
 weights (converted from ours through `convnext.weights.from_ours`) and the outputs are checked to agree before
 anything is timed. Modes: inference fp32/bf16 at the model's batch, batch-1 latency fp32/bf16, one training step
-(fwd + bwd + AdamW) fp32 and bf16 autocast. Timing interleaves the implementations round by round, so drift
+(fwd + bwd + AdamW) fp32 and bf16 autocast; ours steps torch's fused AdamW (as `convnext train` does), the peers
+torch's default AdamW (as timm's and torchvision's training scripts do). Timing interleaves the implementations round by round, so drift
 hits all alike; each figure is the median over every timed iteration.
 
 Writes `<out>/compare-<time>.md` (the table, the machine, the matmul peaks measured in this run and the
@@ -116,7 +117,9 @@ def make_runner(
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         net = torch.compile(model, dynamic=False) if impl == "timm_compiled" else model
-    return iteration(net, model, x, y, train, dtype, autocast)
+    # ours trains with the fused AdamW `convnext train` builds; peers with torch's default AdamW, what timm's and
+    # torchvision's training scripts build
+    return iteration(net, model, x, y, train, dtype, autocast, fused_adamw=impl == "ours")
 
 
 def _onnx_runner(ours: nn.Module, x: torch.Tensor, path: Path) -> Callable[[], object]:
@@ -189,7 +192,8 @@ def markdown(results: dict, meta: dict) -> str:
         f"{meta['peak_gflops']['bf16']:.0f} GFLOP/s bf16. Cells: img/s (latency rows: ms per image) and, in "
         "brackets, ours' speed / that peer's (> 1: ours is faster). Roofline: img/s at the matmul peak "
         "(2 x GMACs per image, x3 for a training step); share = ours / roofline. glibc keeps freed buffers "
-        "(`convnext.fast.keep_freed_memory`, process-wide) for every implementation alike.",
+        "(`convnext.fast.keep_freed_memory`, process-wide) for every implementation alike. Training steps: ours "
+        "with torch's fused AdamW (as `convnext train`), peers with torch's default AdamW (as timm's train script).",
         "",
     ]
     for model, modes in results.items():

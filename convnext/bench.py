@@ -175,7 +175,8 @@ def build_runner(
 ) -> Callable[[], object]:
     """One benchmark iteration as a closure: a forward pass, or a full training step (fwd + bwd + AdamW).
 
-    impl "fast": `convnext.optimize` (channels-last, frozen compiled inference, bf16 as it chooses).
+    impl "fast": `convnext.optimize` (channels-last, frozen compiled inference, bf16 as it chooses) and, for
+    training, the fused AdamW `convnext train` uses.
     impl "eager": the model as is, with optional channels_last, torch.compile and autocast to `dtype`.
     `train` steps modify `model`'s weights: pass a copy you can spare.
     """
@@ -196,7 +197,7 @@ def build_runner(
     else:
         raise ValueError(f"impl must be 'fast' or 'eager', got {impl!r}")
 
-    return iteration(net, model, x, y, train, dtype, autocast)
+    return iteration(net, model, x, y, train, dtype, autocast, fused_adamw=impl == "fast")
 
 
 def iteration(
@@ -207,9 +208,14 @@ def iteration(
     train: bool,
     dtype: torch.dtype,
     autocast: bool,
+    fused_adamw: bool = False,
 ) -> Callable[[], object]:
     """`net`'s forward on `x` under inference mode, or a full training step (forward, cross-entropy on `y`,
-    backward, AdamW on `model`'s trainable parameters), with autocast to `dtype` if `autocast`."""
+    backward, AdamW on `model`'s trainable parameters), with autocast to `dtype` if `autocast`.
+
+    fused_adamw: torch's fused AdamW kernel (what `convnext train` builds) instead of its default (the
+    multi-tensor "foreach" one, what timm's and torchvision's training scripts build): ConvNeXt-T's step takes
+    15 instead of 51 ms on 2 CPU cores."""
     device_type = x.device.type
     if not train:
 
@@ -219,7 +225,7 @@ def iteration(
 
         return infer
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused_adamw or None)
 
     def step() -> object:
         opt.zero_grad(set_to_none=True)

@@ -125,7 +125,11 @@ def build_optimizer(
     """AdamW or SGD (momentum) over `param_groups(model, weight_decay, layer_decay)`."""
     groups = param_groups(model, weight_decay, layer_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        # torch's fused kernel: ConvNeXt-T's update takes 15 instead of 51 ms on 2 CPU cores (the default is the
+        # multi-tensor "foreach" one); same update, floating-point parameters on CPU or CUDA only
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     raise ValueError(f"optim.name must be 'adamw' or 'sgd', not {name!r}")
