@@ -10,8 +10,8 @@ torch.compile'd, torchvision eager, onnxruntime on our fp32 ONNX export. Every i
 weights (converted from ours through `convnext.weights.from_ours`) and the outputs are checked to agree before
 anything is timed. Modes: inference fp32/bf16 at the model's batch, batch-1 latency fp32/bf16, one training step
 (fwd + bwd + AdamW) fp32 and bf16 autocast; ours steps torch's fused AdamW (as `convnext train` does), the peers
-torch's default AdamW (as timm's and torchvision's training scripts do). Timing interleaves the implementations round by round, so drift
-hits all alike; each figure is the median over every timed iteration.
+torch's default AdamW (as timm's and torchvision's training scripts do). Timing interleaves the implementations
+round by round, so drift hits all alike; each figure is the median over every timed iteration.
 
 Writes `<out>/compare-<time>.md` (the table, the machine, the matmul peaks measured in this run and the
 agreement check), `.json` (everything) and `.png` (speed relative to the best peer).
