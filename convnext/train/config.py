@@ -107,6 +107,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 (CPU or CUDA) | fp16 (CUDA, with a grad scaler)
     channels_last: bool = False
     compile: bool = False
+    fast: bool = True  # CPU: ConvNeXt blocks through convnext.fast's training path (oneDNN 1x1 convs, C depthwise grad)
     grad_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads on CPU

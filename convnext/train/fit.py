@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
+from convnext.fast import FastConvNeXt, keep_freed_memory
+from convnext.model import ConvNeXt
 from convnext.registry import create_model
 from convnext.train import checkpoint as ckpt
 from convnext.train.config import ModelConfig, TrainConfig, from_dict
@@ -203,6 +205,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
             log.info("the run is already finished (%d epochs)", cfg.epochs)
 
     raw_model = model
+    if cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt):
+        keep_freed_memory()  # process-wide; this process is a training run
+        model = FastConvNeXt(model)  # the same parameters and math, faster kernels (convnext/fast.py)
     if info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -141,6 +141,16 @@ def test_gradient_accumulation_matches_full_batch(image_folder, tiny_config, tmp
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
+def test_fast_cpu_path_trains_the_same_weights(image_folder, tiny_config, tmp_path):
+    """`fast` (the default on CPU) runs the blocks through convnext.fast's kernels: the same updates as plain."""
+    common = {"epochs": 1, "data.mixup": 0.0, "data.cutmix": 0.0}
+    fit(tiny_config(image_folder, tmp_path / "fast", fast=True, **common))
+    fit(tiny_config(image_folder, tmp_path / "plain", fast=False, **common))
+    a, b = load(tmp_path / "fast" / "last.pt")["model"], load(tmp_path / "plain" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_autocast_channels_last_tensorboard(image_folder, tiny_config, tmp_path):
     out = tmp_path / "run"
     result = fit(tiny_config(image_folder, out, epochs=1, amp="bf16", channels_last=True, tensorboard=True))
