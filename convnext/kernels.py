@@ -47,15 +47,18 @@ def _library() -> ctypes.CDLL | None:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     target = cache_dir() / f"depthwise-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
-            if result.returncode != 0:
-                return None
-            os.replace(built, target)  # atomic: a concurrent build or reader sees the whole file or none
-    lib = ctypes.CDLL(str(target))
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                cmd = [compiler, *FLAGS, "-o", str(built), str(SOURCE)]
+                if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
+                    return None
+                os.replace(built, target)  # atomic: a concurrent build or reader sees the whole file or none
+        lib = ctypes.CDLL(str(target))
+    except OSError:  # a read-only cache, a noexec mount: aten's kernel it is
+        return None
     lib.depthwise_weight_grad.restype = ctypes.c_int
     lib.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5 + [ctypes.c_int]
     return lib

@@ -10,6 +10,7 @@ to `roadmap.png`. Step runs live in `OUTPUT/runs/<step>` (checkpoints for `convn
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from convnext.data.datasets import IMG_EXTENSIONS
 from convnext.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from convnext.flops import count_gmacs, count_params
 from convnext.registry import create_model
@@ -38,7 +41,7 @@ class LadderConfig:
     steps: tuple[int, ...] = tuple(range(13))
     output: str = "runs/roadmap"
     data_dir: str | None = None  # cifar10: a folder with cifar10-images/ or cifar10-jpg.tar, else torchvision's
-    img_size: int | None = None  # None: 32 for CIFAR, 224 otherwise
+    img_size: int | None = None  # None: 32 for CIFAR; an image folder: its images' size (up to 224)
     patch_size: int | None = None  # stem stride; None: 2 for images up to 64px, 4 otherwise
     batch_size: int = 256
     lr: float | None = None  # peak lr of the modern recipe; None: 2e-3 at batch 256 (small images), else 4e-3 at 4096
@@ -48,8 +51,25 @@ class LadderConfig:
 
     def resolved(self) -> LadderConfig:
         cifar = self.data.lower() == "cifar10"
-        img = self.img_size or (32 if cifar else 224)
+        img = self.img_size or (32 if cifar else folder_img_size(self.data))
         return replace(self, img_size=img, patch_size=self.patch_size or (2 if img <= 64 else 4))
+
+
+def folder_img_size(root: str | Path, sample: int = 32, largest: int = 224) -> int:
+    """A training size for an image folder: the median shorter side of the first `sample` images, rounded down
+    to a multiple of 32 (at least 32, at most `largest`), so 32 px images are not trained at 224. `largest`
+    when the folder holds no images (the dataset itself then reports that)."""
+    files = (p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    sides = []
+    for path in itertools.islice(files, sample):  # the first ones found: no listing of a million-image folder
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except OSError:
+            continue  # an unreadable file: the dataset names it when it gets there
+    if not sides:
+        return largest
+    return max(32, min(largest, sorted(sides)[len(sides) // 2] // 32 * 32))
 
 
 # Settings that make two ladders comparable; a results.json made with others is never mixed with this one.

@@ -52,3 +52,10 @@ def test_traces_under_torch_compile():
     x, grad = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
     compiled = torch.compile(lambda a, g: kernels.depthwise_weight_grad(a, g, 7) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x, grad), 2 * _aten_weight_grad(x, grad, 7))
+
+
+def test_unwritable_cache_falls_back_to_aten(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CONVNEXT_CACHE", str(blocker))  # cache_dir() lies under a file: cannot be created
+    assert kernels._library.__wrapped__() is None

@@ -107,3 +107,16 @@ def test_cifar10_is_unpacked_from_the_jpg_tar_once(tmp_path):
     assert resolve_data(lc) == path  # the second time reads what is there
     assert resolve_data(LadderConfig(data="cifar10", budget_min=1, data_dir=str(tmp_path / "out" / "data"))) == path
     assert resolve_data(LadderConfig(data="cifar10", budget_min=1)) == "cifar10"  # torchvision's copy
+
+
+def test_image_folder_size_is_read_from_its_images(tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (100, 70 + i)).save(data / split / c / f"{i}.png")
+    resolved = LadderConfig(data=str(data), budget_min=1.0).resolved()
+    assert resolved.img_size == 64 and resolved.patch_size == 2  # median shorter side 71 -> 64
+    assert LadderConfig(data=str(data), budget_min=1.0, img_size=96).resolved().img_size == 96
+    assert LadderConfig(data=str(tmp_path / "empty"), budget_min=1.0).resolved().img_size == 224

@@ -17,7 +17,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", default="0-12", help="steps to run, e.g. '0,2,5-12' (default all)")
     p.add_argument("--output", required=True, help="folder for results.json, the table and the figure")
     p.add_argument("--data-dir", default=None, help="where CIFAR-10 is, or is unpacked to")
-    p.add_argument("--img-size", type=int, default=None, help="training resolution (default 32 for CIFAR, else 224)")
+    p.add_argument(
+        "--img-size", type=int, default=None, help="training size (default: 32 for CIFAR, else the images' own, <= 224)"
+    )
     p.add_argument("--patch-size", type=int, default=None, help="stem stride (default 2 for 32px images, else 4)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="peak lr of the modern recipe (AdamW), default 2e-3")
