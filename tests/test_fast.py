@@ -102,3 +102,16 @@ def test_keep_freed_memory_applies_on_glibc():
     applied = keep_freed_memory()
     assert applied is (platform.libc_ver()[0] == "glibc")
     assert keep_freed_memory() is applied  # idempotent
+
+
+def test_low_precision_gelu_backward_matches_aten():
+    from convnext.fast import LowPrecisionGelu
+
+    torch.manual_seed(0)
+    h = (torch.randn(4096) * 4).bfloat16().requires_grad_()
+    grad = torch.randn(4096).bfloat16()
+    LowPrecisionGelu.apply(h).backward(grad)
+    expected = torch.ops.aten.gelu_backward(grad.float(), h.detach().float())
+    assert h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h.grad.float(), expected, atol=0.03, rtol=0.02)  # about one bf16 rounding
+    assert torch.equal(LowPrecisionGelu.apply(h.detach()), torch.nn.functional.gelu(h.detach()))  # forward exact
