@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo.config
 from torch import nn
 
 
@@ -263,6 +264,9 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
     from convnext.registry import create_model
 
     torch.set_num_threads(args.threads)
+    # Dynamo's default keeps 8 compiled graphs per code object, then runs eager without a word: this run compiles
+    # timm's forward once per model, mode and shape, more than 8 times.
+    torch._dynamo.config.recompile_limit = 64
     device = torch.device(args.device)
     if device.type == "cpu":
         # What optimize() does to the process's allocator (glibc keeps freed buffers) holds for every

@@ -25,6 +25,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch._dynamo.config
 import torch._inductor.config
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +68,7 @@ def fold_layer_scale(model: nn.Module) -> nn.Module:
 
 
 _ZERO, _ONE = [0, 0], [1, 1]
+RECOMPILE_LIMIT = 64  # compiled graphs kept per code object (torch's default 8 was hit by compare.py)
 
 
 class PointwiseConv(torch.autograd.Function):
@@ -272,7 +274,14 @@ class Optimized(nn.Module):
         # Inductor reads `freezing` when it compiles, i.e. inside the first call for each input shape, and freezes
         # only under no_grad. A scoped patch rather than torch.compile(options=...): that option is read before the
         # options apply, so passing it there silently compiles an unfrozen graph.
-        with torch._inductor.config.patch(freezing=self.freeze), torch.no_grad() if self.freeze else nullcontext():
+        # Dynamo keeps at most `recompile_limit` (8) compiled graphs per code object and then silently runs eager:
+        # every optimize()d model, shape and dtype in a process shares FastConvNeXt.forward's code object.
+        limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+        with (
+            limits,
+            torch._inductor.config.patch(freezing=self.freeze),
+            torch.no_grad() if self.freeze else nullcontext(),
+        ):
             if self.autocast:
                 with torch.autocast(self.device_type, dtype=self.dtype):
                     out = self.inner(x)

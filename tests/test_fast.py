@@ -115,3 +115,14 @@ def test_low_precision_gelu_backward_matches_aten():
     assert h.grad.dtype == torch.bfloat16
     torch.testing.assert_close(h.grad.float(), expected, atol=0.03, rtol=0.02)  # about one bf16 rounding
     assert torch.equal(LowPrecisionGelu.apply(h.detach()), torch.nn.functional.gelu(h.detach()))  # forward exact
+
+
+def test_more_models_than_dynamos_default_cache_all_stay_compiled():
+    """Dynamo keeps 8 graphs per code object by default and then runs eager silently; optimize raises that."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    cfg = ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=3, patch_size=2)
+    for batch in range(1, 10):  # one more than the default
+        optimize(ConvNeXt(cfg).eval(), "inference", example_input=torch.randn(batch, 3, 16, 16), aot=False)
+    assert counters["stats"]["unique_graphs"] - before == 9
