@@ -76,7 +76,8 @@ class PointwiseConv(torch.autograd.Function):
 
     `aten.convolution` and `nn.Linear` (MKL sgemm) reach about half of what oneDNN's
     `mkldnn._convolution_pointwise` does on this CPU for these shapes; the backward's grad-input is the same
-    kind of convolution with the transposed weight, the grad-weight one matmul.
+    kind of convolution with the transposed weight, the grad-weight oneDNN's backward-weights convolution or a
+    matmul, whichever `_weight_grad_by_onednn` says is faster for the shape.
     """
 
     @staticmethod
@@ -117,7 +118,7 @@ class DepthwiseConv(torch.autograd.Function):
 
     grad-input is the forward convolution of the gradient with the flipped kernel (oneDNN's forward kernel; aten's
     backward-data path is up to 2.5x slower on channels-last input); grad-weight is the C kernel
-    `convnext.kernels.depthwise_weight_grad` (3-5x aten's; aten's own when no C compiler is found).
+    `convnext.kernels.depthwise_weight_grad` (3-10x aten's; aten's own when no C compiler is found).
     """
 
     @staticmethod
@@ -173,13 +174,20 @@ def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """`Block.forward` with the MLP as 1x1 convolutions on channels-last NCHW, on the block's own parameters."""
-    if torch.is_grad_enabled() and x.device.type == "cpu":
-        return _block_forward_train(block, x)
-    y = block.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
+    """`Block.forward` with the MLP as 1x1 convolutions on channels-last NCHW, on the block's own parameters.
+
+    CPU training goes through the custom-backward ops above (`DepthwiseConv`, `PointwiseConv`, `LowPrecisionGelu`);
+    everything else through the plain functional ops, which `torch.compile` fuses and freezes for inference.
+    """
+    train = torch.is_grad_enabled() and x.device.type == "cpu"
+    if train:
+        y = DepthwiseConv.apply(*_cast(x, block.dwconv.weight, block.dwconv.bias))
+    else:
+        y = block.dwconv(x)
+    y = y.permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
     y = F.layer_norm(y, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
-    y = F.conv2d(y.permute(0, 3, 1, 2), block.pwconv1.weight[:, :, None, None], block.pwconv1.bias)  # (B, 4C, H, W)
-    y = block.act(y)
+    y = _pointwise(y.permute(0, 3, 1, 2), block.pwconv1.weight, block.pwconv1.bias, train)  # (B, 4C, H, W)
+    y = _gelu(block.act, y) if train else block.act(y)
     if not isinstance(block.grn, nn.Identity):
         grn = block.grn
         gx = torch.linalg.vector_norm(y.float(), ord=2, dim=(2, 3), keepdim=True)  # (B, 4C, 1, 1), fp32
@@ -188,25 +196,15 @@ def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
     w2, b2 = block.pwconv2.weight, block.pwconv2.bias
     if block.gamma is not None:
         w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
-    y = F.conv2d(y, w2[:, :, None, None], b2)
+    y = _pointwise(y, w2, b2, train)
     return x + block.drop_path(y)
 
 
-def _block_forward_train(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """The same block for CPU training, through the custom-backward convolutions above."""
-    y = DepthwiseConv.apply(*_cast(x, block.dwconv.weight, block.dwconv.bias))
-    y = F.layer_norm(y.permute(0, 2, 3, 1), block.norm.normalized_shape, block.norm.weight, block.norm.bias, 1e-6)
-    y = _gelu(block.act, PointwiseConv.apply(*_cast(y.permute(0, 3, 1, 2), block.pwconv1.weight, block.pwconv1.bias)))
-    if not isinstance(block.grn, nn.Identity):
-        grn = block.grn
-        gx = torch.linalg.vector_norm(y.float(), ord=2, dim=(2, 3), keepdim=True)
-        nx = (gx / (gx.mean(dim=1, keepdim=True) + grn.eps)).to(y.dtype)
-        y = y + grn.bias[:, None, None] + grn.weight[:, None, None] * (y * nx)
-    w2, b2 = block.pwconv2.weight, block.pwconv2.bias
-    if block.gamma is not None:
-        w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
-    y = PointwiseConv.apply(*_cast(y, w2, b2))
-    return x + block.drop_path(y)
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, train: bool) -> torch.Tensor:
+    """A Linear's (N, K) weight as a 1x1 convolution on channels-last (B, K, H, W)."""
+    if train:
+        return PointwiseConv.apply(*_cast(x, weight, bias))
+    return F.conv2d(x, weight[:, :, None, None], bias)
 
 
 class FastConvNeXt(nn.Module):
