@@ -84,23 +84,39 @@ class PointwiseConv(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight[:, :, None, None], bias, _ZERO, _ONE, _ONE, 1, "none", [], ""
-        )
+        return _conv1x1(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        weight_t = weight.t().contiguous()[:, :, None, None]  # (K, N, 1, 1)
-        grad_x = torch.ops.mkldnn._convolution_pointwise(grad, weight_t, None, _ZERO, _ONE, _ONE, 1, "none", [], "")
-        grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # (BHW, N), a view
-        if _weight_grad_by_onednn(*weight.shape, weight.dtype):
-            args = (grad, x, weight[:, :, None, None], None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
-            grad_w = torch.ops.aten.convolution_backward(*args, [False, True, False])[1][:, :, 0, 0]
-        else:
-            grad_w = grad_2d.t() @ x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N, K)
-        return grad_x, grad_w, grad_2d.sum(0)
+        grad_x = _conv1x1(grad, weight.t().contiguous(), None)
+        return grad_x, *_weight_and_bias_grad(grad, x, weight)
+
+
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "", other=None):
+    """oneDNN 1x1 convolution of channels-last (B, K, H, W) with an (N, K) weight; post "add"/"mul": `other` is
+    added to / multiplies the result inside the same kernel (a oneDNN binary post-op, no extra pass)."""
+    w = weight[:, :, None, None]
+    if post and torch.compiler.is_compiling():  # the binary op has no fake kernel; inductor fuses the two itself
+        out = torch.ops.mkldnn._convolution_pointwise(x, w, bias, _ZERO, _ONE, _ONE, 1, "none", [], "")
+        return out + other if post == "add" else out * other
+    if post:
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, w, bias, _ZERO, _ONE, _ONE, 1, post, None, None, [], None
+        )
+    return torch.ops.mkldnn._convolution_pointwise(x, w, bias, _ZERO, _ONE, _ONE, 1, "none", [], "")
+
+
+def _weight_and_bias_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d(loss)/d(weight) (N, K) and d(loss)/d(bias) (N,) of a 1x1 convolution, on channels-last grad and x."""
+    grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # (BHW, N), a view
+    if _weight_grad_by_onednn(*weight.shape, weight.dtype):
+        args = (grad, x, weight[:, :, None, None], None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
+        grad_w = torch.ops.aten.convolution_backward(*args, [False, True, False])[1][:, :, 0, 0]
+    else:
+        grad_w = grad_2d.t() @ x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N, K)
+    return grad_w, grad_2d.sum(0)
 
 
 def _weight_grad_by_onednn(n: int, k: int, dtype: torch.dtype) -> bool:
@@ -160,6 +176,39 @@ class LowPrecisionGelu(torch.autograd.Function):
         return (grad.float() * (cdf + h32 * pdf)).to(grad.dtype)
 
 
+class InvertedMlp(torch.autograd.Function):
+    """The block's pwconv1 -> exact GELU -> pwconv2 (-> + shortcut) as one op, for float32 CPU training.
+
+    The forward writes GELU'(h) beside GELU(h) in the same pass (`kernels.gelu_with_grad`) and saves it instead
+    of h, so the backward evaluates no erf: grad-input of pwconv2 times GELU'(h) is one oneDNN convolution with a
+    multiply post-op. The shortcut, when given, is added by pwconv2 itself (an add post-op). Against the separate
+    ops, per 64x160x32x32 activation: 2.0 ms GELU + 4.8 ms GELU backward -> 3.5 ms + ~1 ms in the post-op
+    (benchmarks/NOTES.md).
+    """
+
+    @staticmethod
+    def forward(ctx, y, w1, b1, w2, b2, shortcut):
+        y = y.contiguous(memory_format=torch.channels_last)
+        a, d = kernels.gelu_with_grad(_conv1x1(y, w1, b1))
+        if shortcut is None:
+            out = _conv1x1(a, w2, b2)
+        else:
+            out = _conv1x1(a, w2, b2, "add", shortcut.contiguous(memory_format=torch.channels_last))
+        ctx.save_for_backward(y, w1, a, d, w2)
+        ctx.with_shortcut = shortcut is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, w1, a, d, w2 = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2)
+        grad_h = _conv1x1(grad, w2.t().contiguous(), None, "mul", d)  # d(loss)/d(a) * GELU'(h)
+        grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1)
+        grad_y = _conv1x1(grad_h, w1.t().contiguous(), None)
+        return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, grad if ctx.with_shortcut else None
+
+
 def _gelu(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
     exact = isinstance(act, nn.GELU) and act.approximate == "none"
     return LowPrecisionGelu.apply(h) if exact and h.dtype in (torch.bfloat16, torch.float16) else act(h)
@@ -186,18 +235,30 @@ def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
         y = block.dwconv(x)
     y = y.permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
     y = F.layer_norm(y, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
-    y = _pointwise(y.permute(0, 3, 1, 2), block.pwconv1.weight, block.pwconv1.bias, train)  # (B, 4C, H, W)
+    y = y.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
+    w2, b2 = block.pwconv2.weight, block.pwconv2.bias
+    if block.gamma is not None:
+        w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
+    if train and _fused_mlp(block, y):
+        fuse_shortcut = isinstance(block.drop_path, nn.Identity) or not block.training
+        out = InvertedMlp.apply(y, block.pwconv1.weight, block.pwconv1.bias, w2, b2, x if fuse_shortcut else None)
+        return out if fuse_shortcut else x + block.drop_path(out)
+    y = _pointwise(y, block.pwconv1.weight, block.pwconv1.bias, train)  # (B, 4C, H, W)
     y = _gelu(block.act, y) if train else block.act(y)
     if not isinstance(block.grn, nn.Identity):
         grn = block.grn
         gx = torch.linalg.vector_norm(y.float(), ord=2, dim=(2, 3), keepdim=True)  # (B, 4C, 1, 1), fp32
         nx = (gx / (gx.mean(dim=1, keepdim=True) + grn.eps)).to(y.dtype)
         y = y + grn.bias[:, None, None] + grn.weight[:, None, None] * (y * nx)
-    w2, b2 = block.pwconv2.weight, block.pwconv2.bias
-    if block.gamma is not None:
-        w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
     y = _pointwise(y, w2, b2, train)
     return x + block.drop_path(y)
+
+
+def _fused_mlp(block: Block, y: torch.Tensor) -> bool:
+    """Whether `InvertedMlp` can run this block: float32 (not under autocast), exact GELU, no GRN."""
+    exact = isinstance(block.act, nn.GELU) and block.act.approximate == "none"
+    plain = y.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return exact and plain and isinstance(block.grn, nn.Identity)
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, train: bool) -> torch.Tensor:
@@ -264,6 +325,24 @@ class Optimized(nn.Module):
         if _median_seconds(self, x, runs) >= compiled:
             del self.aot[shape]
 
+    def keep_eager_if_faster(self, x: torch.Tensor, runs: int = 3) -> None:
+        """Time a training forward + backward through the compiled module and through the module it compiled, and
+        keep the faster (float32 CPU training runs eager faster on some machines: benchmarks/NOTES.md).
+
+        The runs accumulate gradients and draw drop-path masks: `optimize` clears and restores those afterwards.
+        """
+        compiled, eager = self.inner, self.inner._orig_mod
+        seconds = {}
+        for name, module in (("compiled", compiled), ("eager", eager)):
+            self.inner = module
+            times = []
+            for _ in range(runs + 1):
+                t0 = time.perf_counter()
+                self(x).float().sum().backward()
+                times.append(time.perf_counter() - t0)
+            seconds[name] = sorted(times[1:])[runs // 2]
+        self.inner = eager if seconds["eager"] < seconds["compiled"] else compiled
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(memory_format=torch.channels_last)
         runner = self.aot.get(tuple(x.shape))
@@ -312,7 +391,8 @@ def optimize(
     mode: "inference" works on a frozen copy (the original is untouched); "train" runs the model's own parameters,
         so an optimizer built on `model.parameters()` trains it.
     dtype: torch.float32 or torch.bfloat16 (bf16 weights for CPU inference, autocast otherwise); float16 on CUDA.
-    example_input: if given, the path is run once on it, so compilation happens here rather than on first use.
+    example_input: if given, the path is run once on it, so compilation happens here rather than on first use; for
+        CPU training the compiled and the eager path are then timed on it and the faster is kept.
     compile: torch.compile the result (static shapes); False gives the eager channels-last path.
     aot: for CPU inference with an `example_input`, also compile that shape ahead of time with AOTInductor.
     On CPU it also calls `keep_freed_memory()` (process-wide: glibc keeps freed activation buffers).
@@ -347,7 +427,11 @@ def optimize(
     if compile:
         inner = torch.compile(inner, dynamic=False)
     wrapped = Optimized(inner, dtype, dtype != torch.float32, device_type).train()
-    if example_input is not None:
+    if example_input is not None:  # compile now; the model's gradients and the RNG (drop path) are left as they were
+        rng = torch.get_rng_state()
         wrapped(example_input).sum().backward()
+        if compile and device_type == "cpu":
+            wrapped.keep_eager_if_faster(example_input)
         model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
     return wrapped

@@ -1,10 +1,13 @@
 """Small C kernels for what aten does slowly on CPU, built on first use with the system's C compiler.
 
-`depthwise_weight_grad` is the only one: the weight gradient of the 7x7 depthwise convolution, which aten computes
-at a few GFLOP/s on CPU (a tenth of its forward; see `benchmarks/NOTES.md`). The source is `csrc/depthwise.c`; it
-is compiled with `-O3 -march=native -fopenmp` into a cache folder keyed by the source, the flags and the CPU, and
-loaded with ctypes. OpenMP there is torch's own runtime (the same `libgomp.so.1`), so it uses torch's threads.
-Without a compiler, or off Linux, `available()` is False and the op falls back to aten's kernel.
+- `depthwise_weight_grad` (`csrc/depthwise.c`): the weight gradient of the 7x7 depthwise convolution, which aten
+  computes at a few GFLOP/s on CPU (a tenth of its forward; see `benchmarks/NOTES.md`).
+- `gelu_with_grad` (`csrc/gelu.c`): exact GELU and its derivative in one pass, so training can save the derivative
+  instead of the pre-activation and never evaluate erf in the backward.
+The sources are compiled together with `-O3 -march=native -fopenmp` into one library in a cache folder keyed by the
+sources, the flags and the CPU, and loaded with ctypes. OpenMP there is torch's own runtime (the same
+`libgomp.so.1`), so it uses torch's threads. Without a compiler, or off Linux, `available()` is False and each op
+falls back to aten.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "depthwise.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("depthwise.c", "gelu.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 
 
@@ -44,15 +47,15 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or platform.system() != "Linux":
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    target = cache_dir() / f"depthwise-{key}.so"
+    target = cache_dir() / f"convnext-{key}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                cmd = [compiler, *FLAGS, "-o", str(built), str(SOURCE)]
+                cmd = [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)]
                 if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
                     return None
                 os.replace(built, target)  # atomic: a concurrent build or reader sees the whole file or none
@@ -61,6 +64,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.depthwise_weight_grad.restype = ctypes.c_int
     lib.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5 + [ctypes.c_int]
+    lib.gelu_with_grad.restype = None
+    lib.gelu_with_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int]
     return lib
 
 
@@ -96,3 +101,28 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int)
 @depthwise_weight_grad.register_fake
 def _(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return x.new_empty(x.shape[1], 1, kernel_size, kernel_size, dtype=torch.float32)
+
+
+@torch.library.custom_op("convnext::gelu_with_grad", mutates_args=())
+def gelu_with_grad(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(h), GELU'(h)) of the exact (erf) GELU, both shaped, laid out and typed like `h`.
+
+    The C kernel's erf is within 1.5e-7 of the true one (float32 rounding); without it (no compiler, another
+    dtype) aten's erf computes the same two tensors.
+    """
+    dense = h.is_contiguous() or h.is_contiguous(memory_format=torch.channels_last)
+    h = h if dense else h.contiguous()
+    lib = _library()
+    if lib is not None and h.dtype in (torch.float32, torch.bfloat16) and h.numel() > 0:
+        a, d = torch.empty_like(h), torch.empty_like(h)
+        lib.gelu_with_grad(h.data_ptr(), a.data_ptr(), d.data_ptr(), h.numel(), int(h.dtype == torch.bfloat16))
+        return a, d
+    h32 = h.float()
+    cdf = 0.5 * (1.0 + torch.erf(h32 * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * h32 * h32) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    return (h32 * cdf).to(h.dtype), (cdf + h32 * pdf).to(h.dtype)
+
+
+@gelu_with_grad.register_fake
+def _(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(h), torch.empty_like(h)

@@ -46,12 +46,18 @@ def test_inference_bf16_is_close_and_agrees_on_top1():
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-@pytest.mark.parametrize(("dtype", "compile"), [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
-def test_train_mode_trains_the_original_parameters(dtype, compile):
-    model, ref_model = _model().train(), _model().train()
+@pytest.mark.parametrize(
+    ("dtype", "compile", "drop_path"),
+    [(torch.float32, False, 0.0), (torch.float32, False, 0.3), (torch.bfloat16, False, 0.0), (torch.float32, True, 0.0)],
+)
+def test_train_mode_trains_the_original_parameters(dtype, compile, drop_path):
+    """fp32: the fused MLP (shortcut added by pwconv2, or apart when drop path is on) gives the plain gradients."""
+    model, ref_model = _model(drop_path_rate=drop_path).train(), _model(drop_path_rate=drop_path).train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     fast = optimize(model, "train", dtype, compile=compile)
+    torch.manual_seed(1)  # the same drop-path draws for both
     torch.nn.functional.cross_entropy(fast(x), y).backward()
+    torch.manual_seed(1)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         torch.nn.functional.cross_entropy(ref_model(x), y).backward()
     for p, r in zip(model.parameters(), ref_model.parameters()):
@@ -60,6 +66,21 @@ def test_train_mode_trains_the_original_parameters(dtype, compile):
             assert (p.grad - r.grad).abs().max() <= 1e-4
         else:  # bf16 rounding differs with the op order: the gradients point the same way
             assert torch.nn.functional.cosine_similarity(p.grad.flatten(), r.grad.flatten(), dim=0) > 0.99
+
+
+def test_train_with_example_input_keeps_the_faster_path_and_leaves_the_model_as_it_was():
+    model, ref_model = _model(drop_path_rate=0.2).train(), _model(drop_path_rate=0.2).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(5)
+    fast = optimize(model, "train", example_input=x)  # compiles, then times compiled against eager
+    assert fast.inner is not None and all(p.grad is None for p in model.parameters())
+    draw = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(draw, torch.rand(3))  # the timing runs did not move the RNG (drop path)
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, r)
+    fast(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_gradient_checkpointing_through_the_fast_path():

@@ -44,7 +44,7 @@ def test_builds_into_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path))
     lib = kernels._library.__wrapped__()  # a fresh build, not the process's cached one
     assert lib is not None
-    built = list((tmp_path / "kernels").glob("depthwise-*.so"))
+    built = list((tmp_path / "kernels").glob("convnext-*.so"))
     assert len(built) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no leftovers
 
 
@@ -59,3 +59,45 @@ def test_unwritable_cache_falls_back_to_aten(tmp_path, monkeypatch):
     blocker.write_text("not a folder")
     monkeypatch.setenv("CONVNEXT_CACHE", str(blocker))  # cache_dir() lies under a file: cannot be created
     assert kernels._library.__wrapped__() is None
+
+
+def _gelu_and_grad_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h64 = h.double().requires_grad_()
+    a = torch.nn.functional.gelu(h64)
+    (d,) = torch.autograd.grad(a.sum(), h64)
+    return a.detach(), d
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4099])  # the vector width, its tail, and several threads' share
+def test_gelu_with_grad_matches_float64(n):
+    torch.manual_seed(0)
+    h = torch.randn(n) * 4
+    h[:3] = torch.tensor([0.0, -1e-30, 40.0])[: min(3, n)]
+    a, d = kernels.gelu_with_grad(h)
+    ra, rd = _gelu_and_grad_reference(h)
+    assert a.dtype == d.dtype == torch.float32
+    assert (a.double() - ra).abs().max() < 2e-6 and (d.double() - rd).abs().max() < 2e-6
+    assert torch.isfinite(kernels.gelu_with_grad(torch.tensor([-200.0, 200.0]))[1]).all()  # exp underflow clamped
+
+
+def test_gelu_with_grad_keeps_layout_and_bf16():
+    torch.manual_seed(0)
+    h = torch.randn(2, 24, 5, 3).contiguous(memory_format=torch.channels_last)
+    a, d = kernels.gelu_with_grad(h)
+    assert a.is_contiguous(memory_format=torch.channels_last) and d.stride() == h.stride()
+    torch.testing.assert_close(a, torch.nn.functional.gelu(h), atol=2e-6, rtol=0)
+    hb = h.bfloat16()
+    ab, db = kernels.gelu_with_grad(hb)
+    ra, rd = _gelu_and_grad_reference(hb)
+    assert ab.dtype == torch.bfloat16
+    torch.testing.assert_close(ab.double(), ra, atol=0.02, rtol=0.01)  # one bf16 rounding
+    torch.testing.assert_close(db.double(), rd, atol=0.02, rtol=0.01)
+
+
+def test_gelu_with_grad_without_the_library_is_the_same(monkeypatch):
+    torch.manual_seed(0)
+    h = torch.randn(3, 8, 4, 4) * 3
+    native = kernels.gelu_with_grad(h)
+    monkeypatch.setattr(kernels, "_library", lambda: None)
+    for got, want in zip(kernels.gelu_with_grad(h), native):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
