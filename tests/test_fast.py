@@ -48,7 +48,12 @@ def test_inference_bf16_is_close_and_agrees_on_top1():
 
 @pytest.mark.parametrize(
     ("dtype", "compile", "drop_path"),
-    [(torch.float32, False, 0.0), (torch.float32, False, 0.3), (torch.bfloat16, False, 0.0), (torch.float32, True, 0.0)],
+    [
+        (torch.float32, False, 0.0),
+        (torch.float32, False, 0.3),
+        (torch.bfloat16, False, 0.0),
+        (torch.float32, True, 0.0),
+    ],
 )
 def test_train_mode_trains_the_original_parameters(dtype, compile, drop_path):
     """fp32: the fused MLP (shortcut added by pwconv2, or apart when drop path is on) gives the plain gradients."""
