@@ -20,9 +20,12 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch._dynamo.config
@@ -81,22 +84,90 @@ class PointwiseConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ways: Ways) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
-        return _conv1x1(x, weight, bias)
+        ctx.ways = ways
+        return _conv1x1(x, weight, bias, matmul=ways.forward)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = _conv1x1(grad, weight.t().contiguous(), None)
-        return grad_x, *_weight_and_bias_grad(grad, x, weight)
+        grad_x = _conv1x1(grad, weight.t().contiguous(), None, matmul=ctx.ways.grad_input)
+        return grad_x, *_weight_and_bias_grad(grad, x, weight, ctx.ways.grad_weight), None
 
 
-def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "", other=None):
-    """oneDNN 1x1 convolution of channels-last (B, K, H, W) with an (N, K) weight; post "add"/"mul": `other` is
-    added to / multiplies the result inside the same kernel (a oneDNN binary post-op, no extra pass)."""
+class Ways(NamedTuple):
+    """How one 1x1 convolution (K -> N channels at a given batch x H x W) runs its three products: True = as a
+    matmul (MKL, or oneDNN's for bf16) on the channels-last rows, False = as oneDNN's convolution."""
+
+    forward: bool
+    grad_input: bool
+    grad_weight: bool
+
+
+Plan = dict[tuple[str, int, int, int, torch.dtype], bool]  # (product, rows, K, N, dtype) -> as a matmul
+
+
+def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
+    """The plan's choices for a 1x1 conv from k to n channels on rows of x (B, ., H, W); without a measurement
+    for the shape: oneDNN's convolution, and the grad-weight as `_weight_grad_by_onednn` says."""
+    rows, plan = x.shape[0] * x.shape[2] * x.shape[3], plan or {}
+    return Ways(
+        plan.get(("conv", rows, k, n, x.dtype), False),
+        plan.get(("conv", rows, n, k, x.dtype), False),
+        plan.get(("grad_weight", rows, k, n, x.dtype), not _weight_grad_by_onednn(n, k, x.dtype)),
+    )
+
+
+def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dtype, runs: int = 3) -> Plan:
+    """Time oneDNN's convolution against a matmul for every 1x1 product a training step of `model` makes at this
+    input's batch and size, in `dtype`, and note the faster of each. Which wins depends on the CPU and the shape
+    (oneDNN by up to 2x on an AMD core where MKL's fp32 path is narrow; the matmul by up to 1.6x on the late
+    stages of an Intel core: benchmarks/NOTES.md), so it is measured, not assumed."""
+    plan: Plan = {}
+    b, _, height, width = example_input.shape
+    gen = torch.Generator().manual_seed(0)  # the caller's RNG stream is left alone
+    for i, c in enumerate(model.cfg.dims):
+        stride = model.cfg.patch_size * 2 ** (i if len(model.cfg.dims) > 1 else 0)
+        h, w = height // stride, width // stride
+        if h * w == 0:
+            continue
+        for k, n in ((c, 4 * c), (4 * c, c)):
+            x = torch.randn(b, k, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+            g = torch.randn(b, n, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+            weight, bias = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype), torch.zeros(n, dtype=dtype)
+            conv = functools.partial(_conv1x1, x, weight, bias)
+            plan[("conv", b * h * w, k, n, dtype)] = _matmul_is_faster(lambda m, f=conv: f(matmul=m), runs)
+            grad = functools.partial(_weight_and_bias_grad, g, x, weight)
+            plan[("grad_weight", b * h * w, k, n, dtype)] = _matmul_is_faster(grad, runs)
+    return plan
+
+
+def _matmul_is_faster(run: Callable[[bool], object], runs: int) -> bool:
+    """Whether run(True) (as a matmul) takes less time than run(False) (oneDNN), median of `runs` each."""
+    seconds = {}
+    with torch.no_grad():
+        for matmul in (False, True):
+            run(matmul)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                run(matmul)
+                times.append(time.perf_counter() - t0)
+            seconds[matmul] = sorted(times)[runs // 2]
+    return seconds[True] < seconds[False]
+
+
+def _conv1x1(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "", other=None, matmul=False
+) -> torch.Tensor:
+    """1x1 convolution of channels-last (B, K, H, W) with an (N, K) weight, by oneDNN's convolution, or as a
+    matmul on the (BHW, K) rows (`matmul`, without `post`); post "add"/"mul": `other` is added to / multiplies the
+    result inside the same oneDNN kernel (a binary post-op, no extra pass)."""
+    if matmul and not post:
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # channels-last
     w = weight[:, :, None, None]
     if post and torch.compiler.is_compiling():  # the binary op has no fake kernel; inductor fuses the two itself
         out = torch.ops.mkldnn._convolution_pointwise(x, w, bias, _ZERO, _ONE, _ONE, 1, "none", [], "")
@@ -108,10 +179,13 @@ def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     return torch.ops.mkldnn._convolution_pointwise(x, w, bias, _ZERO, _ONE, _ONE, 1, "none", [], "")
 
 
-def _weight_and_bias_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """d(loss)/d(weight) (N, K) and d(loss)/d(bias) (N,) of a 1x1 convolution, on channels-last grad and x."""
+def _weight_and_bias_grad(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, matmul: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(loss)/d(weight) (N, K) and d(loss)/d(bias) (N,) of a 1x1 convolution, on channels-last grad and x: the
+    weight's as a matmul of the rows or by oneDNN's backward-weights convolution."""
     grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # (BHW, N), a view
-    if _weight_grad_by_onednn(*weight.shape, weight.dtype):
+    if not matmul:
         args = (grad, x, weight[:, :, None, None], None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
         grad_w = torch.ops.aten.convolution_backward(*args, [False, True, False])[1][:, :, 0, 0]
     else:
@@ -187,26 +261,27 @@ class InvertedMlp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, w1, b1, w2, b2, shortcut):
+    def forward(ctx, y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways):
         y = y.contiguous(memory_format=torch.channels_last)
-        a, d = kernels.gelu_with_grad(_conv1x1(y, w1, b1))
+        a, d = kernels.gelu_with_grad(_conv1x1(y, w1, b1, matmul=ways1.forward))
         if shortcut is None:
             out = _conv1x1(a, w2, b2)
         else:
             out = _conv1x1(a, w2, b2, "add", shortcut.contiguous(memory_format=torch.channels_last))
         ctx.save_for_backward(y, w1, a, d, w2)
-        ctx.with_shortcut = shortcut is not None
+        ctx.with_shortcut, ctx.ways1, ctx.ways2 = shortcut is not None, ways1, ways2
         return out
 
     @staticmethod
     def backward(ctx, grad):
         y, w1, a, d, w2 = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2)
+        grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ctx.ways2.grad_weight)
         grad_h = _conv1x1(grad, w2.t().contiguous(), None, "mul", d)  # d(loss)/d(a) * GELU'(h)
-        grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1)
-        grad_y = _conv1x1(grad_h, w1.t().contiguous(), None)
-        return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, grad if ctx.with_shortcut else None
+        grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ctx.ways1.grad_weight)
+        grad_y = _conv1x1(grad_h, w1.t().contiguous(), None, matmul=ctx.ways1.grad_input)
+        shortcut_grad = grad if ctx.with_shortcut else None
+        return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, shortcut_grad, None, None
 
 
 def _gelu(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -222,11 +297,12 @@ def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tensors
 
 
-def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
+def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
     """`Block.forward` with the MLP as 1x1 convolutions on channels-last NCHW, on the block's own parameters.
 
     CPU training goes through the custom-backward ops above (`DepthwiseConv`, `PointwiseConv`, `LowPrecisionGelu`);
     everything else through the plain functional ops, which `torch.compile` fuses and freezes for inference.
+    plan: how each 1x1 product runs in training (`plan_pointwise`); None: oneDNN's convolutions.
     """
     train = torch.is_grad_enabled() and x.device.type == "cpu"
     if train:
@@ -241,16 +317,18 @@ def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
         w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
     if train and _fused_mlp(block, y):
         fuse_shortcut = isinstance(block.drop_path, nn.Identity) or not block.training
-        out = InvertedMlp.apply(y, block.pwconv1.weight, block.pwconv1.bias, w2, b2, x if fuse_shortcut else None)
+        ways1, ways2 = _ways(plan, y, *block.pwconv1.weight.shape[::-1]), _ways(plan, y, *w2.shape[::-1])
+        args = (y, block.pwconv1.weight, block.pwconv1.bias, w2, b2, x if fuse_shortcut else None, ways1, ways2)
+        out = InvertedMlp.apply(*args)
         return out if fuse_shortcut else x + block.drop_path(out)
-    y = _pointwise(y, block.pwconv1.weight, block.pwconv1.bias, train)  # (B, 4C, H, W)
+    y = _pointwise(y, block.pwconv1.weight, block.pwconv1.bias, train, plan)  # (B, 4C, H, W)
     y = _gelu(block.act, y) if train else block.act(y)
     if not isinstance(block.grn, nn.Identity):
         grn = block.grn
         gx = torch.linalg.vector_norm(y.float(), ord=2, dim=(2, 3), keepdim=True)  # (B, 4C, 1, 1), fp32
         nx = (gx / (gx.mean(dim=1, keepdim=True) + grn.eps)).to(y.dtype)
         y = y + grn.bias[:, None, None] + grn.weight[:, None, None] * (y * nx)
-    y = _pointwise(y, w2, b2, train)
+    y = _pointwise(y, w2, b2, train, plan)
     return x + block.drop_path(y)
 
 
@@ -261,19 +339,23 @@ def _fused_mlp(block: Block, y: torch.Tensor) -> bool:
     return exact and plain and isinstance(block.grn, nn.Identity)
 
 
-def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, train: bool) -> torch.Tensor:
+def _pointwise(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, train: bool, plan: Plan | None
+) -> torch.Tensor:
     """A Linear's (N, K) weight as a 1x1 convolution on channels-last (B, K, H, W)."""
     if train:
-        return PointwiseConv.apply(*_cast(x, weight, bias))
+        x, weight, bias = _cast(x, weight, bias)
+        return PointwiseConv.apply(x, weight, bias, _ways(plan, x, *weight.shape[::-1]))
     return F.conv2d(x, weight[:, :, None, None], bias)
 
 
 class FastConvNeXt(nn.Module):
-    """Runs a `ConvNeXt` (held, not copied: same parameters) through `block_forward`."""
+    """Runs a `ConvNeXt` (held, not copied: same parameters) through `block_forward`, with `plan`'s 1x1 choices."""
 
-    def __init__(self, model: ConvNeXt):
+    def __init__(self, model: ConvNeXt, plan: Plan | None = None):
         super().__init__()
         self.model = model
+        self.plan = plan or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -282,9 +364,9 @@ class FastConvNeXt(nn.Module):
             x = stage.downsample(x)
             for block in stage.blocks:
                 if stage.grad_checkpointing and x.requires_grad:
-                    x = checkpoint(block_forward, block, x, use_reentrant=False)
+                    x = checkpoint(block_forward, block, x, self.plan, use_reentrant=False)
                 else:
-                    x = block_forward(block, x)
+                    x = block_forward(block, x, self.plan)
         return m.forward_head(x)
 
 
@@ -423,7 +505,12 @@ def optimize(
         return wrapped
 
     model.to(memory_format=torch.channels_last).train()
-    inner = FastConvNeXt(model) if isinstance(model, ConvNeXt) else model
+    if isinstance(model, ConvNeXt):
+        measure = example_input is not None and device_type == "cpu"
+        plan = plan_pointwise(model, example_input, dtype) if measure else None
+        inner = FastConvNeXt(model, plan)
+    else:
+        inner = model
     if compile:
         inner = torch.compile(inner, dynamic=False)
     wrapped = Optimized(inner, dtype, dtype != torch.float32, device_type).train()

@@ -88,6 +88,22 @@ def test_train_with_example_input_keeps_the_faster_path_and_leaves_the_model_as_
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("grn", [False, True])  # the fused MLP, and the separate 1x1 convs of V2
+def test_every_1x1_product_as_a_matmul_gives_the_same_gradients(grn):
+    """`plan_pointwise` measures oneDNN against a matmul per shape; whichever it picks, the math is the same."""
+    from convnext.fast import FastConvNeXt, plan_pointwise
+
+    model, ref_model = _model(grn=grn).train(), _model(grn=grn).train()
+    x = torch.randn(2, 3, 32, 32)
+    plan = plan_pointwise(model, x, torch.float32, runs=1)
+    assert len(plan) == 4 * len(TINY.dims)  # two 1x1 shapes per stage, each its conv and its grad-weight
+    fast = FastConvNeXt(model.to(memory_format=torch.channels_last), {key: True for key in plan})
+    fast(x.contiguous(memory_format=torch.channels_last)).sum().backward()
+    ref_model(x).sum().backward()
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        assert (p.grad - r.grad).abs().max() <= 1e-4
+
+
 def test_gradient_checkpointing_through_the_fast_path():
     model = _model().train()
     model.set_grad_checkpointing(True)
