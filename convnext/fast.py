@@ -94,7 +94,7 @@ class PointwiseConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = _conv1x1(grad, weight.t().contiguous(), None, matmul=ctx.ways.grad_input)
+        grad_x = _conv1x1(grad, weight.t(), None, matmul=ctx.ways.grad_input)  # a view: no transposing copy
         return grad_x, *_weight_and_bias_grad(grad, x, weight, ctx.ways.grad_weight), None
 
 
@@ -138,6 +138,8 @@ def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dt
             x = torch.randn(b, k, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
             g = torch.randn(b, n, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
             weight, bias = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype), torch.zeros(n, dtype=dtype)
+            if k > n:  # 4C -> C: in training mostly pwconv1's grad-input, on a transposed view of its weight
+                weight = weight.t().contiguous().t()
             conv = functools.partial(_conv1x1, x, weight, bias)
             plan[("conv", b * h * w, k, n, dtype)] = _matmul_is_faster(lambda m, f=conv: f(matmul=m), runs)
             grad = functools.partial(_weight_and_bias_grad, g, x, weight)
@@ -165,7 +167,8 @@ def _conv1x1(
 ) -> torch.Tensor:
     """1x1 convolution of channels-last (B, K, H, W) with an (N, K) weight, by oneDNN's convolution, or as a
     matmul on the (BHW, K) rows (`matmul`, without `post`); post "add"/"mul": `other` is added to / multiplies the
-    result inside the same oneDNN kernel (a binary post-op, no extra pass)."""
+    result inside the same oneDNN kernel (a binary post-op, no extra pass). `weight` may be a transposed view (the
+    grad-inputs): both take it without a copy, and a transposing copy costs as much as the product here."""
     if matmul and not post:
         return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # channels-last
     w = weight[:, :, None, None]
@@ -277,9 +280,9 @@ class InvertedMlp(torch.autograd.Function):
         y, w1, a, d, w2 = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ctx.ways2.grad_weight)
-        grad_h = _conv1x1(grad, w2.t().contiguous(), None, "mul", d)  # d(loss)/d(a) * GELU'(h)
+        grad_h = _conv1x1(grad, w2.t(), None, "mul", d)  # d(loss)/d(a) * GELU'(h)
         grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ctx.ways1.grad_weight)
-        grad_y = _conv1x1(grad_h, w1.t().contiguous(), None, matmul=ctx.ways1.grad_input)
+        grad_y = _conv1x1(grad_h, w1.t(), None, matmul=ctx.ways1.grad_input)
         shortcut_grad = grad if ctx.with_shortcut else None
         return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, shortcut_grad, None, None
 
