@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
-from convnext.fast import FastConvNeXt, keep_freed_memory
+from convnext.fast import FastConvNeXt, keep_freed_memory, plan_pointwise
 from convnext.model import ConvNeXt
 from convnext.registry import create_model
 from convnext.train import checkpoint as ckpt
@@ -207,7 +207,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     raw_model = model
     if cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt):
         keep_freed_memory()  # process-wide; this process is a training run
-        model = FastConvNeXt(model)  # the same parameters and math, faster kernels (convnext/fast.py)
+        # the same parameters and math, faster kernels (convnext/fast.py); in float32 each 1x1 product is timed
+        # both ways at this run's micro-batch and image size, as optimize() does
+        shape = (per_rank, model.cfg.in_chans, cfg.data.img_size, cfg.data.img_size)
+        plan = plan_pointwise(model, torch.empty(shape), torch.float32) if cfg.amp == "none" else None
+        model = FastConvNeXt(model, plan)
     if info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
