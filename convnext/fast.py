@@ -8,9 +8,11 @@ What makes it fast (measured in `benchmarks/NOTES.md`):
 - Channels-last end to end: LayerNorm over channels is then a free view (no permute copies).
 - Inference: layer scale folded into the last 1x1 conv, weights frozen and prepacked by inductor's `freezing`,
   static shapes, bf16 weights when asked for (LayerNorm accumulates in fp32; GRN computes its norm in fp32).
-- Training: the same forward on the model's own parameters, bf16 autocast, `torch.compile(dynamic=False)`, with
-  custom backwards: 1x1 grad-input on oneDNN, grad-weight on oneDNN or a matmul by shape, depthwise grad-input as
-  a flipped forward convolution and depthwise grad-weight in a C kernel (`convnext.kernels`).
+- Training: the same forward on the model's own parameters, bf16 autocast, `torch.compile(dynamic=False)` or eager
+  (whichever times faster on the example input), with custom backwards: each 1x1 product on oneDNN or as a matmul,
+  as measured per shape (`plan_pointwise`); in float32 the block's MLP as one op (`InvertedMlp`) that saves GELU's
+  derivative instead of its input and applies it as a oneDNN post-op; depthwise grad-input as a flipped forward
+  convolution and depthwise grad-weight in a C kernel (`convnext.kernels`).
 - The process's allocator keeps freed activation buffers (`keep_freed_memory`): no page faults per step.
 Models other than `ConvNeXt` (the roadmap's ResNet steps, say) get the generic part: channels-last, dtype, compile.
 """
