@@ -151,17 +151,8 @@ def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dt
 
 def _matmul_is_faster(run: Callable[[bool], object], runs: int) -> bool:
     """Whether run(True) (as a matmul) takes less time than run(False) (oneDNN), median of `runs` each."""
-    seconds = {}
     with torch.no_grad():
-        for matmul in (False, True):
-            run(matmul)
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                run(matmul)
-                times.append(time.perf_counter() - t0)
-            seconds[matmul] = sorted(times)[runs // 2]
-    return seconds[True] < seconds[False]
+        return _median_seconds(lambda: run(True), runs) < _median_seconds(lambda: run(False), runs)
 
 
 def _conv1x1(
@@ -407,10 +398,11 @@ class Optimized(nn.Module):
         """Time both paths on `x` and drop the AOT runner unless it wins (it does at batch 1, not always at 64)."""
         shape = tuple(x.shape)
         runner = self.aot.pop(shape)
-        compiled = _median_seconds(self, x, runs)
-        self.aot[shape] = runner
-        if _median_seconds(self, x, runs) >= compiled:
-            del self.aot[shape]
+        with torch.inference_mode():
+            compiled = _median_seconds(lambda: self(x), runs)
+            self.aot[shape] = runner
+            if _median_seconds(lambda: self(x), runs) >= compiled:
+                del self.aot[shape]
 
     def keep_eager_if_faster(self, x: torch.Tensor, runs: int = 3) -> None:
         """Time a training forward + backward through the compiled module and through the module it compiled, and
@@ -420,15 +412,10 @@ class Optimized(nn.Module):
         """
         compiled, eager = self.inner, self.inner._orig_mod
         seconds = {}
-        for name, module in (("compiled", compiled), ("eager", eager)):
+        for module in (compiled, eager):
             self.inner = module
-            times = []
-            for _ in range(runs + 1):
-                t0 = time.perf_counter()
-                self(x).float().sum().backward()
-                times.append(time.perf_counter() - t0)
-            seconds[name] = sorted(times[1:])[runs // 2]
-        self.inner = eager if seconds["eager"] < seconds["compiled"] else compiled
+            seconds[module] = _median_seconds(lambda: self(x).float().sum().backward(), runs)
+        self.inner = eager if seconds[eager] < seconds[compiled] else compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(memory_format=torch.channels_last)
@@ -454,14 +441,14 @@ class Optimized(nn.Module):
         return out.float()
 
 
-def _median_seconds(fn: nn.Module, x: torch.Tensor, runs: int) -> float:
-    with torch.inference_mode():
-        fn(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
+def _median_seconds(call: Callable[[], object], runs: int) -> float:
+    """Median wall time of `runs` calls, after one untimed call (warm-up)."""
+    call()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
     return sorted(times)[runs // 2]
 
 
