@@ -156,7 +156,12 @@ def _matmul_is_faster(run: Callable[[bool], object], runs: int) -> bool:
 
 
 def _conv1x1(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "", other=None, matmul=False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    post: str = "",
+    other: torch.Tensor | None = None,
+    matmul: bool = False,
 ) -> torch.Tensor:
     """1x1 convolution of channels-last (B, K, H, W) with an (N, K) weight, by oneDNN's convolution, or as a
     matmul on the (BHW, K) rows (`matmul`, without `post`); post "add"/"mul": `other` is added to / multiplies the
@@ -280,9 +285,13 @@ class InvertedMlp(torch.autograd.Function):
         return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, shortcut_grad, None, None
 
 
+def _exact_gelu(act: nn.Module) -> bool:
+    return isinstance(act, nn.GELU) and act.approximate == "none"
+
+
 def _gelu(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    exact = isinstance(act, nn.GELU) and act.approximate == "none"
-    return LowPrecisionGelu.apply(h) if exact and h.dtype in (torch.bfloat16, torch.float16) else act(h)
+    low = h.dtype in (torch.bfloat16, torch.float16)
+    return LowPrecisionGelu.apply(h) if _exact_gelu(act) and low else act(h)
 
 
 def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -330,9 +339,8 @@ def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> to
 
 def _fused_mlp(block: Block, y: torch.Tensor) -> bool:
     """Whether `InvertedMlp` can run this block: float32 (not under autocast), exact GELU, no GRN."""
-    exact = isinstance(block.act, nn.GELU) and block.act.approximate == "none"
     plain = y.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return exact and plain and isinstance(block.grn, nn.Identity)
+    return _exact_gelu(block.act) and plain and isinstance(block.grn, nn.Identity)
 
 
 def _pointwise(

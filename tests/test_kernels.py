@@ -80,7 +80,7 @@ def test_gelu_with_grad_matches_float64(n):
     assert torch.isfinite(kernels.gelu_with_grad(torch.tensor([-200.0, 200.0]))[1]).all()  # exp underflow clamped
 
 
-def test_gelu_with_grad_keeps_layout_and_bf16():
+def test_gelu_with_grad_keeps_layout_and_bf16():  # bf16 through the aten fallback
     torch.manual_seed(0)
     h = torch.randn(2, 24, 5, 3).contiguous(memory_format=torch.channels_last)
     a, d = kernels.gelu_with_grad(h)
