@@ -101,12 +101,16 @@ class PointwiseConv(torch.autograd.Function):
 
 
 class Ways(NamedTuple):
-    """How one 1x1 convolution (K -> N channels at a given batch x H x W) runs its three products: True = as a
-    matmul (MKL, or oneDNN's for bf16) on the channels-last rows, False = as oneDNN's convolution."""
+    """How one 1x1 convolution (K -> N channels at a given batch x H x W) runs its products: True = as a matmul
+    (MKL, or oneDNN's for bf16) on the channels-last rows, False = as oneDNN's convolution. The last two are for
+    `InvertedMlp`'s pwconv2, whose forward adds the shortcut and whose grad-input multiplies by GELU'(h): oneDNN
+    does either inside the convolution (a binary post-op), the matmul in a second, in-place pass."""
 
     forward: bool
     grad_input: bool
     grad_weight: bool
+    forward_add: bool = False
+    grad_input_mul: bool = False
 
 
 Plan = dict[tuple[str, int, int, int, torch.dtype], bool]  # (product, rows, K, N, dtype) -> as a matmul
@@ -120,6 +124,8 @@ def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
         plan.get(("conv", rows, k, n, x.dtype), False),
         plan.get(("conv", rows, n, k, x.dtype), False),
         plan.get(("grad_weight", rows, k, n, x.dtype), not _weight_grad_by_onednn(n, k, x.dtype)),
+        plan.get(("conv_add", rows, k, n, x.dtype), False),
+        plan.get(("conv_mul", rows, n, k, x.dtype), False),
     )
 
 
@@ -146,6 +152,11 @@ def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dt
             plan[("conv", b * h * w, k, n, dtype)] = _matmul_is_faster(lambda m, f=conv: f(matmul=m), runs)
             grad = functools.partial(_weight_and_bias_grad, g, x, weight)
             plan[("grad_weight", b * h * w, k, n, dtype)] = _matmul_is_faster(grad, runs)
+            # pwconv2's forward (4C -> C, + shortcut) and its grad-input (C -> 4C on the transposed weight, x GELU')
+            post, other = ("add", g) if k > n else ("mul", g)
+            weight = weight.contiguous() if k > n else weight.t().contiguous().t()
+            fused = functools.partial(_conv1x1, x, weight, bias, post, other)
+            plan[(f"conv_{post}", b * h * w, k, n, dtype)] = _matmul_is_faster(lambda m, f=fused: f(matmul=m), runs)
     return plan
 
 
@@ -164,11 +175,15 @@ def _conv1x1(
     matmul: bool = False,
 ) -> torch.Tensor:
     """1x1 convolution of channels-last (B, K, H, W) with an (N, K) weight, by oneDNN's convolution, or as a
-    matmul on the (BHW, K) rows (`matmul`, without `post`); post "add"/"mul": `other` is added to / multiplies the
-    result inside the same oneDNN kernel (a binary post-op, no extra pass). `weight` may be a transposed view (the
-    grad-inputs): both take it without a copy, and a transposing copy costs as much as the product here."""
-    if matmul and not post:
-        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # channels-last
+    matmul on the (BHW, K) rows (`matmul`); post "add"/"mul": `other` (channels-last, like the result) is added to /
+    multiplies the result, by oneDNN inside the same kernel (a binary post-op, no extra pass) or, after a matmul,
+    in place. `weight` may be a transposed view (the grad-inputs): both take it without a copy, and a transposing
+    copy costs as much as the product here."""
+    if matmul:
+        out = F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # channels-last
+        if post:
+            out = out.add_(other) if post == "add" else out.mul_(other)
+        return out
     w = weight[:, :, None, None]
     if post and torch.compiler.is_compiling():  # the binary op has no fake kernel; inductor fuses the two itself
         out = torch.ops.mkldnn._convolution_pointwise(x, w, bias, _ZERO, _ONE, _ONE, 1, "none", [], "")
@@ -266,9 +281,10 @@ class InvertedMlp(torch.autograd.Function):
         y = y.contiguous(memory_format=torch.channels_last)
         a, d = kernels.gelu_with_grad(_conv1x1(y, w1, b1, matmul=ways1.forward))
         if shortcut is None:
-            out = _conv1x1(a, w2, b2)
+            out = _conv1x1(a, w2, b2, matmul=ways2.forward)
         else:
-            out = _conv1x1(a, w2, b2, "add", shortcut.contiguous(memory_format=torch.channels_last))
+            shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+            out = _conv1x1(a, w2, b2, "add", shortcut, matmul=ways2.forward_add)
         ctx.save_for_backward(y, w1, a, d, w2)
         ctx.with_shortcut, ctx.ways1, ctx.ways2 = shortcut is not None, ways1, ways2
         return out
@@ -278,7 +294,7 @@ class InvertedMlp(torch.autograd.Function):
         y, w1, a, d, w2 = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ctx.ways2.grad_weight)
-        grad_h = _conv1x1(grad, w2.t(), None, "mul", d)  # d(loss)/d(a) * GELU'(h)
+        grad_h = _conv1x1(grad, w2.t(), None, "mul", d, matmul=ctx.ways2.grad_input_mul)  # d(loss)/d(a) * GELU'(h)
         grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ctx.ways1.grad_weight)
         grad_y = _conv1x1(grad_h, w1.t(), None, matmul=ctx.ways1.grad_input)
         shortcut_grad = grad if ctx.with_shortcut else None
