@@ -78,6 +78,8 @@ def test_gelu_with_grad_matches_float64(n):
     assert a.dtype == d.dtype == torch.float32
     assert (a.double() - ra).abs().max() < 2e-6 and (d.double() - rd).abs().max() < 2e-6
     assert torch.isfinite(kernels.gelu_with_grad(torch.tensor([-200.0, 200.0]))[1]).all()  # exp underflow clamped
+    a, d = kernels.gelu_with_grad(torch.linspace(-200.0, -10.01, 64))  # written as 0: grad * d gives no denormals
+    assert not a.any() and not d.any()
 
 
 def test_gelu_with_grad_keeps_layout_and_bf16():  # bf16 through the aten fallback
