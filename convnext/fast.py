@@ -11,8 +11,9 @@ What makes it fast (measured in `benchmarks/NOTES.md`):
 - Training: the same forward on the model's own parameters, bf16 autocast, `torch.compile(dynamic=False)` or eager
   (whichever times faster on the example input), with custom backwards: each 1x1 product on oneDNN or as a matmul,
   as measured per shape (`plan_pointwise`); in float32 the block's MLP as one op (`InvertedMlp`) that saves GELU's
-  derivative instead of its input and applies it as a oneDNN post-op; depthwise grad-input as a flipped forward
-  convolution and depthwise grad-weight in a C kernel (`convnext.kernels`).
+  derivative instead of its input and applies it as a oneDNN post-op, and LayerNorm at small C in a C kernel
+  (`ChannelsLayerNorm`); depthwise grad-input as a flipped forward convolution and depthwise grad-weight in a C
+  kernel (`convnext.kernels`).
 - The process's allocator keeps freed activation buffers (`keep_freed_memory`): no page faults per step.
 Models other than `ConvNeXt` (the roadmap's ResNet steps, say) get the generic part: channels-last, dtype, compile.
 """
@@ -37,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from convnext import kernels
-from convnext.model import Block, ConvNeXt
+from convnext.model import Block, ConvNeXt, LayerNorm2d
 
 
 def keep_freed_memory() -> bool:
@@ -301,6 +302,45 @@ class InvertedMlp(torch.autograd.Function):
         return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, shortcut_grad, None, None
 
 
+LAYER_NORM_MAX_C = 192  # `ChannelsLayerNorm` is faster than aten up to here, slower from C = 320 (NOTES.md)
+
+
+class ChannelsLayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dim of (B, H, W, C) rows by the C kernel (`kernels.layer_norm`), for float32 CPU
+    training at small C, where aten's backward is slow: 64x32x32 rows of C = 40, forward + backward 6.4 -> 1.8 ms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out, mean, rstd = kernels.layer_norm(x, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mean, rstd, weight = ctx.saved_tensors
+        return *kernels.layer_norm_backward(grad.contiguous(), x, mean, rstd, weight), None
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm` over the last dim of (B, H, W, C) x: through `ChannelsLayerNorm` in float32 CPU training at small C."""
+    affine = norm.weight is not None and norm.bias is not None
+    plain = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    if torch.is_grad_enabled() and x.device.type == "cpu" and plain and affine and x.shape[-1] <= LAYER_NORM_MAX_C:
+        return ChannelsLayerNorm.apply(x, norm.weight, norm.bias, norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _stem_or_downsample(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The stem or a downsampling layer (a conv and a `LayerNorm2d`, either order), its LayerNorm by `_layer_norm`."""
+    for layer in layers if isinstance(layers, nn.Sequential) else [layers]:
+        if isinstance(layer, LayerNorm2d):
+            x = _layer_norm(layer, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            x = layer(x)
+    return x
+
+
 def _exact_gelu(act: nn.Module) -> bool:
     return isinstance(act, nn.GELU) and act.approximate == "none"
 
@@ -321,8 +361,9 @@ def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
     """`Block.forward` with the MLP as 1x1 convolutions on channels-last NCHW, on the block's own parameters.
 
-    CPU training goes through the custom-backward ops above (`DepthwiseConv`, `PointwiseConv`, `LowPrecisionGelu`);
-    everything else through the plain functional ops, which `torch.compile` fuses and freezes for inference.
+    CPU training goes through the custom-backward ops above (`DepthwiseConv`, `ChannelsLayerNorm`, `InvertedMlp`, or
+    `PointwiseConv` and `LowPrecisionGelu`); everything else through the plain functional ops, which `torch.compile`
+    fuses and freezes for inference.
     plan: how each 1x1 product runs in training (`plan_pointwise`); None: oneDNN's convolutions.
     """
     train = torch.is_grad_enabled() and x.device.type == "cpu"
@@ -330,8 +371,7 @@ def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> to
         y = DepthwiseConv.apply(*_cast(x, block.dwconv.weight, block.dwconv.bias))
     else:
         y = block.dwconv(x)
-    y = y.permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
-    y = F.layer_norm(y, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
+    y = _layer_norm(block.norm, y.permute(0, 2, 3, 1))  # (B, H, W, C): a view when x is channels-last
     y = y.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
     w2, b2 = block.pwconv2.weight, block.pwconv2.bias
     if block.gamma is not None:
@@ -379,9 +419,9 @@ class FastConvNeXt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = m.stem(x)
+        x = _stem_or_downsample(m.stem, x)
         for stage in m.stages:
-            x = stage.downsample(x)
+            x = _stem_or_downsample(stage.downsample, x)
             for block in stage.blocks:
                 if stage.grad_checkpointing and x.requires_grad:
                     x = checkpoint(block_forward, block, x, self.plan, use_reentrant=False)

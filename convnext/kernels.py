@@ -4,6 +4,8 @@
   computes at a few GFLOP/s on CPU (a tenth of its forward; see `benchmarks/NOTES.md`).
 - `gelu_with_grad` (`csrc/gelu.c`): exact GELU and its derivative in one pass, so training can save the derivative
   instead of the pre-activation and never evaluate erf in the backward.
+- `layer_norm` / `layer_norm_backward` (`csrc/layernorm.c`): LayerNorm over the channels of channels-last rows,
+  whose aten backward is slow for the short rows (small C) of the early stages.
 The sources are compiled together with `-O3 -march=native -fopenmp` into one library in a cache folder keyed by the
 sources, the flags and the CPU, and loaded with ctypes. OpenMP there is torch's own runtime (the same
 `libgomp.so.1`), so it uses torch's threads. Without a compiler, or off Linux, `available()` is False and each op
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("depthwise.c", "gelu.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("depthwise.c", "gelu.c", "layernorm.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 
 
@@ -66,6 +68,10 @@ def _library() -> ctypes.CDLL | None:
     lib.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5 + [ctypes.c_int]
     lib.gelu_with_grad.restype = None
     lib.gelu_with_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
+    lib.layer_norm_rows.restype = None
+    lib.layer_norm_rows.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_float]
+    lib.layer_norm_rows_backward.restype = ctypes.c_int
+    lib.layer_norm_rows_backward.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 2
     return lib
 
 
@@ -126,3 +132,52 @@ def gelu_with_grad(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @gelu_with_grad.register_fake
 def _(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(h), torch.empty_like(h)
+
+
+def _native(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and tensors[0].numel() > 0
+
+
+@torch.library.custom_op("convnext::layer_norm", mutates_args=())
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim of x (..., C): (output, mean, 1 / std), the two per row, shaped (..., 1).
+
+    The C kernel takes contiguous float32; anything else, or no compiler, goes to aten (the same numbers)."""
+    lib = _library()
+    if lib is None or not _native(x, weight, bias):
+        return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+    out, mean, rstd = torch.empty_like(x), x.new_empty(*x.shape[:-1], 1), x.new_empty(*x.shape[:-1], 1)
+    rows, c = x.numel() // x.shape[-1], x.shape[-1]
+    lib.layer_norm_rows(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), mean.data_ptr(),
+                        rstd.data_ptr(), rows, c, eps)  # fmt: skip
+    return out, mean, rstd
+
+
+@layer_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    stats = x.new_empty(*x.shape[:-1], 1)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("convnext::layer_norm_backward", mutates_args=())
+def layer_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d(loss)/d(x, weight, bias) of `layer_norm` given d(loss)/d(output) `grad` and its saved mean and 1 / std."""
+    lib = _library()
+    if lib is None or not _native(grad, x, mean, rstd, weight):
+        args = (grad, x, [x.shape[-1]], mean, rstd, weight, torch.zeros_like(weight), [True, True, True])
+        return torch.ops.aten.native_layer_norm_backward(*args)
+    grad_x, grad_w, grad_b = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    rows, c = x.numel() // x.shape[-1], x.shape[-1]
+    ptrs = (t.data_ptr() for t in (grad, x, mean, rstd, weight, grad_x, grad_w, grad_b))
+    if lib.layer_norm_rows_backward(*ptrs, rows, c):
+        raise MemoryError("convnext: layer_norm_backward could not allocate its per-thread partial sums")
+    return grad_x, grad_w, grad_b
+
+
+@layer_norm_backward.register_fake
+def _(grad, x, mean, rstd, weight):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)

@@ -73,6 +73,23 @@ def test_train_mode_trains_the_original_parameters(dtype, compile, drop_path):
             assert torch.nn.functional.cosine_similarity(p.grad.flatten(), r.grad.flatten(), dim=0) > 0.99
 
 
+def test_fp32_training_layer_norms_go_through_the_kernel(monkeypatch):
+    """Every LayerNorm of the step (stem, blocks, downsampling; C <= LAYER_NORM_MAX_C) by `ChannelsLayerNorm`."""
+    from convnext import fast, kernels
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape[-1])
+        return torch.ops.convnext.layer_norm(*args)
+
+    monkeypatch.setattr(kernels, "layer_norm", counted)
+    model = _model().train()
+    fast.optimize(model, "train", compile=False)(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert sorted(calls) == [8, 8, 8, 16, 16, 32, 32, 32, 64]  # the stem's, the 5 blocks', the 3 downsamplings'
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_train_with_example_input_keeps_the_faster_path_and_leaves_the_model_as_it_was():
     model, ref_model = _model(drop_path_rate=0.2).train(), _model(drop_path_rate=0.2).train()
     x = torch.randn(2, 3, 32, 32)

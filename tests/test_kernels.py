@@ -103,3 +103,39 @@ def test_gelu_with_grad_without_the_library_is_the_same(monkeypatch):
     monkeypatch.setattr(kernels, "_library", lambda: None)
     for got, want in zip(kernels.gelu_with_grad(h), native):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def _layer_norm_reference(x, weight, bias, grad):
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    out = torch.nn.functional.layer_norm(x64, (x.shape[-1],), w64, b64, 1e-6)
+    return out.detach(), *torch.autograd.grad(out, (x64, w64, b64), grad.double())
+
+
+@pytest.mark.parametrize("c", [1, 15, 16, 17, 40, 200])  # no vector, a tail, one vector, wider rows
+def test_layer_norm_forward_and_backward_match_float64(c):
+    torch.manual_seed(0)
+    x, grad = torch.randn(3, 7, 5, c) * 3 + 1, torch.randn(3, 7, 5, c)
+    weight, bias = torch.randn(c), torch.randn(c)
+    out, mean, rstd = kernels.layer_norm(x, weight, bias, 1e-6)
+    assert mean.shape == rstd.shape == (3, 7, 5, 1)
+    grads = kernels.layer_norm_backward(grad, x, mean, rstd, weight)
+    for got, want in zip((out, *grads), _layer_norm_reference(x, weight, bias, grad)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_layer_norm_falls_back_to_aten_alike(monkeypatch):
+    """Without the library, and for input the kernel does not take (strided, bf16), aten gives the same numbers."""
+    torch.manual_seed(0)
+    x, grad, weight, bias = torch.randn(4, 6, 6, 24), torch.randn(4, 6, 6, 24), torch.randn(24), torch.randn(24)
+    native = kernels.layer_norm(x, weight, bias, 1e-6)
+    native_grads = kernels.layer_norm_backward(grad, x, *native[1:], weight)
+    strided = kernels.layer_norm(x.transpose(1, 2).contiguous().transpose(1, 2), weight, bias, 1e-6)
+    torch.testing.assert_close(strided[0], native[0], atol=1e-5, rtol=0)
+    bf16 = kernels.layer_norm(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), 1e-6)[0]
+    torch.testing.assert_close(bf16.float(), native[0], atol=0.05, rtol=0.02)
+    monkeypatch.setattr(kernels, "_library", lambda: None)
+    for got, want in zip(kernels.layer_norm(x, weight, bias, 1e-6), native):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for got, want in zip(kernels.layer_norm_backward(grad, x, *native[1:], weight), native_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
