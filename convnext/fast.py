@@ -98,20 +98,24 @@ class PointwiseConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = _conv1x1(grad, weight.t(), None, matmul=ctx.ways.grad_input)  # a view: no transposing copy
-        return grad_x, *_weight_and_bias_grad(grad, x, weight, ctx.ways.grad_weight), None
+        ways = ctx.ways
+        return grad_x, *_weight_and_bias_grad(grad, x, weight, ways.grad_weight, ways.grad_weight_transposed), None
 
 
 class Ways(NamedTuple):
     """How one 1x1 convolution (K -> N channels at a given batch x H x W) runs its products: True = as a matmul
     (MKL, or oneDNN's for bf16) on the channels-last rows, False = as oneDNN's convolution. The last two are for
     `InvertedMlp`'s pwconv2, whose forward adds the shortcut and whose grad-input multiplies by GELU'(h): oneDNN
-    does either inside the convolution (a binary post-op), the matmul in a second, in-place pass."""
+    does either inside the convolution (a binary post-op), the matmul in a second, in-place pass.
+    grad_weight_transposed: the grad-weight matmul as (x^T grad) copied transposed instead of grad^T x (up to 1.3x
+    faster here where the (N, K) weight is small enough for the copy to be cheap)."""
 
     forward: bool
     grad_input: bool
     grad_weight: bool
     forward_add: bool = False
     grad_input_mul: bool = False
+    grad_weight_transposed: bool = False
 
 
 Plan = dict[tuple[str, int, int, int, torch.dtype], bool]  # (product, rows, K, N, dtype) -> as a matmul
@@ -127,6 +131,7 @@ def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
         plan.get(("grad_weight", rows, k, n, x.dtype), not _weight_grad_by_onednn(n, k, x.dtype)),
         plan.get(("conv_add", rows, k, n, x.dtype), False),
         plan.get(("conv_mul", rows, n, k, x.dtype), False),
+        plan.get(("grad_weight_t", rows, k, n, x.dtype), False),
     )
 
 
@@ -150,21 +155,26 @@ def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dt
             if k > n:  # 4C -> C: in training mostly pwconv1's grad-input, on a transposed view of its weight
                 weight = weight.t().contiguous().t()
             conv = functools.partial(_conv1x1, x, weight, bias)
-            plan[("conv", b * h * w, k, n, dtype)] = _matmul_is_faster(lambda m, f=conv: f(matmul=m), runs)
+            plan[("conv", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=conv: f(matmul=m), runs)
             grad = functools.partial(_weight_and_bias_grad, g, x, weight)
-            plan[("grad_weight", b * h * w, k, n, dtype)] = _matmul_is_faster(grad, runs)
+            t = _true_is_faster(lambda t, f=grad: f(True, t), runs)
+            plan[("grad_weight_t", b * h * w, k, n, dtype)] = t
+            plan[("grad_weight", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=grad, t=t: f(m, t), runs)
             # pwconv2's forward (4C -> C, + shortcut) and its grad-input (C -> 4C on the transposed weight, x GELU')
             post, other = ("add", g) if k > n else ("mul", g)
             weight = weight.contiguous() if k > n else weight.t().contiguous().t()
             fused = functools.partial(_conv1x1, x, weight, bias, post, other)
-            plan[(f"conv_{post}", b * h * w, k, n, dtype)] = _matmul_is_faster(lambda m, f=fused: f(matmul=m), runs)
+            plan[(f"conv_{post}", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=fused: f(matmul=m), runs)
     return plan
 
 
-def _matmul_is_faster(run: Callable[[bool], object], runs: int) -> bool:
-    """Whether run(True) (as a matmul) takes less time than run(False) (oneDNN), median of `runs` each."""
+def _true_is_faster(run: Callable[[bool], object], runs: int) -> bool:
+    """Whether run(True) (a matmul, say) takes less time than run(False) (oneDNN), median of `runs` each, timed
+    in turns: the first large products of a process run slow for a while (oneDNN 28.9 vs 16.6 ms at T's stage 1),
+    and timing one way after the other had picked the wrong one there."""
     with torch.no_grad():
-        return _median_seconds(lambda: run(True), runs) < _median_seconds(lambda: run(False), runs)
+        first, second = _median_seconds([lambda: run(True), lambda: run(False)], runs)
+    return first < second
 
 
 def _conv1x1(
@@ -197,14 +207,17 @@ def _conv1x1(
 
 
 def _weight_and_bias_grad(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, matmul: bool
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, matmul: bool, transposed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d(loss)/d(weight) (N, K) and d(loss)/d(bias) (N,) of a 1x1 convolution, on channels-last grad and x: the
-    weight's as a matmul of the rows or by oneDNN's backward-weights convolution."""
+    weight's as a matmul of the rows (grad^T x, or with `transposed` (x^T grad)^T copied into the (N, K) layout)
+    or by oneDNN's backward-weights convolution."""
     grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # (BHW, N), a view
     if not matmul:
         args = (grad, x, weight[:, :, None, None], None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
         grad_w = torch.ops.aten.convolution_backward(*args, [False, True, False])[1][:, :, 0, 0]
+    elif transposed:  # the copy keeps the parameters' layout: a transposed gradient is copied later anyway
+        grad_w = (x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).t() @ grad_2d).t().contiguous()
     else:
         grad_w = grad_2d.t() @ x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N, K)
     return grad_w, grad_2d.sum(0)
@@ -294,10 +307,11 @@ class InvertedMlp(torch.autograd.Function):
     def backward(ctx, grad):
         y, w1, a, d, w2 = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ctx.ways2.grad_weight)
-        grad_h = _conv1x1(grad, w2.t(), None, "mul", d, matmul=ctx.ways2.grad_input_mul)  # d(loss)/d(a) * GELU'(h)
-        grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ctx.ways1.grad_weight)
-        grad_y = _conv1x1(grad_h, w1.t(), None, matmul=ctx.ways1.grad_input)
+        ways1, ways2 = ctx.ways1, ctx.ways2
+        grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ways2.grad_weight, ways2.grad_weight_transposed)
+        grad_h = _conv1x1(grad, w2.t(), None, "mul", d, matmul=ways2.grad_input_mul)  # d(loss)/d(a) * GELU'(h)
+        grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ways1.grad_weight, ways1.grad_weight_transposed)
+        grad_y = _conv1x1(grad_h, w1.t(), None, matmul=ways1.grad_input)
         shortcut_grad = grad if ctx.with_shortcut else None
         return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, shortcut_grad, None, None
 
@@ -505,15 +519,21 @@ class Optimized(nn.Module):
         return out.float()
 
 
-def _median_seconds(call: Callable[[], object], runs: int) -> float:
-    """Median wall time of `runs` calls, after one untimed call (warm-up)."""
-    call()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def _median_seconds(calls: Callable[[], object] | list[Callable[[], object]], runs: int) -> float | list[float]:
+    """Median wall time of `runs` calls, after one untimed call (warm-up); of each of a list of calls, taken in
+    turns (drift in the machine's speed then falls on all alike)."""
+    many = isinstance(calls, list)
+    calls = calls if many else [calls]
+    for call in calls:
         call()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[runs // 2]
+    times = [[] for _ in calls]
+    for _ in range(runs):
+        for call, took in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            took.append(time.perf_counter() - t0)
+    medians = [sorted(took)[runs // 2] for took in times]
+    return medians if many else medians[0]
 
 
 def optimize(
