@@ -220,7 +220,15 @@ def _weight_and_bias_grad(
         grad_w = (x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).t() @ grad_2d).t().contiguous()
     else:
         grad_w = grad_2d.t() @ x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N, K)
-    return grad_w, grad_2d.sum(0)
+    return grad_w, _column_sums(grad_2d)
+
+
+def _column_sums(rows: torch.Tensor) -> torch.Tensor:
+    """rows (R, N) summed over R: in float32 as a matrix-vector product with ones, which runs at memory speed here
+    (2x `sum(0)`: 50176 x 384 1.45 vs 2.44 ms); other dtypes by `sum`, which accumulates them in float32."""
+    if rows.dtype == torch.float32:
+        return rows.new_ones(rows.shape[0]) @ rows
+    return rows.sum(0)
 
 
 def _weight_grad_by_onednn(n: int, k: int, dtype: torch.dtype) -> bool:
@@ -253,7 +261,7 @@ class DepthwiseConv(torch.autograd.Function):
         c, k = weight.shape[0], weight.shape[-1]
         grad_x = F.conv2d(grad, weight.flip(-2, -1), None, padding=k // 2, groups=c)
         grad_w = kernels.depthwise_weight_grad(x, grad, k).to(weight.dtype)
-        return grad_x, grad_w, grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, _column_sums(grad.permute(0, 2, 3, 1).reshape(-1, c))
 
 
 class LowPrecisionGelu(torch.autograd.Function):
