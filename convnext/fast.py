@@ -96,9 +96,8 @@ class PointwiseConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = _conv1x1(grad, weight.t(), None, matmul=ctx.ways.grad_input)  # a view: no transposing copy
-        ways = ctx.ways
+        grad, ways = grad.contiguous(memory_format=torch.channels_last), ctx.ways
+        grad_x = _conv1x1(grad, weight.t(), None, matmul=ways.grad_input)  # a view: no transposing copy
         return grad_x, *_weight_and_bias_grad(grad, x, weight, ways.grad_weight, ways.grad_weight_transposed), None
 
 
@@ -324,7 +323,7 @@ class InvertedMlp(torch.autograd.Function):
         return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, shortcut_grad, None, None
 
 
-LAYER_NORM_MAX_C = 192  # `ChannelsLayerNorm` is faster than aten up to here, slower from C = 320 (NOTES.md)
+LAYER_NORM_MAX_C = 192  # `ChannelsLayerNorm` beats aten up to here; from C = 320 on, no faster (NOTES.md row 20)
 
 
 class ChannelsLayerNorm(torch.autograd.Function):
@@ -485,9 +484,9 @@ class Optimized(nn.Module):
         shape = tuple(x.shape)
         runner = self.aot.pop(shape)
         with torch.inference_mode():
-            compiled = _median_seconds(lambda: self(x), runs)
+            [compiled] = _median_seconds([lambda: self(x)], runs)
             self.aot[shape] = runner
-            if _median_seconds(lambda: self(x), runs) >= compiled:
+            if _median_seconds([lambda: self(x)], runs)[0] >= compiled:
                 del self.aot[shape]
 
     def keep_eager_if_faster(self, x: torch.Tensor, runs: int = 3) -> None:
@@ -500,7 +499,7 @@ class Optimized(nn.Module):
         seconds = {}
         for module in (compiled, eager):
             self.inner = module
-            seconds[module] = _median_seconds(lambda: self(x).float().sum().backward(), runs)
+            [seconds[module]] = _median_seconds([lambda: self(x).float().sum().backward()], runs)
         self.inner = eager if seconds[eager] < seconds[compiled] else compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -527,21 +526,18 @@ class Optimized(nn.Module):
         return out.float()
 
 
-def _median_seconds(calls: Callable[[], object] | list[Callable[[], object]], runs: int) -> float | list[float]:
-    """Median wall time of `runs` calls, after one untimed call (warm-up); of each of a list of calls, taken in
-    turns (drift in the machine's speed then falls on all alike)."""
-    many = isinstance(calls, list)
-    calls = calls if many else [calls]
+def _median_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
+    """Median wall time of `runs` calls of each of `calls`, after one untimed call of each (warm-up), taken in turns
+    (drift in the machine's speed then falls on all alike)."""
     for call in calls:
         call()
-    times = [[] for _ in calls]
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(runs):
         for call, took in zip(calls, times):
             t0 = time.perf_counter()
             call()
             took.append(time.perf_counter() - t0)
-    medians = [sorted(took)[runs // 2] for took in times]
-    return medians if many else medians[0]
+    return [sorted(took)[runs // 2] for took in times]
 
 
 def optimize(
