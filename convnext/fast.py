@@ -103,9 +103,9 @@ class PointwiseConv(torch.autograd.Function):
 
 class Ways(NamedTuple):
     """How one 1x1 convolution (K -> N channels at a given batch x H x W) runs its products: True = as a matmul
-    (MKL, or oneDNN's for bf16) on the channels-last rows, False = as oneDNN's convolution. The last two are for
-    `InvertedMlp`'s pwconv2, whose forward adds the shortcut and whose grad-input multiplies by GELU'(h): oneDNN
-    does either inside the convolution (a binary post-op), the matmul in a second, in-place pass.
+    (MKL, or oneDNN's for bf16) on the channels-last rows, False = as oneDNN's convolution. forward_add and
+    grad_input_mul are for `InvertedMlp`'s pwconv2, whose forward adds the shortcut and whose grad-input multiplies
+    by GELU'(h): oneDNN does either inside the convolution (a binary post-op), the matmul in a second, in-place pass.
     grad_weight_transposed: the grad-weight matmul as (x^T grad) copied transposed instead of grad^T x (up to 1.3x
     faster here where the (N, K) weight is small enough for the copy to be cheap)."""
 
@@ -117,7 +117,7 @@ class Ways(NamedTuple):
     grad_weight_transposed: bool = False
 
 
-Plan = dict[tuple[str, int, int, int, torch.dtype], bool]  # (product, rows, K, N, dtype) -> as a matmul
+Plan = dict[tuple[str, int, int, int, torch.dtype], bool]  # (product, rows, K, N, dtype) -> the `Ways` field
 
 
 def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
@@ -136,7 +136,8 @@ def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
 
 def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dtype, runs: int = 3) -> Plan:
     """Time oneDNN's convolution against a matmul for every 1x1 product a training step of `model` makes at this
-    input's batch and size, in `dtype`, and note the faster of each. Which wins depends on the CPU and the shape
+    input's batch and size, in `dtype` (with pwconv2's fused add / multiply, and the grad-weight both ways round),
+    and note the faster of each (the `Ways` of each conv). Which wins depends on the CPU and the shape
     (oneDNN by up to 2x on an AMD core where MKL's fp32 path is narrow; the matmul by up to 1.6x on the late
     stages of an Intel core: benchmarks/NOTES.md), so it is measured, not assumed."""
     plan: Plan = {}
@@ -346,8 +347,8 @@ class ChannelsLayerNorm(torch.autograd.Function):
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """`norm` over the last dim of (B, H, W, C) x: through `ChannelsLayerNorm` in float32 CPU training at small C."""
     affine = norm.weight is not None and norm.bias is not None
-    plain = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    if torch.is_grad_enabled() and x.device.type == "cpu" and plain and affine and x.shape[-1] <= LAYER_NORM_MAX_C:
+    train = torch.is_grad_enabled() and x.device.type == "cpu"
+    if train and _plain_float32(x) and affine and x.shape[-1] <= LAYER_NORM_MAX_C:
         return ChannelsLayerNorm.apply(x, norm.weight, norm.bias, norm.eps)
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
@@ -416,8 +417,13 @@ def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> to
 
 def _fused_mlp(block: Block, y: torch.Tensor) -> bool:
     """Whether `InvertedMlp` can run this block: float32 (not under autocast), exact GELU, no GRN."""
-    plain = y.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return _exact_gelu(block.act) and plain and isinstance(block.grn, nn.Identity)
+    return _exact_gelu(block.act) and _plain_float32(y) and isinstance(block.grn, nn.Identity)
+
+
+def _plain_float32(x: torch.Tensor) -> bool:
+    """float32 and not under CPU autocast: where the float32 training kernels (`InvertedMlp`, `ChannelsLayerNorm`)
+    apply; bf16 training keeps aten's ops, which `torch.compile` fuses."""
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 def _pointwise(
