@@ -11,7 +11,8 @@ What makes it fast (measured in `benchmarks/NOTES.md`):
 - Training: the same forward on the model's own parameters, bf16 autocast, `torch.compile(dynamic=False)` or eager
   (whichever times faster on the example input), with custom backwards: each 1x1 product on oneDNN or as a matmul,
   as measured per shape (`plan_pointwise`); in float32 the block's MLP as one op (`InvertedMlp`) that saves GELU's
-  derivative instead of its input and applies it as a oneDNN post-op, and LayerNorm at small C in a C kernel
+  derivative instead of its input and applies it as a oneDNN post-op (or, where the plan measures it faster, runs
+  the whole MLP over tiles of rows in cache in a C kernel), and LayerNorm at small C in a C kernel
   (`ChannelsLayerNorm`); depthwise grad-input as a flipped forward convolution and depthwise grad-weight in a C
   kernel (`convnext.kernels`).
 - The process's allocator keeps freed activation buffers (`keep_freed_memory`): no page faults per step.
@@ -134,6 +135,26 @@ def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
     )
 
 
+TILED_MIN_BYTES = 8 * 2**20  # the tiled MLP is timed where the 4C-wide hidden tensor is larger than this (cache)
+
+
+def plan_to_rows(plan: Plan) -> list[list]:
+    """The plan as plain data (for a checkpoint): [product, rows, K, N, dtype name, choice] per entry."""
+    return [[*key[:4], str(key[4]).removeprefix("torch."), choice] for key, choice in plan.items()]
+
+
+def plan_from_rows(rows: list[list]) -> Plan:
+    """`plan_to_rows` undone."""
+    return {(product, r, k, n, getattr(torch, dtype)): bool(choice) for product, r, k, n, dtype, choice in rows}
+
+
+def _tiled(plan: Plan | None, y: torch.Tensor, c: int, hidden: int) -> bool:
+    """Whether the plan measured `InvertedMlp`'s tiled C kernel faster than its separate products for this stage
+    (it times it only where the kernel runs; and reading the plan alone keeps compiled graphs whole)."""
+    rows = y.shape[0] * y.shape[2] * y.shape[3]
+    return (plan or {}).get(("mlp_tiled", rows, c, hidden, y.dtype), False)
+
+
 def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dtype, runs: int = 3) -> Plan:
     """Time oneDNN's convolution against a matmul for every 1x1 product a training step of `model` makes at this
     input's batch and size, in `dtype` (with pwconv2's fused add / multiply, and the grad-weight both ways round),
@@ -165,7 +186,27 @@ def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dt
             weight = weight.contiguous() if k > n else weight.t().contiguous().t()
             fused = functools.partial(_conv1x1, x, weight, bias, post, other)
             plan[(f"conv_{post}", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=fused: f(matmul=m), runs)
+        hidden_bytes = b * h * w * 4 * c * 4
+        if dtype == torch.float32 and hidden_bytes >= TILED_MIN_BYTES and kernels.tiled_mlp_available():
+            # the whole MLP, tiled, against the above
+            plan[("mlp_tiled", b * h * w, c, 4 * c, dtype)] = _true_is_faster(_mlp_step(plan, b, c, h, w, gen), runs)
     return plan
+
+
+def _mlp_step(plan: Plan, b: int, c: int, h: int, w: int, gen: torch.Generator) -> Callable[[bool], object]:
+    """run(tiled): a float32 forward + backward of `InvertedMlp` at one stage's shape, with the plan's ways."""
+    y, shortcut, grad = (
+        torch.randn(b, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(3)
+    )
+    w1, b1 = torch.randn(4 * c, c, generator=gen) / c**0.5, torch.zeros(4 * c)
+    w2, b2 = torch.randn(c, 4 * c, generator=gen) / (4 * c) ** 0.5, torch.zeros(c)
+    ways = _ways(plan, y, c, 4 * c), _ways(plan, y, 4 * c, c)
+
+    def run(tiled: bool) -> object:
+        _, saved = _mlp_forward(y, w1, b1, w2, b2, shortcut, *ways, tiled)
+        return _mlp_backward(grad, *saved, *ways, tiled)
+
+    return run
 
 
 def _true_is_faster(run: Callable[[bool], object], runs: int) -> bool:
@@ -296,32 +337,61 @@ class InvertedMlp(torch.autograd.Function):
     multiply post-op. The shortcut, when given, is added by pwconv2 itself (an add post-op). Against the separate
     ops, per 64x160x32x32 activation: 2.0 ms GELU + 4.8 ms GELU backward -> 3.5 ms + ~1 ms in the post-op
     (benchmarks/NOTES.md).
+    tiled: forward and backward by the C kernel over tiles of rows in cache (`kernels.mlp_forward`), which the
+    plan picks where the separate products are memory-bound (the early stages' small C).
     """
 
     @staticmethod
-    def forward(ctx, y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways):
-        y = y.contiguous(memory_format=torch.channels_last)
-        a, d = kernels.gelu_with_grad(_conv1x1(y, w1, b1, matmul=ways1.forward))
-        if shortcut is None:
-            out = _conv1x1(a, w2, b2, matmul=ways2.forward)
-        else:
-            shortcut = shortcut.contiguous(memory_format=torch.channels_last)
-            out = _conv1x1(a, w2, b2, "add", shortcut, matmul=ways2.forward_add)
-        ctx.save_for_backward(y, w1, a, d, w2)
-        ctx.with_shortcut, ctx.ways1, ctx.ways2 = shortcut is not None, ways1, ways2
+    def forward(ctx, y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways, tiled: bool = False):
+        out, saved = _mlp_forward(y, w1, b1, w2, b2, shortcut, ways1, ways2, tiled)
+        ctx.save_for_backward(*saved)
+        ctx.with_shortcut, ctx.ways = shortcut is not None, (ways1, ways2, tiled)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        y, w1, a, d, w2 = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        ways1, ways2 = ctx.ways1, ctx.ways2
-        grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ways2.grad_weight, ways2.grad_weight_transposed)
-        grad_h = _conv1x1(grad, w2.t(), None, "mul", d, matmul=ways2.grad_input_mul)  # d(loss)/d(a) * GELU'(h)
-        grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ways1.grad_weight, ways1.grad_weight_transposed)
-        grad_y = _conv1x1(grad_h, w1.t(), None, matmul=ways1.grad_input)
-        shortcut_grad = grad if ctx.with_shortcut else None
-        return grad_y, grad_w1, grad_b1, grad_w2, grad_b2, shortcut_grad, None, None
+        grads = _mlp_backward(grad, *ctx.saved_tensors, *ctx.ways)
+        return *grads, grad if ctx.with_shortcut else None, None, None, None
+
+
+def _mlp_forward(y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways, tiled: bool):
+    """`InvertedMlp`'s forward: (out, the tensors its backward needs: y, w1, GELU(h), GELU'(h), w2)."""
+    y = y.contiguous(memory_format=torch.channels_last)
+    if shortcut is not None:
+        shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+    if tiled:
+        out, a, d = kernels.mlp_forward(_rows(y), w1, b1, w2, b2, None if shortcut is None else _rows(shortcut))
+        return _unrows(out, y), (y, w1, a, d, w2)
+    a, d = kernels.gelu_with_grad(_conv1x1(y, w1, b1, matmul=ways1.forward))
+    if shortcut is None:
+        out = _conv1x1(a, w2, b2, matmul=ways2.forward)
+    else:
+        out = _conv1x1(a, w2, b2, "add", shortcut, matmul=ways2.forward_add)
+    return out, (y, w1, a, d, w2)
+
+
+def _mlp_backward(grad, y, w1, a, d, w2, ways1: Ways, ways2: Ways, tiled: bool):
+    """`InvertedMlp`'s backward on channels-last grad: d(loss)/d(y, w1, b1, w2, b2)."""
+    if tiled:
+        grad_y, *grad_weights = kernels.mlp_backward(_rows(grad), _rows(y), w1, a, d, w2)
+        return _unrows(grad_y, y), *grad_weights
+    grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ways2.grad_weight, ways2.grad_weight_transposed)
+    grad_h = _conv1x1(grad, w2.t(), None, "mul", d, matmul=ways2.grad_input_mul)  # d(loss)/d(a) * GELU'(h)
+    grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ways1.grad_weight, ways1.grad_weight_transposed)
+    grad_y = _conv1x1(grad_h, w1.t(), None, matmul=ways1.grad_input)
+    return grad_y, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last (B, C, H, W) as its (BHW, C) rows: a view."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _unrows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(BHW, N) rows as channels-last (B, N, H, W), B, H, W those of `like`: a view."""
+    b, _, h, w = like.shape
+    return rows.view(b, h, w, rows.shape[1]).permute(0, 3, 1, 2)
 
 
 LAYER_NORM_MAX_C = 192  # `ChannelsLayerNorm` beats aten up to here; from C = 320 on, no faster (NOTES.md row 20)
@@ -400,9 +470,10 @@ def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> to
         w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
     if train and _fused_mlp(block, y):
         fuse_shortcut = isinstance(block.drop_path, nn.Identity) or not block.training
-        ways1, ways2 = _ways(plan, y, *block.pwconv1.weight.shape[::-1]), _ways(plan, y, *w2.shape[::-1])
-        args = (y, block.pwconv1.weight, block.pwconv1.bias, w2, b2, x if fuse_shortcut else None, ways1, ways2)
-        out = InvertedMlp.apply(*args)
+        c, hidden = block.pwconv1.weight.shape[::-1]
+        ways1, ways2, tiled = _ways(plan, y, c, hidden), _ways(plan, y, hidden, c), _tiled(plan, y, c, hidden)
+        shortcut = x if fuse_shortcut else None
+        out = InvertedMlp.apply(y, block.pwconv1.weight, block.pwconv1.bias, w2, b2, shortcut, ways1, ways2, tiled)
         return out if fuse_shortcut else x + block.drop_path(out)
     y = _pointwise(y, block.pwconv1.weight, block.pwconv1.bias, train, plan)  # (B, 4C, H, W)
     y = _gelu(block.act, y) if train else block.act(y)

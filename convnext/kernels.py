@@ -2,8 +2,11 @@
 
 - `depthwise_weight_grad` (`csrc/depthwise.c`): the weight gradient of the 7x7 depthwise convolution, which aten
   computes at a few GFLOP/s on CPU (a tenth of its forward; see `benchmarks/NOTES.md`).
-- `gelu_with_grad` (`csrc/gelu.c`): exact GELU and its derivative in one pass, so training can save the derivative
+- `gelu_with_grad` (`csrc/mlp.c`): exact GELU and its derivative in one pass, so training can save the derivative
   instead of the pre-activation and never evaluate erf in the backward.
+- `mlp_forward` / `mlp_backward` (`csrc/mlp.c`): the block's whole MLP (pwconv1, GELU, pwconv2, + shortcut) and
+  its backward over tiles of rows that stay in cache, for the small C of the early stages, where the separate ops
+  are memory-bound.
 - `layer_norm` / `layer_norm_backward` (`csrc/layernorm.c`): LayerNorm over the channels of channels-last rows,
   whose aten backward is slow for the short rows (small C) of the early stages.
 The sources are compiled together with `-O3 -march=native -fopenmp` into one library in a cache folder keyed by the
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("depthwise.c", "gelu.c", "layernorm.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("depthwise.c", "mlp.c", "layernorm.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 
 
@@ -72,12 +75,22 @@ def _library() -> ctypes.CDLL | None:
     lib.layer_norm_rows.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_float]
     lib.layer_norm_rows_backward.restype = ctypes.c_int
     lib.layer_norm_rows_backward.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 2
+    lib.mlp_tiled_available.restype = ctypes.c_int
+    lib.mlp_forward.restype = lib.mlp_backward.restype = ctypes.c_int
+    lib.mlp_forward.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 3
+    lib.mlp_backward.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 3
     return lib
 
 
 def available() -> bool:
     """True when the C kernels could be built and loaded on this machine."""
     return _library() is not None
+
+
+def tiled_mlp_available() -> bool:
+    """True when `mlp_forward` / `mlp_backward` run the C kernel (it needs AVX-512); else they are aten's ops."""
+    lib = _library()
+    return lib is not None and bool(lib.mlp_tiled_available())
 
 
 @torch.library.custom_op("convnext::depthwise_weight_grad", mutates_args=())
@@ -181,3 +194,65 @@ def layer_norm_backward(
 @layer_norm_backward.register_fake
 def _(grad, x, mean, rstd, weight):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _mlp_native(*tensors: torch.Tensor | None) -> bool:
+    return tiled_mlp_available() and _native(*(t for t in tensors if t is not None))
+
+
+@torch.library.custom_op("convnext::mlp_forward", mutates_args=())
+def mlp_forward(
+    y: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    shortcut: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's MLP on (R, C) rows: (GELU(y w1^T + b1) w2^T + b2 [+ shortcut], a, d), with a = GELU(.) and
+    d = GELU'(.) (R, 4C) saved for `mlp_backward`; w1 (4C, C), w2 (C, 4C). The C kernel takes contiguous float32;
+    anything else, or no AVX-512, goes to aten (the same numbers within float32 rounding)."""
+    if not _mlp_native(y, w1, b1, w2, b2, shortcut):
+        a, d = gelu_with_grad(torch.nn.functional.linear(y, w1, b1))
+        out = torch.nn.functional.linear(a, w2, b2)
+        return (out if shortcut is None else out + shortcut), a, d
+    (rows, c), h = y.shape, w1.shape[0]
+    out, a, d = y.new_empty(rows, c), y.new_empty(rows, h), y.new_empty(rows, h)
+    ptrs = [t.data_ptr() for t in (y, w1, b1, w2, b2)] + [0 if shortcut is None else shortcut.data_ptr()]
+    if _library().mlp_forward(*ptrs, out.data_ptr(), a.data_ptr(), d.data_ptr(), rows, c, h):
+        raise MemoryError("convnext: mlp_forward could not allocate its transposed weights")
+    return out, a, d
+
+
+@mlp_forward.register_fake
+def _(y, w1, b1, w2, b2, shortcut):
+    return y.new_empty(y.shape), y.new_empty(y.shape[0], w1.shape[0]), y.new_empty(y.shape[0], w1.shape[0])
+
+
+@torch.library.custom_op("convnext::mlp_backward", mutates_args=())
+def mlp_backward(
+    grad: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, a: torch.Tensor, d: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d(loss)/d(y, w1, b1, w2, b2) of `mlp_forward` given d(loss)/d(out) `grad` (R, C) and its saved a and d (the
+    shortcut's gradient is `grad` itself)."""
+    if not _mlp_native(grad, y, w1, a, d, w2):
+        grad_h = (grad @ w2) * d
+        return grad_h @ w1, grad_h.t() @ y, grad_h.sum(0), grad.t() @ a, grad.sum(0)
+    (rows, c), h = y.shape, w1.shape[0]
+    grad_y, grad_w1, grad_b1 = torch.empty_like(y), torch.empty_like(w1), y.new_empty(h)
+    grad_w2, grad_b2 = torch.empty_like(w2), y.new_empty(c)
+    ptrs = [t.data_ptr() for t in (grad, y, w1, a, d, w2, grad_y, grad_w1, grad_b1, grad_w2, grad_b2)]
+    if _library().mlp_backward(*ptrs, rows, c, h):
+        raise MemoryError("convnext: mlp_backward could not allocate its per-thread partial sums")
+    return grad_y, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@mlp_backward.register_fake
+def _(grad, y, w1, a, d, w2):
+    return (
+        torch.empty_like(y),
+        torch.empty_like(w1),
+        y.new_empty(w1.shape[0]),
+        torch.empty_like(w2),
+        y.new_empty(y.shape[1]),
+    )

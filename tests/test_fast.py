@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from convnext import kernels
 from convnext.fast import fold_layer_scale, optimize
 from convnext.model import ConvNeXt, ConvNeXtConfig
 
@@ -106,20 +107,35 @@ def test_train_with_example_input_keeps_the_faster_path_and_leaves_the_model_as_
 
 
 @pytest.mark.parametrize("grn", [False, True])  # the fused MLP, and the separate 1x1 convs of V2
-def test_every_1x1_product_as_a_matmul_gives_the_same_gradients(grn):
-    """`plan_pointwise` measures oneDNN against a matmul per shape; whichever it picks, the math is the same."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_every_1x1_product_as_a_matmul_gives_the_same_gradients(grn, tiled, monkeypatch):
+    """`plan_pointwise` measures oneDNN against a matmul per shape (and the tiled MLP against both); whichever it
+    picks, the math is the same."""
+    from convnext import fast
     from convnext.fast import FastConvNeXt, plan_pointwise
 
     model, ref_model = _model(grn=grn).train(), _model(grn=grn).train()
     x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(fast, "TILED_MIN_BYTES", 0)  # this small model's hidden tensors fit in cache
     plan = plan_pointwise(model, x, torch.float32, runs=1)
     # two 1x1 shapes per stage: each its conv, grad-weight (two ways), pwconv2's forward + shortcut, grad-input x GELU'
-    assert len(plan) == 8 * len(TINY.dims)
-    fast = FastConvNeXt(model.to(memory_format=torch.channels_last), {key: True for key in plan})
+    # and, where the C kernel runs, the whole MLP tiled
+    assert len(plan) == (9 if kernels.tiled_mlp_available() else 8) * len(TINY.dims)
+    choices = {key: key[0] != "mlp_tiled" or tiled for key in plan}
+    fast = FastConvNeXt(model.to(memory_format=torch.channels_last), choices)
     fast(x.contiguous(memory_format=torch.channels_last)).sum().backward()
     ref_model(x).sum().backward()
     for p, r in zip(model.parameters(), ref_model.parameters()):
         assert (p.grad - r.grad).abs().max() <= 1e-4
+
+
+def test_plan_round_trips_as_plain_data():
+    from convnext.fast import plan_from_rows, plan_pointwise, plan_to_rows
+
+    plan = plan_pointwise(_model(), torch.randn(2, 3, 32, 32), torch.float32, runs=1)
+    rows = plan_to_rows(plan)
+    assert all(isinstance(v, (str, int, bool)) for row in rows for v in row)  # a weights_only checkpoint takes it
+    assert plan_from_rows(rows) == plan
 
 
 def test_gradient_checkpointing_through_the_fast_path():

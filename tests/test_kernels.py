@@ -1,4 +1,5 @@
-"""The C depthwise weight-gradient kernel against aten's, on the shapes and dtypes the fast path gives it."""
+"""The C kernels (depthwise weight gradient, GELU with its derivative, LayerNorm, the tiled MLP) against aten's
+and float64 references, on the shapes and dtypes the fast path gives them."""
 
 import pytest
 import torch
@@ -139,3 +140,60 @@ def test_layer_norm_falls_back_to_aten_alike(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for got, want in zip(kernels.layer_norm_backward(grad, x, *native[1:], weight), native_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def _mlp_reference(y, w1, b1, w2, b2, shortcut, grad):
+    y64, w164, b164, w264, b264 = (t.double().requires_grad_() for t in (y, w1, b1, w2, b2))
+    out = torch.nn.functional.gelu(y64 @ w164.t() + b164) @ w264.t() + b264
+    out = out if shortcut is None else out + shortcut.double()
+    return out.detach(), *torch.autograd.grad(out, (y64, w164, b164, w264, b264), grad.double())
+
+
+@pytest.mark.parametrize(
+    ("rows", "c", "shortcut"),
+    [(1, 8, True), (98, 40, True), (193, 20, False), (96, 24, True), (250, 64, False), (37, 3, True)],
+)  # one row, tiles and a partial one, columns 16 wide + tails (C = 20: 4C = 80), no shortcut (drop path)
+def test_tiled_mlp_forward_and_backward_match_float64(rows, c, shortcut):
+    torch.manual_seed(0)
+    y, grad = torch.randn(rows, c), torch.randn(rows, c)
+    w1, b1, w2, b2 = torch.randn(4 * c, c) / c**0.5, torch.randn(4 * c), torch.randn(c, 4 * c) / 2, torch.randn(c)
+    sc = torch.randn(rows, c) if shortcut else None
+    out, a, d = kernels.mlp_forward(y, w1, b1, w2, b2, sc)
+    a_ref, d_ref = _gelu_and_grad_reference(y.double() @ w1.double().t() + b1.double())
+    torch.testing.assert_close(a.double(), a_ref, atol=1e-5, rtol=1e-5)  # what the backward reads
+    torch.testing.assert_close(d.double(), d_ref, atol=1e-5, rtol=1e-5)
+    grads = kernels.mlp_backward(grad, y, w1, a, d, w2)
+    for got, want in zip((out, *grads), _mlp_reference(y, w1, b1, w2, b2, sc, grad)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_tiled_mlp_takes_unaligned_rows_and_falls_back_alike(monkeypatch):
+    """Inputs that start off a 64-byte boundary give the same numbers, and so does aten's composition without the
+    library."""
+    torch.manual_seed(0)
+    rows, c = 130, 16
+    y, grad, sc = torch.randn(rows, c), torch.randn(rows, c), torch.randn(rows, c)
+    w1, b1, w2, b2 = torch.randn(4 * c, c), torch.randn(4 * c), torch.randn(c, 4 * c), torch.randn(c)
+    native = kernels.mlp_forward(y, w1, b1, w2, b2, sc)
+    native_grads = kernels.mlp_backward(grad, y, w1, native[1], native[2], w2)
+    unaligned = torch.empty(rows * 4 * c + 1)[1:].view(rows, 4 * c)  # 4 bytes past the allocation's alignment
+    y_off = torch.empty(rows * c + 3)[3:].view(rows, c).copy_(y)
+    out, a, d = kernels.mlp_forward(y_off, w1, b1, w2, b2, sc)
+    torch.testing.assert_close(out, native[0], atol=1e-5, rtol=1e-5)
+    a_off, d_off = unaligned.copy_(a), torch.empty(rows * 4 * c + 1)[1:].view(rows, 4 * c).copy_(d)
+    for got, want in zip(kernels.mlp_backward(grad, y_off, w1, a_off, d_off, w2), native_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    monkeypatch.setattr(kernels, "_library", lambda: None)
+    assert not kernels.tiled_mlp_available()
+    for got, want in zip(kernels.mlp_forward(y, w1, b1, w2, b2, sc), native):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    for got, want in zip(kernels.mlp_backward(grad, y, w1, native[1], native[2], w2), native_grads):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)
+
+
+def test_tiled_mlp_traces_under_torch_compile():
+    torch.manual_seed(0)
+    y, w1, b1, w2, b2 = torch.randn(50, 8), torch.randn(32, 8), torch.randn(32), torch.randn(8, 32), torch.randn(8)
+    compiled = torch.compile(lambda *t: kernels.mlp_forward(*t, None)[0] * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(y, w1, b1, w2, b2), 2 * kernels.mlp_forward(y, w1, b1, w2, b2, None)[0])

@@ -2,7 +2,8 @@
 them. Writes are atomic (a temp file in the same folder, fsync, then rename), so a crash never leaves half a file.
 
 A training checkpoint holds: model, ema (or None), optimizer, scheduler (the schedule's resolved numbers),
-scaler (or None), rng, epoch, epoch_step (optimizer steps done in that epoch), step (global), best_top1, config.
+scaler (or None), rng, epoch, epoch_step (optimizer steps done in that epoch), step (global), best_top1, config,
+plan (how the CPU fast path runs its products, `fast.plan_to_rows`, or None).
 """
 
 from __future__ import annotations

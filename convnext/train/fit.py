@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
-from convnext.fast import FastConvNeXt, keep_freed_memory, plan_pointwise
+from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.model import ConvNeXt
 from convnext.registry import create_model
 from convnext.train import checkpoint as ckpt
@@ -204,13 +204,17 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
         if start_epoch == cfg.epochs and epoch_step == 0:
             log.info("the run is already finished (%d epochs)", cfg.epochs)
 
-    raw_model = model
+    raw_model, plan = model, None
     if cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt):
         keep_freed_memory()  # process-wide; this process is a training run
         # the same parameters and math, faster kernels (convnext/fast.py); in float32 each 1x1 product is timed
-        # both ways at this run's micro-batch and image size, as optimize() does
+        # both ways at this run's micro-batch and image size, as optimize() does. A resumed run keeps the plan it
+        # was saved with: products run another way round differ in the last bits, and resume is exact.
         shape = (per_rank, model.cfg.in_chans, cfg.data.img_size, cfg.data.img_size)
-        plan = plan_pointwise(model, torch.empty(shape), torch.float32) if cfg.amp == "none" else None
+        if state is not None and state.get("plan"):
+            plan = plan_from_rows(state["plan"])
+        elif cfg.amp == "none":
+            plan = plan_pointwise(model, torch.empty(shape), torch.float32)
         model = FastConvNeXt(model, plan)
     if info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
@@ -277,6 +281,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
             "steps_per_epoch": steps_per_epoch,
             "best_top1": best,
             "config": cfg.to_dict(),
+            "plan": plan_to_rows(plan) if plan else None,
             **(extra or {}),
         }
         ckpt.save_atomic(payload, path)

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from convnext.fast import plan_from_rows
 from convnext.train.checkpoint import load
 
 
@@ -48,6 +49,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder, tmp_p
     for key in ("model", "ema"):
         for name, t in a[key].items():
             assert torch.equal(t, b[key][name]), f"{key} {name} differs after resume"
+    assert b["plan"] and plan_from_rows(b["plan"]) == plan_from_rows(state["plan"])  # kept, not measured again
     for i, s in a["optimizer"]["state"].items():
         assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
     rows_a = (full / "metrics.csv").read_text().splitlines()
