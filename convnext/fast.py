@@ -253,14 +253,14 @@ def _weight_and_bias_grad(
     """d(loss)/d(weight) (N, K) and d(loss)/d(bias) (N,) of a 1x1 convolution, on channels-last grad and x: the
     weight's as a matmul of the rows (grad^T x, or with `transposed` (x^T grad)^T copied into the (N, K) layout)
     or by oneDNN's backward-weights convolution."""
-    grad_2d = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # (BHW, N), a view
+    grad_2d = _rows(grad)  # (BHW, N)
     if not matmul:
         args = (grad, x, weight[:, :, None, None], None, _ONE, _ZERO, _ONE, False, _ZERO, 1)
         grad_w = torch.ops.aten.convolution_backward(*args, [False, True, False])[1][:, :, 0, 0]
     elif transposed:  # the copy keeps the parameters' layout: a transposed gradient is copied later anyway
-        grad_w = (x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).t() @ grad_2d).t().contiguous()
+        grad_w = (_rows(x).t() @ grad_2d).t().contiguous()
     else:
-        grad_w = grad_2d.t() @ x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N, K)
+        grad_w = grad_2d.t() @ _rows(x)  # (N, K)
     return grad_w, _column_sums(grad_2d)
 
 
@@ -302,7 +302,7 @@ class DepthwiseConv(torch.autograd.Function):
         c, k = weight.shape[0], weight.shape[-1]
         grad_x = F.conv2d(grad, weight.flip(-2, -1), None, padding=k // 2, groups=c)
         grad_w = kernels.depthwise_weight_grad(x, grad, k).to(weight.dtype)
-        return grad_x, grad_w, _column_sums(grad.permute(0, 2, 3, 1).reshape(-1, c))
+        return grad_x, grad_w, _column_sums(_rows(grad))
 
 
 class LowPrecisionGelu(torch.autograd.Function):
@@ -384,7 +384,7 @@ def _mlp_backward(grad, y, w1, a, d, w2, ways1: Ways, ways2: Ways, tiled: bool):
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last (B, C, H, W) as its (BHW, C) rows: a view."""
+    """(B, C, H, W) as its (BHW, C) rows: a view when x is channels-last (a copy otherwise)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 

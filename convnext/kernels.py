@@ -220,7 +220,7 @@ def mlp_forward(
     out, a, d = y.new_empty(rows, c), y.new_empty(rows, h), y.new_empty(rows, h)
     ptrs = [t.data_ptr() for t in (y, w1, b1, w2, b2)] + [0 if shortcut is None else shortcut.data_ptr()]
     if _library().mlp_forward(*ptrs, out.data_ptr(), a.data_ptr(), d.data_ptr(), rows, c, h):
-        raise MemoryError("convnext: mlp_forward could not allocate its transposed weights")
+        raise MemoryError("convnext: mlp_forward could not allocate its transposed weights and tiles")
     return out, a, d
 
 

@@ -76,18 +76,22 @@ static inline void full16(const float *h, float *a, float *d, long i) {
     memcpy(d + i, &dv, sizeof dv);
 }
 
+/* Elements from..n - 1 (fewer than 16) of h -> a, d, through zero-padded copies. */
+static void tail16(const float *h, float *a, float *d, long from, long n) {
+    if (from == n) return;
+    float hbuf[16] = {0}, abuf[16], dbuf[16];
+    memcpy(hbuf, h + from, (n - from) * sizeof(float));
+    full16(hbuf, abuf, dbuf, 0);
+    memcpy(a + from, abuf, (n - from) * sizeof(float));
+    memcpy(d + from, dbuf, (n - from) * sizeof(float));
+}
+
 /* n float32 elements of h -> a = GELU(h), d = GELU'(h). */
 void gelu_with_grad(const float *h, float *a, float *d, long n) {
     long full = n / 16 * 16;
 #pragma omp parallel for schedule(static)
     for (long i = 0; i < full; i += 16) full16(h, a, d, i);
-    if (full < n) { /* the last n % 16 through zero-padded copies */
-        float hbuf[16] = {0}, abuf[16], dbuf[16];
-        memcpy(hbuf, h + full, (n - full) * sizeof(float));
-        full16(hbuf, abuf, dbuf, 0);
-        memcpy(a + full, abuf, (n - full) * sizeof(float));
-        memcpy(d + full, dbuf, (n - full) * sizeof(float));
-    }
+    tail16(h, a, d, full, n);
 }
 
 #ifdef __AVX512F__
@@ -253,14 +257,8 @@ static void gelu_tile(float *h, float *a, float *d, long n) {
         store(a + i, av, stream);
         store(d + i, dv, stream);
     }
-    if (full < n) {
-        float hbuf[16] = {0}, abuf[16], dbuf[16];
-        memcpy(hbuf, h + full, (n - full) * sizeof(float));
-        full16(hbuf, abuf, dbuf, 0);
-        memcpy(h + full, abuf, (n - full) * sizeof(float));
-        memcpy(a + full, abuf, (n - full) * sizeof(float));
-        memcpy(d + full, dbuf, (n - full) * sizeof(float));
-    }
+    tail16(h, a, d, full, n);
+    memcpy(h + full, a + full, (n - full) * sizeof(float));
 }
 
 static long tile_rows(long rows, long r0) { return rows - r0 < TILE ? rows - r0 : TILE; }
