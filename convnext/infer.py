@@ -1,7 +1,8 @@
 """Evaluate and predict: load a model (registered name, checkpoint or training run), read images robustly, score.
 
 - `load_model` resolves what a user names into a model plus the preprocessing and class names it was trained with.
-- `load_image` turns any image file into an 8-bit RGB picture or raises `BadImageError` naming the file.
+- `load_image` (from `convnext.data.decode`, the decoder training reads with too) turns any image file into an
+  8-bit RGB picture or raises `BadImageError` naming the file.
 - `evaluate` returns top-1/top-5 (percent), mean loss, per-class accuracy and the confusion matrix.
 - `predict` yields one dict per image, in input order, with the top-k labels or the reason it failed.
 """
@@ -10,17 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from convnext.data.decode import BadImageError, load_image
+from convnext.data.decode import to_rgb as to_rgb  # re-exported: convnext.infer.to_rgb predates the shared decoder
 
 log = logging.getLogger(__name__)
 
@@ -30,57 +32,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 
 # ----------------------------------------------------------------------------------------------- images
-
-
-class BadImageError(ValueError):
-    """An image file that cannot be used; the message names the file and the reason."""
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Read any image file as 8-bit RGB (EXIF rotation applied, transparency composited on white).
-
-    Grayscale, palette, CMYK and 16-bit images are converted. Unreadable files, truncated data and images over
-    Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) raise `BadImageError`.
-    """
-    path = Path(path)
-    with warnings.catch_warnings():
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb either way.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as im:
-                im.load()  # decode now: truncated data raises here, not later in a worker
-                return to_rgb(ImageOps.exif_transpose(im))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImageError(f"{path}: refused, larger than Pillow's decompression-bomb limit ({e})") from e
-        except FileNotFoundError as e:
-            raise BadImageError(f"{path}: no such file") from e
-        except IsADirectoryError as e:
-            raise BadImageError(f"{path}: is a directory") from e
-        except UnidentifiedImageError as e:
-            raise BadImageError(f"{path}: not an image Pillow can read") from e
-        except OSError as e:
-            raise BadImageError(f"{path}: unreadable or truncated image ({e})") from e
-        except Exception as e:  # malformed files make Pillow raise almost anything (SyntaxError, struct.error, ...)
-            raise BadImageError(f"{path}: corrupt image ({type(e).__name__}: {e})") from e
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB. 16/32-bit and float images are scaled, not clipped (Pillow's convert clips)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode.startswith("I") or im.mode == "F":
-        a = np.asarray(im).astype(np.float64)
-        if im.mode == "F":
-            top = 1.0 if a.size and a.max() <= 1.0 else 255.0
-        else:  # "I;16*" is 16-bit; "I" (32-bit) usually holds 16-bit PNG data
-            top = 65535.0 if im.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
-        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def center_crop_aspect(im: Image.Image, max_ratio: float = 4.0) -> Image.Image:

@@ -1,7 +1,8 @@
 """Datasets: image folders, CIFAR-10/100 (torchvision), and the embedded default `digits`.
 
-Every dataset yields `(PIL image or transformed tensor, int label)` and has `.classes`. Unreadable images raise
-one error naming the file, or, with `skip_bad=True`, yield None (the collate function drops and counts them).
+Every dataset yields `(PIL image or transformed tensor, int label)` and has `.classes`. Image files are read by
+`convnext.data.decode.load_image`, the decoder predict uses too; an unreadable one raises one `BadImageError` (a
+ValueError) naming the file, or, with `skip_bad=True`, yields None (the collate function drops and counts them).
 
 `digits` is scikit-learn's handwritten digits (1,797 8x8 grayscale images, 10 classes), which ships inside a
 dependency, so the default works offline on a fresh machine. The images are handed out as RGB PIL images and the
@@ -22,19 +23,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from convnext.data.decode import BadImageError, load_image
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation", "test")}
 EMBEDDED = ("digits",)
 TORCHVISION = ("cifar10", "cifar100")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; any failure becomes one ValueError naming the file."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -54,7 +48,7 @@ class ImageFolder(datasets.ImageFolder):
         path, target = self.samples[index]
         try:
             img = load_image(path)
-        except ValueError:
+        except BadImageError:
             if self.skip_bad:
                 return None
             raise

@@ -28,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from convnext.data.decode import load_image
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +48,22 @@ CAMVID_PALETTE = (
 Transform = Callable[..., tuple]
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding; a ValueError naming an unreadable file."""
+def image_size(path: Path, *, oriented: bool = True) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding: as `read_rgb` gives it (EXIF rotation applied), or
+    with `oriented=False` as stored (label maps, which `read_ids` reads as stored); a ValueError naming an
+    unreadable file."""
     try:
         with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
+            turned = oriented and im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
+            return (im.height, im.width) if turned else im.size
+    except Exception as e:  # UnidentifiedImageError, OSError, or whatever a malformed EXIF block raises
         raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
 def read_rgb(path: Path) -> tv_tensors.Image:
-    """(3, H, W) uint8; a ValueError naming the file when it does not decode."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: cannot decode image ({e})") from None
-    return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    """(3, H, W) uint8, decoded as training, eval and predict decode (`convnext.data.decode.load_image`: EXIF
+    rotation, transparency on white, 16-bit scaled); a `BadImageError` (a ValueError) naming the file."""
+    return tv_tensors.Image(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1))
 
 
 def read_ids(path: Path) -> np.ndarray:
@@ -86,7 +87,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _same_size(image: Path, other: Path, what: str) -> None:
-    a, b = image_size(image), image_size(other)
+    a, b = image_size(image), image_size(other, oriented=False)
     if a != b:
         raise ValueError(f"{what} size mismatch: {image} is {a[0]}x{a[1]} but {other} is {b[0]}x{b[1]}")
 

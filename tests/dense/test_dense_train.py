@@ -138,7 +138,7 @@ def test_a_run_stopped_by_a_corrupt_image_resumes_to_the_same_weights(tmp_path):
     good = victim.read_bytes()
     victim.write_bytes(good[: len(good) // 2])  # the header still reads: the check at start passes
     cfg = seg_config(data, tmp_path / "b", epochs=2, eval_every=0)
-    with pytest.raises(ValueError, match=f"{victim.name}: cannot decode image"):
+    with pytest.raises(ValueError, match=f"cannot read image .*{victim.name}"):
         train_segmentation(cfg)
     state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert (state["step"], state["epoch"], state["epoch_step"]) == (1, 0, 1)  # the finished step was kept

@@ -1,0 +1,69 @@
+"""The one image decoder: every path that feeds pixels to a model (train, eval, predict, ERF, dense) reads files here.
+
+A model sees the same pixels when it is trained, scored and asked to predict: EXIF orientation applied,
+transparency composited on white, 16-bit values scaled (not clipped) to 8 bits, every other mode converted to RGB.
+Label maps (segmentation ids, instance masks) are not pictures and must not come through here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read any image file as 8-bit RGB (EXIF rotation applied, transparency composited on white).
+
+    Grayscale, 1-bit, palette, CMYK and 16-bit images are converted. Unreadable files, truncated data and images
+    over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) raise `BadImageError` (a ValueError)
+    whose message starts "cannot read image <path>".
+    """
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb either way.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode now: truncated data raises here, not later in a worker
+                return to_rgb(ImageOps.exif_transpose(im))  # a copy: the file's image dies when it is closed
+        except Exception as e:  # malformed files make Pillow raise almost anything (SyntaxError, struct.error, ...)
+            raise BadImageError(f"cannot read image {path}: {_reason(e)}") from e
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"refused, larger than Pillow's decompression-bomb limit ({e})"
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    if isinstance(e, OSError):
+        return f"unreadable or truncated image ({e})"
+    return f"corrupt image ({type(e).__name__}: {e})"
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16/32-bit and float images are scaled, not clipped (Pillow's convert clips)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "F":
+            top = 1.0 if a.size and a.max() <= 1.0 else 255.0
+        else:  # "I;16*" is 16-bit; "I" (32-bit) usually holds 16-bit PNG data
+            top = 65535.0 if im.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")

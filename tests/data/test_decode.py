@@ -1,0 +1,112 @@
+"""One decoder: odd images (EXIF-rotated, transparent, 16-bit, palette, CMYK, grayscale, 1-bit) give the same pixels
+through training's ImageFolder, eval's dataset, predict's loader, ERF and the dense datasets; a bad file is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convnext.data import build_dataset, build_eval_dataset, collate_skip, load_image
+from convnext.data.decode import BadImageError
+from convnext.dense.data import image_size, read_rgb
+from convnext.erf import load_images
+from convnext.infer import Preprocess, _ImageFiles
+from convnext.infer import load_image as predict_load_image
+
+ODD = ("exif", "rgba", "gray16", "palette", "cmyk", "gray", "bits", "la")
+
+
+def _write_odd(d: Path) -> dict[str, Path]:
+    """One file per odd kind in folder d, 24x16 (w x h) or, for the EXIF one, 16x24 stored and turned on read."""
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True, exist_ok=True)
+    rgb = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    files = {k: d / f"{k}.{'jpg' if k in ('exif', 'cmyk') else 'png'}" for k in ODD}
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; rotate 270 degrees to view
+    Image.fromarray(rgb.transpose(1, 0, 2).copy()).save(files["exif"], exif=exif, quality=95)
+    alpha = np.where(np.arange(24) < 12, 0, 128).astype(np.uint8)[None, :].repeat(16, 0)  # left half transparent
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(files["rgba"])
+    Image.fromarray((np.arange(16 * 24).reshape(16, 24) * 170).astype(np.uint16)).save(files["gray16"])
+    pal = Image.fromarray((np.arange(16 * 24).reshape(16, 24) % 4).astype(np.uint8), "P")
+    pal.putpalette([200, 0, 0, 0, 200, 0, 0, 0, 200, 9, 9, 9])
+    pal.save(files["palette"], transparency=0)  # index 0 is transparent
+    Image.new("CMYK", (24, 16), (10, 200, 30, 40)).save(files["cmyk"])
+    Image.fromarray(rgb[..., 0]).save(files["gray"])
+    Image.fromarray(rgb[..., 0] > 127).save(files["bits"])
+    Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA").save(files["la"])
+    return files
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """root/{train,val}/odd/<kind>.*: the same odd files in both splits."""
+    root = tmp_path_factory.mktemp("odd")
+    files = _write_odd(root / "train" / "odd")
+    _write_odd(root / "val" / "odd")
+    return root, files
+
+
+def test_odd_images_decode_as_predict_does(odd):
+    _, files = odd
+    got = {k: np.asarray(load_image(p)) for k, p in files.items()}
+    for k, p in files.items():
+        assert got[k].dtype == np.uint8 and got[k].shape == (16, 24, 3), k
+        np.testing.assert_array_equal(got[k], np.asarray(predict_load_image(p)), err_msg=k)
+    with Image.open(files["exif"]) as im:  # as stored: 16 wide, 24 high
+        stored = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(got["exif"], np.rot90(stored, -1))  # orientation 6: turn 90 degrees clockwise to view
+    assert (got["rgba"][:, :12] == 255).all() and (got["la"][:, :12] == 255).all()  # transparent: white, not black
+    with Image.open(files["gray16"]) as im:
+        g16 = np.asarray(im).astype(np.float64)
+    np.testing.assert_allclose(got["gray16"][..., 0], np.round(g16 / 65535 * 255), atol=1)  # scaled, not clipped
+    assert got["gray16"].max() > 200
+    assert (got["palette"][0, 0::4] == 255).all() and (got["palette"][0, 1] == (0, 200, 0)).all()
+    assert (got["gray"][..., 0] == got["gray"][..., 2]).all() and set(np.unique(got["bits"])) == {0, 255}
+
+
+def test_train_eval_predict_erf_and_dense_see_the_same_pixels(odd):
+    root, files = odd
+    train, _ = build_dataset(str(root), "train")  # no transform: the decoded PIL images
+    by_name = {Path(p).stem: i for i, (p, _) in enumerate(train.samples)}
+    for k, p in files.items():
+        expected = np.asarray(predict_load_image(p))
+        np.testing.assert_array_equal(np.asarray(train[by_name[k]][0]), expected, err_msg=k)
+        np.testing.assert_array_equal(read_rgb(p).permute(1, 2, 0).numpy(), expected, err_msg=k)  # dense
+        assert image_size(p) == (24, 16), k  # the size the dense datasets check masks against, EXIF turned too
+
+    pre = Preprocess(img_size=16, crop_pct=1.0)
+    val, _ = build_eval_dataset(str(root), "val", pre.img_size, pre.crop_pct)
+    paths = [Path(p) for p, _ in val.samples]
+    predicted = _ImageFiles(paths, pre.transform())
+    for i in range(len(val)):
+        _, x, err = predicted[i]
+        assert err is None and torch.equal(val[i][0], x), paths[i]
+    erf = load_images(root / "val", 16, limit=len(ODD), mean=pre.mean, std=pre.std)  # crop_pct 1 as well
+    assert torch.equal(erf, torch.stack([val[i][0] for i in range(len(val))]))
+
+
+def test_a_bad_file_is_named_on_every_path(tmp_path):
+    good = _write_odd(tmp_path / "train" / "odd")["gray"]
+    full = good.with_name("full.jpg")
+    Image.open(good).convert("RGB").save(full, quality=95)
+    bad = good.with_name("truncated.jpg")
+    bad.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    full.unlink()
+
+    for read in (load_image, predict_load_image, read_rgb):
+        with pytest.raises(BadImageError, match=f"cannot read image {bad}: unreadable or truncated"):
+            read(bad)
+    train, _ = build_dataset(str(tmp_path), "train", val_split=0.5)
+    base = train.dataset
+    with pytest.raises(ValueError, match=f"cannot read image {bad}"):  # what --skip-bad-images catches
+        base[next(i for i, (p, _) in enumerate(base.samples) if p == str(bad))]
+    skipping, _ = build_dataset(str(tmp_path), "train", Preprocess(16, 1.0).transform(), skip_bad_images=True)
+    _, _, skipped = collate_skip([skipping.dataset[i] for i in range(len(skipping.dataset))])
+    assert skipped == 1
+    _, x, err = _ImageFiles([bad], Preprocess(16, 1.0).transform())[0]
+    assert x is None and str(bad) in err
