@@ -1,46 +1,139 @@
 """Image pipelines (torchvision.transforms.v2): the paper's train augmentation, the eval resize + center crop,
 and the per-batch Mixup/CutMix switch.
 
-RandAugment "rand-m9-mstd0.5-inc1" (timm's notation) means: 2 ops, magnitude 9 on a 0-10 scale, the magnitude
-drawn per op from N(9, 0.5), severities that increase with the magnitude. torchvision's RandAugment takes one fixed
-integer bin, so `RandAugmentMstd` runs it one op at a time with 101 bins (a 0-10 scale in steps of 0.1) and draws
-the bin for each op. Unlike timm, every chosen op is applied (timm applies each with probability 0.5).
+RandAugment "rand-m9-mstd0.5-inc1" (timm's notation, the ConvNeXt recipe) means: 2 ops drawn uniformly (with
+replacement) from timm's 15 "increasing" ops, each applied with probability 0.5, each at a magnitude drawn from
+N(9, 0.5) clipped to the 0-10 scale, with severities that increase with the magnitude and a random sign for the
+geometric and enhance ops; borders exposed by a rotation, shear or translation are filled with the mean colour.
+`RandAugmentMstd` does that with torchvision.transforms.v2.functional ops and torch's random stream (so
+`SeededDataset` seeds it); on tensors it resamples bilinearly (the only smooth mode torchvision's tensor affine
+has), where timm's recipe resamples PIL images bicubically.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# timm's _RAND_INCREASING_TRANSFORMS, by timm's names
+RAND_INCREASING_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel",
+)  # fmt: skip
+_ENHANCE = {
+    "ColorIncreasing": F.adjust_saturation,
+    "ContrastIncreasing": F.adjust_contrast,
+    "BrightnessIncreasing": F.adjust_brightness,
+    "SharpnessIncreasing": F.adjust_sharpness,
+}
+Img = Any  # a uint8 image tensor (..., 3, H, W), tv_tensors.Image, or PIL image
+
+
+def augment_op(
+    img: Img,
+    name: str,
+    magnitude: float,
+    sign: float = 1.0,
+    fill: Sequence[int] = (128, 128, 128),
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+) -> Img:
+    """One RandAugment op of `RAND_INCREASING_OPS` at `magnitude` (0-10) as timm's "inc1" ops do it.
+
+    sign: +1 or -1, the direction of Rotate, Shear*, Translate*Rel and the enhance ops (ignored by the others).
+    fill: the colour of exposed borders. Returns the same kind of image.
+    """
+    level = magnitude / 10.0
+    match name:
+        case "AutoContrast":
+            return F.autocontrast(img)
+        case "Equalize":
+            return F.equalize(img)
+        case "Invert":
+            return F.invert(img)
+        case "Rotate":  # up to 30 degrees
+            return F.rotate(img, sign * 30.0 * level, interpolation=interpolation, fill=list(fill))
+        case "PosterizeIncreasing":  # keep 4 bits down to 0 (black; Pillow >= 13 refuses 0 bits, so not through it)
+            bits = 4 - int(level * 4)
+            if bits == 0 and isinstance(img, Image.Image):
+                return Image.new(img.mode, img.size)
+            return F.posterize(img, bits)
+        case "SolarizeIncreasing":  # invert pixels >= threshold, from 256 (none) down to 0 (all)
+            threshold = 256 - min(256, int(level * 256))
+            return img if threshold > 255 else F.solarize(img, threshold)
+        case "SolarizeAdd":  # add up to 110 to pixels below 128
+            return _solarize_add(img, min(128, int(level * 110)))
+        case "ColorIncreasing" | "ContrastIncreasing" | "BrightnessIncreasing" | "SharpnessIncreasing":
+            return _ENHANCE[name](img, max(0.1, 1.0 + sign * 0.9 * level))  # blend factor 1 +- 0.9
+        case "ShearX" | "ShearY":  # up to 0.3: output (x, y) reads input (x + 0.3 y, y), about the top-left corner
+            angle = math.degrees(math.atan(sign * 0.3 * level))
+            shear = [angle, 0.0] if name == "ShearX" else [0.0, angle]
+            return F.affine(img, 0.0, [0.0, 0.0], 1.0, shear, interpolation, list(fill), center=[0.0, 0.0])
+        case "TranslateXRel" | "TranslateYRel":  # up to 45% of the side; +1 moves the content left / up
+            h, w = F.get_size(img)
+            shift = -sign * 0.45 * level
+            translate = [shift * w, 0.0] if name == "TranslateXRel" else [0.0, shift * h]
+            return F.affine(img, 0.0, translate, 1.0, [0.0, 0.0], interpolation, list(fill))
+    raise ValueError(f"unknown RandAugment op {name!r}; choose from {', '.join(RAND_INCREASING_OPS)}")
+
+
+def _solarize_add(img: Img, add: int, threshold: int = 128) -> Img:
+    if isinstance(img, Image.Image):
+        return img.point([min(255, i + add) if i < threshold else i for i in range(256)] * len(img.getbands()))
+    out = torch.where(img < threshold, (img.int() + add).clamp_(max=255).to(img.dtype), img)
+    return tv_tensors.wrap(out, like=img) if isinstance(img, tv_tensors.TVTensor) else out
+
 
 class RandAugmentMstd(v2.Transform):
-    """RandAugment with a magnitude on timm's 0-10 scale and a per-op Gaussian jitter of `magnitude_std`."""
+    """timm's RandAugment "rand-m{magnitude}-n{num_ops}-mstd{magnitude_std}-inc1" with per-op probability `prob`.
 
-    _BINS = 101  # bin i is magnitude i / 10 on the 0-10 scale
+    Each of `num_ops` ops is drawn uniformly from `ops` (with replacement), applied with probability `prob`, at a
+    magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10] and a random sign. fill: the border colour
+    (0-255 per channel; None = timm's default grey 128). Takes and returns a uint8 image tensor or a PIL image.
+    """
 
-    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, fill: Any = None):
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
+        fill: Sequence[int] | int | None = None,
+        prob: float = 0.5,
+        ops: Sequence[str] = RAND_INCREASING_OPS,
+        interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+    ):
         super().__init__()
-        self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
-        self.op = v2.RandAugment(num_ops=1, magnitude=0, num_magnitude_bins=self._BINS, fill=fill)
+        unknown = sorted(set(ops) - set(RAND_INCREASING_OPS))
+        if unknown:
+            raise ValueError(f"unknown RandAugment ops {unknown}; choose from {', '.join(RAND_INCREASING_OPS)}")
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.fill = [fill] * 3 if isinstance(fill, int) else list(fill or (128, 128, 128))
+        self.ops, self.interpolation = tuple(ops), interpolation
 
-    def forward(self, *inputs: Any) -> Any:
-        out = inputs if len(inputs) > 1 else inputs[0]
-        for _ in range(self.num_ops):
-            m = self.magnitude
-            if self.magnitude_std > 0:
-                m = m + self.magnitude_std * float(torch.randn(()))
-            self.op.magnitude = int(round(min(max(m, 0.0), 10.0) * 10))
-            out = self.op(out)
-        return out
+    def forward(self, img: Img) -> Img:
+        for i in torch.randint(len(self.ops), (self.num_ops,)).tolist():
+            if torch.rand(()) >= self.prob:
+                continue
+            m = self.magnitude + self.magnitude_std * float(torch.randn(()))
+            sign = -1.0 if torch.rand(()) < 0.5 else 1.0
+            img = augment_op(img, self.ops[i], min(max(m, 0.0), 10.0), sign, self.fill, self.interpolation)
+        return img
 
     def extra_repr(self) -> str:
-        return f"num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std}"
+        return (
+            f"num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std}, "
+            f"prob={self.prob}, fill={self.fill}"
+        )
 
 
 def train_transform(
