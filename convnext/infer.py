@@ -64,12 +64,19 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval preprocessing: resize the shorter side to img_size / crop_pct, center-crop img_size, normalise."""
+    """Eval preprocessing: resize the shorter side to img_size / crop_pct, center-crop img_size, normalise; with
+    `tta_flip` (a run trained with data.tta_flip) the logits are the mean of the image's and its mirror's."""
 
     img_size: int = 224
     crop_pct: float = 0.875
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    tta_flip: bool = False
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's float32 logits for a preprocessed batch, flip-averaged when `tta_flip`."""
+        out = model(x).float()
+        return (out + model(x.flip(-1)).float()) / 2 if self.tta_flip else out
 
     def transform(self):
         """The torchvision transforms.v2 pipeline: PIL RGB image -> normalised float tensor (3, S, S)."""
@@ -205,6 +212,7 @@ def _load_run(run_dir: Path, with_ema: bool, which: str = "best") -> LoadedModel
         float(data.get("crop_pct", 0.875)),
         tuple(data.get("mean", IMAGENET_MEAN)),
         tuple(data.get("std", IMAGENET_STD)),
+        bool(data.get("tta_flip", False)),
     )
     classes = data.get("classes") or None
     name = cfg.get("model", {}).get("name", run_dir.name)
@@ -222,8 +230,10 @@ def evaluate(
     device: str | torch.device = "cpu",
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    preprocess: Preprocess | None = None,
 ) -> dict:
-    """Score a classifier on (images, targets) batches.
+    """Score a classifier on (images, targets) batches (logits through `preprocess.logits`: flip-averaged for a
+    run trained with data.tta_flip).
 
     Returns {"top1", "top5" (percent; top-k with k = min(5, classes)), "loss" (mean cross-entropy), "n",
     "per_class" (accuracy in percent, None for a class with no images), "confusion" (rows = true class)}.
@@ -238,8 +248,7 @@ def evaluate(
     for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
+            logits = (preprocess or Preprocess()).logits(model, x)
         if logits.shape[1] != num_classes:
             raise ValueError(f"model has {logits.shape[1]} outputs but the data has {num_classes} classes")
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -340,7 +349,7 @@ def run_eval(
     targets = {"": loaded.model} | ({"ema": loaded.ema} if loaded.ema is not None else {})
     confusion = None
     for key, model in targets.items():
-        r = evaluate(model, loader, len(classes), device, amp_dtype, progress)
+        r = evaluate(model, loader, len(classes), device, amp_dtype, progress, loaded.preprocess)
         result = {name: r[name] for name in ("top1", "top5", "loss", "n")}
         result["per_class_accuracy"] = dict(zip(classes, r["per_class"]))
         if key:
@@ -417,8 +426,8 @@ def predict(
         results: dict[int, dict] = {i: {"path": str(paths[i]), "error": err} for i, err in errors.items()}
         if batch is not None:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = loaded.model(batch.to(device))
-            probs = logits.float().softmax(dim=1)
+                logits = loaded.preprocess.logits(loaded.model, batch.to(device))
+            probs = logits.softmax(dim=1)
             p, idx = probs.topk(min(topk, probs.shape[1]), dim=1)
             for row, i in enumerate(indices):
                 top = [{"label": loaded.label(c), "prob": v} for c, v in zip(idx[row].tolist(), p[row].tolist())]

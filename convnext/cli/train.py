@@ -6,20 +6,25 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train or fine-tune a model (any config field as --section.field VALUE, e.g. --optim.lr 1e-3)",
-        description="Train or fine-tune. Presets: demo, cifar10, finetune, in22k_ft_in1k, in1k_<variant>. "
+        description="Train or fine-tune. Presets: auto (the default for any data but digits: a from-scratch recipe "
+        "chosen from the data and the budget), demo (the default for digits), cifar10, finetune, in22k_ft_in1k, "
+        "in1k_<variant>. "
         "Any config field can be set as --section.field VALUE (e.g. --optim.lr 1e-3 --data.mixup 0). "
         "Also runs under `torchrun --nproc_per_node N -m convnext train ...`.",
     )
     p.add_argument("--model", default=None, help="registered model name (default: the preset's)")
     p.add_argument("--data", default=None, help="image folder, cifar10, cifar100, or digits (embedded)")
     p.add_argument("--output", default=None, help="run folder to create (default: the preset's, runs/<preset>)")
-    p.add_argument("--preset", default="demo", help="starting config (default: demo)")
+    p.add_argument(
+        "--preset", default=None, help="starting config (default: auto; demo for --data digits or no --data)"
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step")
     p.add_argument("--img-size", type=int, default=None)
@@ -35,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from convnext.train import apply_overrides, fit, from_dict, get_preset
+    from convnext.train import apply_overrides, auto_recipe, fit, from_dict, get_preset
 
     if args.resume:
         cfg_path = Path(args.resume) / "config.json"
@@ -44,7 +49,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = from_dict(json.loads(cfg_path.read_text()))
         cfg.resume = args.resume
     else:
-        cfg = get_preset(args.preset, args.model)
+        preset = args.preset or ("demo" if args.data in (None, "digits") else "auto")
+        if preset == "auto":
+            if args.data is None:
+                raise ValueError("--preset auto needs --data (an image folder, cifar10 or cifar100)")
+            cfg = auto_recipe(
+                args.data,
+                img_size=args.img_size,
+                budget_min=args.budget_min,
+                epochs=args.epochs,
+                model=args.model,
+                patch_size=_given(args.overrides, "model.patch_size", int),
+                batch_size=args.batch_size,
+                data_dir=args.data_dir,
+                threads=_given(args.overrides, "threads", int),
+            )
+        else:
+            cfg = get_preset(preset, args.model)
     flags = {
         "data.name": args.data,
         "output": args.output,
@@ -74,3 +95,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "run_dir") if k in result}))
     return 0
+
+
+def _given(overrides: list[str], name: str, kind: type) -> Any:
+    """The value of `--name` among the raw override flags (`--a.b v` or `--a.b=v`, dashes or underscores)."""
+    for i, a in enumerate(overrides):
+        key = a[2:].replace("-", "_") if a.startswith("--") else None
+        if key == name and i + 1 < len(overrides):
+            return kind(overrides[i + 1])
+        if key is not None and key.startswith(name + "="):
+            return kind(key.split("=", 1)[1])
+    return None

@@ -6,6 +6,7 @@ metrics = fit(cfg)               # {"top1": ..., "top5": ..., "loss": ..., ...}
 model, cfg_dict = load_run("runs/try")
 """
 
+from convnext.train.auto import auto_recipe
 from convnext.train.config import (
     PRESETS,
     DataConfig,
@@ -27,6 +28,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "auto_recipe",
     "build_model",
     "fit",
     "from_dict",

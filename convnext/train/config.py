@@ -28,6 +28,7 @@ class ModelConfig:
     patch_size: int | None = None  # stem stride: 1 or 2 for 32x32 images
     kernel_size: int | None = None
     layer_scale_init: float | None = None
+    stem_init: str = "default"  # default | whiten: the stem as patch whitening of the training images (whiten.py)
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other builder argument
 
     def build_kwargs(self) -> dict[str, Any]:
@@ -63,6 +64,9 @@ class DataConfig:
     num_workers: int = 4
     pin_memory: bool = True
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping
+    cache: str = "auto"  # auto | on | off: decode once into memory, augment batches in torch (convnext/data/cache.py)
+    cache_memory_share: float = 0.5  # auto: cache only when it needs at most this share of the available memory
+    tta_flip: bool = False  # evaluate (and predict) on the mean of the image's and its mirror's logits
     classes: list[str] = field(default_factory=list)  # filled in from the dataset when the run starts
 
 
@@ -83,7 +87,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine | step
+    name: str = "cosine"  # cosine | linear (to min_lr at the end) | step
     warmup_epochs: float = 20.0
     warmup_lr: float = 0.0  # lr at step 0 of the warmup
     min_lr: float = 1e-6  # cosine floor
@@ -117,6 +121,7 @@ class TrainConfig:
     tensorboard: bool = False
     resume: str | None = None  # a run folder to continue
     overwrite: bool = False  # allow writing into a run folder that already has a run
+    recipe: list[str] = field(default_factory=list)  # why each default was chosen (the `auto` recipe fills it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
+from convnext.data.cache import (
+    BatchAugment,
+    CachedLoader,
+    cache_size,
+    decode_all,
+    decode_transform,
+    fits_in_memory,
+    typical_short_side,
+)
 from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.model import ConvNeXt
 from convnext.registry import create_model
@@ -38,6 +48,7 @@ from convnext.train.ema import build_ema, ema_weights
 from convnext.train.loop import NonFiniteLossError, evaluate, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
 from convnext.train.report import MetricsLog, plot_curves
+from convnext.train.whiten import whiten_stem
 
 log = logging.getLogger("convnext.train")
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
@@ -84,6 +95,7 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
 
 
 def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str, Any]:
+    t_setup = time.perf_counter()
     if not info.is_main:
         log.setLevel(logging.WARNING)
     if cfg.threads and info.device.type == "cpu":
@@ -91,25 +103,14 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     run_dir = Path(cfg.resume or cfg.output)
     cfg.output = str(run_dir)
     _check_run_dir(run_dir, cfg, info)
+    for line in cfg.recipe:
+        log.info("recipe: %s", line)
 
     # ---- data: every check before any work
     d = cfg.data
-    train_tf = train_transform(
-        d.img_size,
-        crop=d.crop,
-        scale=d.scale,
-        hflip=d.hflip,
-        randaugment=d.randaugment,
-        ra_num_ops=d.ra_num_ops,
-        ra_magnitude=d.ra_magnitude,
-        ra_magnitude_std=d.ra_magnitude_std,
-        re_prob=d.re_prob,
-        mean=d.mean,
-        std=d.std,
-    )
     common = dict(data_dir=d.data_dir, val_split=d.val_split, skip_bad_images=d.skip_bad_images, download=d.download)
-    train_ds, classes = build_dataset(d.name, "train", train_tf, **common)
-    val_ds, val_classes = build_dataset(d.name, "val", eval_transform(d.img_size, d.crop_pct, d.mean, d.std), **common)
+    train_ds, classes = build_dataset(d.name, "train", None, **common)
+    val_ds, val_classes = build_dataset(d.name, "val", None, **common)
     if classes != val_classes:
         only_t, only_v = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
         raise ValueError(
@@ -119,11 +120,44 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     if d.classes and d.classes != classes:
         raise ValueError(f"the run was made for classes {d.classes[:5]}..., the data has {classes[:5]}...")
     d.classes = classes
+    cache = _cache_plan(cfg, train_ds, val_ds, info)
+    if cache is None:
+        _set_transform(train_ds, train_transform(
+            d.img_size,
+            crop=d.crop,
+            scale=d.scale,
+            hflip=d.hflip,
+            randaugment=d.randaugment,
+            ra_num_ops=d.ra_num_ops,
+            ra_magnitude=d.ra_magnitude,
+            ra_magnitude_std=d.ra_magnitude_std,
+            re_prob=d.re_prob,
+            mean=d.mean,
+            std=d.std,
+        ))  # fmt: skip
+        _set_transform(val_ds, eval_transform(d.img_size, d.crop_pct, d.mean, d.std))
     per_rank = _per_rank_batch(cfg, info, len(train_ds))
+    train_cache = val_cache = None
+    if cache is not None:
+        t_cache = time.perf_counter()
+        train_cache = decode_all(train_ds, cache, workers=d.num_workers)
+        val_cache = decode_all(val_ds, d.img_size, workers=d.num_workers)
+        log.info(
+            "decoded %d train images at %dx%d and %d val images at %dx%d into memory in %.1fs%s",
+            len(train_cache), cache, cache, len(val_cache), d.img_size, d.img_size, time.perf_counter() - t_cache,
+            f"; skipped {train_cache.skipped + val_cache.skipped} unreadable" if train_cache.skipped + val_cache.skipped
+            else "",
+        )  # fmt: skip
 
     # ---- model, EMA, optimizer (same init on every rank; then per-rank randomness)
     torch.manual_seed(cfg.seed)
     model = module if module is not None else build_model(cfg.model, len(classes), init_weights=not cfg.resume)
+    if cfg.model.stem_init not in ("default", "whiten"):
+        raise ValueError(f"model.stem_init must be default or whiten, not {cfg.model.stem_init!r}")
+    fresh = module is None and not (cfg.resume or cfg.model.pretrained or cfg.model.checkpoint)
+    if cfg.model.stem_init == "whiten" and fresh:
+        images = train_cache.images if train_cache is not None else _sample_images(cfg, common)
+        whiten_stem(model.stem[0], images, d.mean, d.std, seed=cfg.seed)
     state = None
     if cfg.resume:
         state = ckpt.load(run_dir / "last.pt")
@@ -155,18 +189,29 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
-    train_set = SeededDataset(train_ds, cfg.seed)
-    sampler = ResumableSampler(train_set, info, cfg.seed, shuffle=True, drop_last=True)
-    workers = d.num_workers
-    loader_args = dict(
-        num_workers=workers, pin_memory=d.pin_memory and info.device.type == "cuda", collate_fn=collate_skip
-    )
-    train_loader = DataLoader(
-        train_set, batch_size=per_rank, sampler=sampler, drop_last=True, generator=torch.Generator(), **loader_args
-    )
-    val_loader = DataLoader(
-        val_ds, batch_size=max(per_rank, 64), sampler=ShardSampler(len(val_ds), info), **loader_args
-    )
+    if cache is not None:
+        train_set: Any = train_cache
+        sampler = ResumableSampler(train_cache, info, cfg.seed, shuffle=True, drop_last=True)
+        augment = BatchAugment(d.img_size, crop=d.crop, scale=d.scale, hflip=d.hflip, mean=d.mean, std=d.std)
+        train_loader: Any = CachedLoader(
+            train_cache, sampler, per_rank, augment=augment, drop_last=True, seed=cfg.seed, rank=info.rank,
+            world=info.world_size,
+        )  # fmt: skip
+        val_loader: Any = CachedLoader(
+            val_cache, ShardSampler(len(val_cache), info), max(per_rank, 64), normalise=(d.mean, d.std)
+        )
+    else:
+        train_set = SeededDataset(train_ds, cfg.seed)
+        sampler = ResumableSampler(train_set, info, cfg.seed, shuffle=True, drop_last=True)
+        loader_args = dict(
+            num_workers=d.num_workers, pin_memory=d.pin_memory and info.device.type == "cuda", collate_fn=collate_skip
+        )
+        train_loader = DataLoader(
+            train_set, batch_size=per_rank, sampler=sampler, drop_last=True, generator=torch.Generator(), **loader_args
+        )
+        val_loader = DataLoader(
+            val_ds, batch_size=max(per_rank, 64), sampler=ShardSampler(len(val_ds), info), **loader_args
+        )
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     if steps_per_epoch == 0:
         raise ValueError(
@@ -287,20 +332,25 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
         ckpt.save_atomic(payload, path)
 
     t0, step0 = time.perf_counter(), step
-    trained = {"images": 0, "time": 0.0}
+    trained = {"images": 0, "time": 0.0, "paused": 0.0}  # paused: evaluation and checkpoints at epoch ends
+
+    def train_clock() -> float:
+        """Seconds of training so far: the budget counts training steps, not evaluation and epoch-end saves."""
+        return time.perf_counter() - t0 - trained["paused"]
+
     planned = dict(sched)
     budget_s = cfg.budget_min * 60 if cfg.budget_min is not None else None
 
     def fit_schedule_to_budget(s: int) -> None:
         """Shorten the schedule to the steps that fit in the budget at the speed measured so far."""
-        elapsed = time.perf_counter() - t0
+        elapsed = train_clock()
         per_step = elapsed / max(s - step0, 1)
         est = s + int(max(budget_s - elapsed, 0) / per_step)
         total = int(broadcast_object(min(planned["total_steps"], max(est, s + 1)), info))
         sched.update(shrink_schedule(planned, total))
 
     def out_of_time() -> bool:
-        flag = torch.tensor(float(time.perf_counter() - t0 >= budget_s))
+        flag = torch.tensor(float(train_clock() >= budget_s))
         return bool(all_reduce_sum(flag, info) > 0)
 
     last_row: dict[str, Any] = {}
@@ -308,7 +358,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch, skip=epoch_step * per_rank * cfg.accum_steps)
-            train_set.set_epoch(epoch)
+            (train_loader if cache is not None else train_set).set_epoch(epoch)
 
             def on_step(s: int, n: int, epoch: int = epoch, offset: int = epoch_step) -> None:
                 if budget_s is not None and s - step0 == 10:
@@ -336,6 +386,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 total=(steps_per_epoch - epoch_step) * cfg.accum_steps,
             )
+            t_epoch_end = time.perf_counter()
             step = r["step"]
             trained["images"] += r["images"]
             trained["time"] += r["time"]
@@ -348,7 +399,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
                 "train_loss": r["loss"],
                 "img_per_s": r["img_per_s"],
                 "epoch_time_s": r["time"],
-                "skipped_images": r["skipped"],
+                "skipped_images": r["skipped"] + (train_cache.skipped if cache is not None else 0),
+                "data_wait_pct": 100.0 * r["data_time"] / max(r["time"], 1e-9),
             }
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or stopped:
                 last_row |= _eval_row(raw_model, ema, val_loader, info, cfg)
@@ -366,6 +418,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
                 metrics.append(last_row)
                 plot_curves(metrics.rows(), run_dir / "curves.png")
                 log.info(_epoch_line(last_row, cfg.epochs))
+            trained["paused"] += time.perf_counter() - t_epoch_end
             if budget_s is not None and not stopped:
                 fit_schedule_to_budget(step)
             if stopped:
@@ -394,6 +447,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
         "epochs": epoch + 1 if last_row else start_epoch,
         "steps": step,
         "time_s": time.perf_counter() - t0,
+        "train_s": train_clock(),  # what the budget counts
+        "setup_s": t0 - t_setup,  # data scan and decoding, model, plan: before the budget's clock starts
         "run_dir": str(run_dir),
     }
     if info.is_main:
@@ -402,10 +457,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
 
 
 def _eval_row(model: nn.Module, ema: nn.Module | None, loader: DataLoader, info: DistInfo, cfg: TrainConfig) -> dict:
-    m = evaluate(model, loader, info=info, amp=cfg.amp, channels_last=cfg.channels_last, desc="eval")
+    kw = dict(info=info, amp=cfg.amp, channels_last=cfg.channels_last, tta_flip=cfg.data.tta_flip)
+    m = evaluate(model, loader, desc="eval", **kw)
     row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
     if ema is not None:
-        e = evaluate(ema.module, loader, info=info, amp=cfg.amp, channels_last=cfg.channels_last, desc="eval EMA")
+        e = evaluate(ema.module, loader, desc="eval EMA", **kw)
         row |= {"ema_loss": e["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
     if m["skipped"]:
         row["val_skipped"] = m["skipped"]
@@ -438,6 +494,50 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, info: DistInfo) -> None:
     if existing and info.is_main:
         for f in existing:
             (run_dir / f).unlink()
+
+
+def _set_transform(ds: Any, transform: Any) -> None:
+    """Give a dataset (or the dataset a Subset selects from) its transform."""
+    while hasattr(ds, "indices") and hasattr(ds, "dataset"):
+        ds = ds.dataset
+    ds.transform = transform
+
+
+def _sample_images(cfg: TrainConfig, common: dict[str, Any], count: int = 2048) -> torch.Tensor:
+    """Up to `count` training images, evenly spread, decoded at the training size: uint8 (N, 3, S, S)."""
+    size = cfg.data.img_size
+    ds, _ = build_dataset(cfg.data.name, "train", decode_transform(size), **(common | {"skip_bad_images": True}))
+    picks = range(0, len(ds), max(len(ds) // count, 1))[:count]
+    return torch.stack([item[0] for item in (ds[i] for i in picks) if item is not None])
+
+
+def _cache_plan(cfg: TrainConfig, train_ds: Any, val_ds: Any, info: DistInfo) -> int | None:
+    """The side to cache the training images at (and give both datasets their decoding transform), or None for
+    the per-image DataLoader path: data.cache off, augmentation that only runs per image (RandAugment, random
+    erasing), or a cache larger than its share of the available memory (said in one line)."""
+    d = cfg.data
+    if d.cache not in ("auto", "on", "off"):
+        raise ValueError(f"data.cache must be auto, on or off, not {d.cache!r}")
+    if d.cache == "off":
+        return None
+    per_image = [n for n, on in (("RandAugment", d.randaugment), ("random erasing", d.re_prob > 0)) if on]
+    if per_image:
+        if d.cache == "on":
+            raise ValueError(f"data.cache on: {' and '.join(per_image)} run per image; turn them off or cache off")
+        log.info("data: per-image loading (%s run per image, not on cached batches)", " and ".join(per_image))
+        return None
+    size = cache_size(d.img_size, d.crop, typical_short_side(train_ds))
+    need = len(train_ds) * 3 * size * size + len(val_ds) * 3 * d.img_size**2
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    fits, figures = fits_in_memory(need, d.cache_memory_share, local)
+    if not fits:
+        if d.cache == "on":
+            raise ValueError(f"data.cache on: the decoded images do not fit ({figures})")
+        log.info("data: not cached in memory (%s); decoding per image with %d workers", figures, d.num_workers)
+        return None
+    _set_transform(train_ds, decode_transform(size))
+    _set_transform(val_ds, decode_transform(d.img_size, d.crop_pct))
+    return size
 
 
 def _per_rank_batch(cfg: TrainConfig, info: DistInfo, n_train: int) -> int:

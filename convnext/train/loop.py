@@ -64,7 +64,8 @@ def train_one_epoch(
     `step` is the global optimizer step the epoch starts at; `lr_fn(step)` gives each step's lr. After each
     optimizer step `on_step(step, steps_this_epoch)` runs (checkpointing); `should_stop()` (the same answer on
     every rank) ends the epoch early. Returns {"loss", "images", "img_per_s", "steps", "step", "skipped", "stopped",
-    "lr", "time"}; "images" and "img_per_s" count all processes.
+    "lr", "time", "data_time"}; "images" and "img_per_s" count all processes; "data_time" is the seconds spent
+    waiting for the next batch.
     """
     model.train()
     device = info.device
@@ -73,7 +74,14 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = tqdm(loader, total=total, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
     optimizer.zero_grad(set_to_none=True)
-    for x, y, n_bad in bar:
+    batches, data_time = iter(bar), 0.0
+    while True:
+        t_data = time.perf_counter()
+        try:
+            x, y, n_bad = next(batches)
+        except StopIteration:
+            break
+        data_time += time.perf_counter() - t_data  # waiting for data: decoding, augmenting, or a worker
         skipped += n_bad
         if len(y) == 0:
             continue
@@ -134,6 +142,7 @@ def train_one_epoch(
         "stopped": stopped,
         "lr": lr,
         "time": elapsed,
+        "data_time": data_time,
     }
 
 
@@ -145,9 +154,11 @@ def evaluate(
     info: DistInfo,
     amp: str = "none",
     channels_last: bool = False,
+    tta_flip: bool = False,
     desc: str = "eval",
 ) -> dict[str, Any]:
-    """Top-1, top-5 (in %), mean cross-entropy and image count over `loader`, summed over all processes."""
+    """Top-1, top-5 (in %), mean cross-entropy and image count over `loader`, summed over all processes.
+    With `tta_flip` the logits are the mean of the image's and its mirror image's."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, skipped
     bar = tqdm(loader, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
@@ -157,8 +168,9 @@ def evaluate(
             continue
         x, y = _to_device(x, y, info.device, channels_last)
         with autocast(info.device, amp):
-            logits = model(x)
-        logits = logits.float()
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top.eq(y[:, None])

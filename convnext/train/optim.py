@@ -153,7 +153,8 @@ def lr_at(
     gamma: float = 0.1,
 ) -> float:
     """The lr at optimizer step `step` (0-based): linear warmup from `warmup_lr` over `warmup_steps`, then
-    cosine from `lr` to `min_lr` at `total_steps`, or a step decay by `gamma` every `step_size` steps."""
+    cosine (or a straight line) from `lr` to `min_lr` at `total_steps`, or a step decay by `gamma` every
+    `step_size` steps."""
     if step < warmup_steps:
         return warmup_lr + (lr - warmup_lr) * step / warmup_steps
     t = step - warmup_steps
@@ -161,9 +162,12 @@ def lr_at(
         span = max(total_steps - warmup_steps, 1)
         progress = min(t / span, 1.0)
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+    if name == "linear":  # "Budgeted Training" (Li et al. 2020): straight down to min_lr at the budget
+        progress = min(t / max(total_steps - warmup_steps, 1), 1.0)
+        return lr + (min_lr - lr) * progress
     if name == "step":
         return lr * gamma ** (t // max(step_size, 1))
-    raise ValueError(f"sched.name must be 'cosine' or 'step', not {name!r}")
+    raise ValueError(f"sched.name must be 'cosine', 'linear' or 'step', not {name!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -17,7 +17,8 @@ def test_two_processes_match_one(image_folder, tmp_path, run_cli, tiny_args):
     # No Mixup/CutMix and no stochastic depth: they draw per batch / per process. Per-image augmentation stays on:
     # it is seeded by (seed, epoch, index), so both runs see the same pixels.
     args = [
-        "train", "--data", str(image_folder), "--epochs", "2", "--batch-size", "6", "--device", "cpu", *tiny_args,
+        "train", "--preset", "demo", "--data", str(image_folder), "--epochs", "2", "--batch-size", "6",
+        "--device", "cpu", *tiny_args,
         "--data.mixup", "0", "--data.cutmix", "0", "--model.drop_path_rate", "0", "--ema", "true",
         "--ema_decay", "0.9",
     ]  # fmt: skip

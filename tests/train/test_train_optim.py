@@ -28,8 +28,13 @@ def test_warmup_then_cosine():
 def test_step_schedule_and_no_warmup():
     kw = dict(lr=0.1, total_steps=90, name="step", step_size=30, gamma=0.1)
     assert [lr_at(s, **kw) for s in (0, 29, 30, 59, 60, 89)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    with pytest.raises(ValueError, match="cosine' or 'step"):
-        lr_at(0, lr=1.0, total_steps=10, name="linear")
+    with pytest.raises(ValueError, match="'linear' or 'step"):
+        lr_at(0, lr=1.0, total_steps=10, name="poly")
+
+
+def test_linear_decay_to_min_lr_at_the_budget():
+    kw = dict(lr=1.0, total_steps=110, warmup_steps=10, name="linear", min_lr=0.0)
+    assert [lr_at(s, **kw) for s in (0, 5, 10, 60, 110, 200)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, 0.0])
 
 
 def test_linear_scaling_rule():

@@ -1,0 +1,196 @@
+"""The `auto` recipe: a from-scratch training config chosen from what the data and the budget are.
+
+`convnext train --data DIR` with no `--preset` comes here. It looks at the data (number of images and classes,
+the source images' size, their channel mean and std) and the budget (`--budget-min`, or `--epochs`), times one
+training step of each candidate stem on this machine, and picks (each reason is a line of `cfg.recipe`, logged
+when the run starts and saved in config.json):
+
+- the stem stride: the finest patchify stem whose measured speed still buys `MIN_EPOCHS` passes over the data in
+  the budget (finer stems see more pixels per image but fewer images), keeping at least an 8x8 token grid;
+- the crop: pad-and-translate when the images are about the training size (CIFAR-like), a random-resized crop
+  from a 1/0.875 margin when they are larger (photos); horizontal flips and flip-averaged evaluation;
+- the normalisation: the data's own channel mean and std;
+- the schedule: AdamW, a short warmup and a straight line to zero at the budget ("Budgeted Training", Li et al.
+  2020), lr and batch as measured in benchmarks/NOTES.md; label smoothing 0.1; no EMA (with the lr at zero at
+  the end the last weights beat a lagging average);
+- the stem initialised to whiten the training images' patches (`whiten.py`, airbench's trick) and layer scale
+  starting at 0.1 instead of 1e-6, both for a faster start;
+- regularisation scaled to the passes the run will make: none beyond crops and flips for short runs, Mixup/CutMix
+  and stochastic depth only for long ones.
+
+Explicit flags are applied after this and always win.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from convnext.data import build_dataset
+from convnext.data.cache import decode_transform, typical_short_side
+from convnext.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+
+log = logging.getLogger("convnext.train")
+
+MIN_EPOCHS = 10  # the fewest passes over the data a finer stem may leave the budget
+DEFAULT_EPOCHS = 30  # without a budget
+LONG_RUN_EPOCHS = 100  # from here on, Mixup/CutMix and stochastic depth
+BATCH = 128  # more steps for the same images; 128 beat 256 at equal time (benchmarks/NOTES.md)
+LR_AT_128 = 2.5e-3  # AdamW; 2e-3 and 3e-3 within noise at batch 128, 4e-3 worse than 2e-3 at 256
+LAYER_SCALE = 0.1  # the paper's 1e-6 keeps every block an identity for the first hundreds of steps
+
+
+def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dict[str, Any]:
+    """Images, classes, the source images' median short side and the channel mean/std of a spread sample."""
+    ds, classes = build_dataset(data, "train", None, data_dir=data_dir, skip_bad_images=True)
+    side = typical_short_side(ds) or 224
+    size = min(side, 64)
+    tf = decode_transform(size)
+    step = max(len(ds) // probes, 1)
+    pixels = []
+    for i in range(0, len(ds), step)[:probes]:
+        item = ds[i]
+        if item is not None:
+            pixels.append(tf(item[0]).float().div(255).flatten(1))
+    x = torch.cat(pixels, 1) if pixels else torch.full((3, 1), 0.5)
+    mean = tuple(round(v, 4) for v in x.mean(1).tolist())
+    std = tuple(round(max(v, 1e-3), 4) for v in x.std(1).tolist())
+    return {"n": len(ds), "classes": len(classes), "short_side": side, "mean": mean, "std": std}
+
+
+def images_per_second(
+    model_name: str, patch: int, img_size: int, classes: int, batch: int = 128, at_least: float = 0.0
+) -> float:
+    """Training images/s of `model_name` with a `patch` stem on this machine: the median of a few fast-path AdamW
+    steps after a warm-up one. Returns the warm-up step's (lower) rate alone when even that is below `at_least`."""
+    from convnext.fast import FastConvNeXt
+    from convnext.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=classes, patch_size=patch)
+    fast = FastConvNeXt(model, None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,))
+    rates = []
+    for _ in range(4):
+        t = time.perf_counter()
+        F.cross_entropy(fast(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(batch / (time.perf_counter() - t))
+        if len(rates) == 1 and rates[0] * 2 < at_least:  # the first step runs slow, but not 2x slow
+            return rates[0]
+    return sorted(rates[1:])[1]
+
+
+def auto_recipe(
+    data: str,
+    *,
+    img_size: int | None = None,
+    budget_min: float | None = None,
+    epochs: int | None = None,
+    model: str | None = None,
+    patch_size: int | None = None,
+    batch_size: int | None = None,
+    data_dir: str | None = None,
+    threads: int | None = None,
+) -> TrainConfig:
+    """A TrainConfig for training `model` (default convnext_atto) from scratch on `data` (see the module doc);
+    the stem is timed on `threads` threads (the run's)."""
+    if threads:
+        torch.set_num_threads(threads)
+    stats = data_stats(data, data_dir)
+    name = model or "convnext_atto"
+    why: list[str] = []
+    n, side = stats["n"], stats["short_side"]
+    size = img_size or min(side, 224)
+    why.append(f"data: {n} training images, {stats['classes']} classes, source short side {side}px; training at {size}")
+    batch = batch_size or min(BATCH, max(n // 8, 8))
+    lr = LR_AT_128 * (batch / 128) ** 0.5
+
+    # ---- stem: the finest one the budget affords MIN_EPOCHS with (an 8x8 token grid at least)
+    candidates = [p for p in (2, 4, 8, 16) if size // p >= 8] or [max(size // 8, 1)]
+    rates: dict[int, float] = {}
+    if patch_size is not None:
+        patch, why_patch = patch_size, f"stem {patch_size}x{patch_size} (given)"
+    elif budget_min is None:
+        patch = next((p for p in candidates if p >= 4), candidates[-1])
+        why_patch = f"stem {patch}x{patch}: the paper's 4x4 stem where the image allows an 8x8 token grid (no budget)"
+    else:
+        need = MIN_EPOCHS * n / (budget_min * 60)  # images/s
+        passes: dict[int, float] = {}
+        for p in reversed(candidates):  # coarsest first; a finer stem is slower, so stop at the first that fails
+            rates[p] = images_per_second(name, p, size, stats["classes"], min(batch, 128), at_least=need)
+            passes[p] = rates[p] * budget_min * 60 / n
+            if passes[p] < MIN_EPOCHS:
+                break
+        patch = next((p for p in candidates if passes.get(p, 0) >= MIN_EPOCHS), candidates[-1])
+        measured = ", ".join(f"{p}x{p} {rates[p]:.0f} img/s = {passes[p]:.1f} epochs" for p in sorted(passes))
+        why_patch = f"stem {patch}x{patch}: the finest that buys >= {MIN_EPOCHS} epochs in the budget ({measured})"
+    why.append(why_patch)
+
+    # ---- how many passes the run will make, and regularisation for that many
+    if budget_min is not None:
+        if patch not in rates:
+            rates[patch] = images_per_second(name, patch, size, stats["classes"], min(batch, 128))
+        expected = rates[patch] * budget_min * 60 / n
+        planned = epochs or int(expected * 3) + 2  # an upper bound: the budget fits the schedule to the steps
+    else:
+        expected = planned = epochs or DEFAULT_EPOCHS
+    long_run = expected >= LONG_RUN_EPOCHS
+    photos = side >= size * 1.25
+    crop = "rrc" if photos else "pad"
+    why.append(
+        "crop: random-resized (area 35-100%) from a margin, as the images are larger than the training size"
+        if photos
+        else "crop: reflect-pad by 1/8 and a random crop, as the images are about the training size"
+    )
+    why.append(
+        "Mixup 0.8 / CutMix 1.0 and drop path 0.1: the run makes >= 100 passes"
+        if long_run
+        else "no Mixup/CutMix, RandAugment or drop path: too few passes for them to pay back"
+    )
+    why.append(f"AdamW lr {lr:.3g} at batch {batch}, wd 0.05, warmup 3% of the steps, then linear to 0; EMA off")
+    why.append(f"stem initialised as patch whitening of the training images; layer scale starts at {LAYER_SCALE}")
+
+    cfg = TrainConfig(
+        model=ModelConfig(
+            name=name,
+            patch_size=patch,
+            drop_path_rate=0.1 if long_run else 0.0,
+            layer_scale_init=LAYER_SCALE,
+            stem_init="whiten",
+        ),
+        data=DataConfig(
+            name=data,
+            data_dir=data_dir,
+            img_size=size,
+            crop_pct=0.875 if photos else 1.0,
+            mean=stats["mean"],
+            std=stats["std"],
+            crop=crop,
+            scale=(0.35, 1.0),
+            hflip=0.5,
+            randaugment=False,
+            re_prob=0.0,
+            mixup=0.8 if long_run else 0.0,
+            cutmix=1.0 if long_run else 0.0,
+            label_smoothing=0.1,
+            num_workers=2,
+            tta_flip=True,
+        ),
+        optim=OptimConfig(name="adamw", lr=lr, base_lr=LR_AT_128, base_batch=128, weight_decay=0.05),
+        sched=ScheduleConfig(name="linear", warmup_epochs=0.03 * planned, min_lr=0.0),
+        output="runs/auto",
+        epochs=planned,
+        batch_size=batch,
+        budget_min=budget_min,
+        ema=False,
+        recipe=why,
+    )
+    return cfg

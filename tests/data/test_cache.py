@@ -1,0 +1,107 @@
+"""The in-memory data path: batch augmentation, its per-image randomness, the loader, and the memory check."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from convnext.data.cache import (
+    BatchAugment,
+    CachedImages,
+    CachedLoader,
+    cache_size,
+    epoch_key,
+    fits_in_memory,
+    uniform,
+)
+from convnext.train.distributed import DistInfo, ResumableSampler
+
+
+def _images(n: int = 8, size: int = 12) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 255 - 0.5) / 0.5
+
+
+def test_uniform_is_a_pure_function_of_key_and_position():
+    u = uniform(123, torch.arange(4000), 3)
+    assert u.shape == (4000, 3) and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.02 and abs(u.std().item() - (1 / 12) ** 0.5) < 0.02
+    torch.testing.assert_close(uniform(123, torch.tensor([7, 3]), 3), u[[7, 3]], rtol=0, atol=0)
+    assert not torch.equal(uniform(124, torch.arange(10), 3), u[:10])
+
+
+def test_resize_without_flip_is_only_normalisation():
+    x = _images()
+    aug = BatchAugment(12, crop="resize", hflip=0.0)
+    torch.testing.assert_close(aug(x, 0, torch.arange(8)), _normalised(x))
+
+
+def test_full_box_resized_crop_is_the_image_or_its_mirror():
+    x = _images()
+    keep = BatchAugment(12, crop="rrc", scale=(1, 1), ratio=(1, 1), hflip=0.0)
+    torch.testing.assert_close(keep(x, 0, torch.arange(8)), _normalised(x), atol=1e-4, rtol=0)
+    mirror = BatchAugment(12, crop="rrc", scale=(1, 1), ratio=(1, 1), hflip=1.0)
+    torch.testing.assert_close(mirror(x, 0, torch.arange(8)), _normalised(x).flip(-1), atol=1e-4, rtol=0)
+
+
+def test_resized_crop_boxes_stay_inside_and_vary():
+    x = torch.arange(16, dtype=torch.float32).repeat(16, 1).expand(64, 3, 16, 16).to(torch.uint8)  # column index
+    aug = BatchAugment(8, crop="rrc", scale=(0.2, 0.5), hflip=0.0, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    out = aug(x, 5, torch.arange(64))
+    assert out.shape == (64, 3, 8, 8)
+    assert out.min() >= 0 and out.max() <= 15
+    widths = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    assert widths.std() > 0.5  # boxes of different sizes
+
+
+def test_translation_is_a_crop_of_the_reflect_padded_image():
+    x = _images(4, 16)
+    aug = BatchAugment(16, crop="pad", hflip=0.0)
+    out = aug(x, 9, torch.arange(4))
+    padded = F.pad(_normalised(x), (2, 2, 2, 2), mode="reflect")
+    shifts = set()
+    for i in range(4):
+        crops = {(dy, dx): padded[i, :, dy : dy + 16, dx : dx + 16] for dy in range(5) for dx in range(5)}
+        found = [shift for shift, crop in crops.items() if torch.allclose(crop, out[i], atol=1e-5)]
+        assert found, f"image {i} is no crop of its padded self"
+        shifts.add(found[0])
+    assert len(shifts) > 1
+
+
+def test_an_images_augmentation_does_not_depend_on_its_batch():
+    x = _images(8)
+    aug = BatchAugment(12, crop="rrc", scale=(0.3, 1.0))
+    whole = aug(x, 42, torch.arange(8))
+    halves = torch.cat([aug(x[:4], 42, torch.arange(4)), aug(x[4:], 42, torch.arange(4, 8))])
+    torch.testing.assert_close(whole, halves, rtol=0, atol=0)
+
+
+def test_loader_resumes_mid_epoch_and_splits_across_processes_like_one():
+    cache = CachedImages(_images(12), torch.arange(12), 0)
+    aug = BatchAugment(12, crop="pad")
+
+    def batches(world: int, rank: int, batch: int, skip: int = 0) -> list[torch.Tensor]:
+        sampler = ResumableSampler(cache, DistInfo(rank, world), seed=3)
+        sampler.set_epoch(1, skip=skip)
+        loader = CachedLoader(cache, sampler, batch, augment=aug, drop_last=True, seed=3, rank=rank, world=world)
+        loader.set_epoch(1)
+        return [x for x, _, _ in loader]
+
+    one = batches(1, 0, 4)
+    assert torch.equal(torch.cat(batches(1, 0, 4, skip=4)), torch.cat(one[1:]))  # resumed after one batch
+    r0, r1 = batches(2, 0, 2), batches(2, 1, 2)
+    for step in range(3):  # global batch 4 = 2 per process: the same pixels, interleaved as DistributedSampler does
+        both = torch.stack([r0[step], r1[step]], 1).flatten(0, 1)
+        assert torch.equal(both, one[step])
+
+
+def test_cache_size_and_memory_check():
+    assert cache_size(32, "pad", 32) == 32
+    assert cache_size(64, "rrc", 500) == 73 and cache_size(64, "rrc", 66) == 66 and cache_size(64, "rrc", 40) == 64
+    ok, words = fits_in_memory(1, 0.5)
+    assert ok and "MiB" in words
+    assert not fits_in_memory(2**60, 0.5)[0]
+    assert epoch_key(0, 1) != epoch_key(0, 2)
