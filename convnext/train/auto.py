@@ -191,6 +191,7 @@ def auto_recipe(
         batch_size=batch,
         budget_min=budget_min,
         ema=False,
+        eval_every=max(1, round(expected / 10)),  # about 10 evaluations a run, and always one at the end
         recipe=why,
     )
     return cfg
