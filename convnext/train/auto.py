@@ -39,6 +39,7 @@ log = logging.getLogger("convnext.train")
 MIN_EPOCHS = 10  # the fewest passes over the data a finer stem may leave the budget
 DEFAULT_EPOCHS = 30  # without a budget
 LONG_RUN_EPOCHS = 100  # from here on, Mixup/CutMix and stochastic depth
+MIN_SIZE = 16  # the smallest training size chosen without --img-size
 BATCH = 128  # more steps for the same images; 128 beat 256 at equal time (benchmarks/NOTES.md)
 LR_AT_128 = 2.5e-3  # AdamW; 2e-3 and 3e-3 within noise at batch 128, 4e-3 worse than 2e-3 at 256
 LAYER_SCALE = 0.1  # the paper's 1e-6 keeps every block an identity for the first hundreds of steps
@@ -65,8 +66,8 @@ def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dic
 def images_per_second(
     model_name: str, patch: int, img_size: int, classes: int, batch: int = 128, at_least: float = 0.0
 ) -> float:
-    """Training images/s of `model_name` with a `patch` stem on this machine: the median of a few fast-path AdamW
-    steps after a warm-up one. Returns the warm-up step's (lower) rate alone when even that is below `at_least`."""
+    """Training images/s of `model_name` with a `patch` stem on this machine: the median of 4 fast-path AdamW
+    steps after an untimed first one; the first timed step's rate alone when it is under half of `at_least`."""
     from convnext.fast import FastConvNeXt
     from convnext.registry import create_model
 
@@ -77,15 +78,16 @@ def images_per_second(
     x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,))
     rates = []
-    for _ in range(4):
+    for i in range(5):  # the first step builds kernels and plans: not timed
         t = time.perf_counter()
         F.cross_entropy(fast(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rates.append(batch / (time.perf_counter() - t))
-        if len(rates) == 1 and rates[0] * 2 < at_least:  # the first step runs slow, but not 2x slow
+        if i > 0:
+            rates.append(batch / (time.perf_counter() - t))
+        if len(rates) == 1 and rates[0] * 2 < at_least:  # far too slow: no need for a median
             return rates[0]
-    return sorted(rates[1:])[1]
+    return sorted(rates)[len(rates) // 2]
 
 
 def auto_recipe(
@@ -108,7 +110,7 @@ def auto_recipe(
     name = model or "convnext_atto"
     why: list[str] = []
     n, side = stats["n"], stats["short_side"]
-    size = img_size or min(side, 224)
+    size = img_size or min(max(side, MIN_SIZE), 224)  # tiny sources upsampled: 8x8 tokens need 16 px at 2x2
     why.append(f"data: {n} training images, {stats['classes']} classes, source short side {side}px; training at {size}")
     batch = batch_size or min(BATCH, max(n // 8, 8))
     lr = LR_AT_128 * (batch / 128) ** 0.5
@@ -139,7 +141,7 @@ def auto_recipe(
         if patch not in rates:
             rates[patch] = images_per_second(name, patch, size, stats["classes"], min(batch, 128))
         expected = rates[patch] * budget_min * 60 / n
-        planned = epochs or int(expected * 3) + 2  # an upper bound: the budget fits the schedule to the steps
+        planned = epochs or max(int(expected * 3) + 2, 100)  # a bound only: the budget fits the schedule
     else:
         expected = planned = epochs or DEFAULT_EPOCHS
     long_run = expected >= LONG_RUN_EPOCHS
