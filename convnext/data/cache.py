@@ -120,6 +120,17 @@ def uniform(key: int, positions: torch.Tensor, draws: int) -> torch.Tensor:
     return _shift(z, 11).double() / 2.0**53
 
 
+class Normalise:
+    """0-255 values (uint8 or float) -> (x / 255 - mean) / std, float32 channels-last."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
 class BatchAugment:
     """uint8 (B, 3, S, S) -> normalised float32 (B, 3, img_size, img_size): crop, horizontal flip, normalise.
 
@@ -142,8 +153,7 @@ class BatchAugment:
         if crop not in CROPS:
             raise ValueError(f"data.crop must be one of {', '.join(CROPS)}, not {crop!r}")
         self.img_size, self.crop, self.scale, self.ratio, self.hflip = img_size, crop, tuple(scale), tuple(ratio), hflip
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.normalise = Normalise(mean, std)
 
     def __call__(self, x: torch.Tensor, key: int, positions: torch.Tensor) -> torch.Tensor:
         s = self.img_size
@@ -158,7 +168,7 @@ class BatchAugment:
             if out.shape[-1] != s:
                 out = F.interpolate(out, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
             out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        return ((out - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return self.normalise(out)
 
     def _translate(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -219,10 +229,7 @@ class CachedLoader:
     ):
         self.cache, self.sampler, self.batch_size, self.drop_last = cache, sampler, batch_size, drop_last
         self.augment, self.seed, self.rank, self.world, self.epoch = augment, seed, rank, world, 0
-        if augment is None:
-            mean, std = normalise or ((0.5,) * 3, (0.5,) * 3)
-            self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-            self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.normalise = Normalise(*(normalise or ((0.5,) * 3, (0.5,) * 3)))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -243,7 +250,7 @@ class CachedLoader:
                 mine = skip + i * self.batch_size + torch.arange(len(idx))
                 x = self.augment(x, key, mine * self.world + self.rank)
             else:
-                x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+                x = self.normalise(x)
             yield x, y, 0
 
 

@@ -190,7 +190,6 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
     if cache is not None:
-        train_set: Any = train_cache
         sampler = ResumableSampler(train_cache, info, cfg.seed, shuffle=True, drop_last=True)
         augment = BatchAugment(d.img_size, crop=d.crop, scale=d.scale, hflip=d.hflip, mean=d.mean, std=d.std)
         train_loader: Any = CachedLoader(
@@ -358,7 +357,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch, skip=epoch_step * per_rank * cfg.accum_steps)
-            (train_loader if cache is not None else train_set).set_epoch(epoch)
+            (train_loader if cache is not None else train_loader.dataset).set_epoch(epoch)
 
             def on_step(s: int, n: int, epoch: int = epoch, offset: int = epoch_step) -> None:
                 if budget_s is not None and s - step0 == 10:
