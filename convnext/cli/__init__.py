@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print(f"convnext {args.command}: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
+            RuntimeError) as e:  # fmt: skip
         # One clear line for bad input; the traceback only with -v.
         if args.verbose:
             raise

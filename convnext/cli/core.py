@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from convnext.cli.args import positive_int
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list registered models (or published weights with --pretrained)")
@@ -14,7 +16,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="parameters, GMACs and activation memory of a model")
     p.add_argument("model", help="registered name, e.g. convnext_tiny")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=positive_int, default=224)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)

@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from convnext.cli.args import positive_float, positive_int
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     for task, preset, what in (
@@ -33,10 +35,10 @@ def _add_train(actions: argparse._SubParsersAction, task: str, preset: str) -> N
     p.add_argument("--model", default=None, help="backbone: a registered name (convnext list) or resnet50 (the peer)")
     p.add_argument("--data", default=None, help="dataset root (pennfudan: PennFudanPed/; camvid: CamVid/)")
     p.add_argument("--output", default=None, help="run folder to create")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (schedule fitted)")
-    p.add_argument("--budget-min", type=float, default=None, help="wall-clock training budget in minutes")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
+    p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--checkpoint", default=None, help="backbone weights: a file in any layout convnext reads")
     p.add_argument("--pretrained-run", default=None, help="backbone weights: a `convnext train` run folder")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")

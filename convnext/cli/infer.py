@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from convnext.cli.args import positive_int
+
 MODEL_HELP = "registered name (convnext_tiny, convnext_tiny.fb_in1k) or a training run folder"
 
 
@@ -23,9 +25,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--data", required=True, help="image folder (its val/ split if any), cifar10, cifar100 or digits")
     p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 live")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--img-size", type=int, default=None, help="override the weights' / run's eval size")
+    p.add_argument("--img-size", type=positive_int, default=None, help="override the weights' / run's eval size")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
     p.add_argument("--no-ema", action="store_true", help="skip the run's EMA weights")
     p.add_argument("--output-dir", default=None, help="write metrics.json and confusion.png here (run: RUN/eval-DATA)")
@@ -36,10 +38,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help=MODEL_HELP + ", or a checkpoint file inside a run folder")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders (searched recursively)")
     _model_args(p, positional=False)
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--img-size", type=positive_int, default=None)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     p.set_defaults(func=cmd_predict)
@@ -50,8 +52,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="norms stay fp32 in fp16/bf16")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (checked at two)")
-    p.add_argument("--batch-size", type=int, default=1, help="traced batch size (fixed unless --dynamic-batch)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the weights' / run's)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="traced batch (fixed unless --dynamic-batch)")
+    p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the weights' / run's)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
     p.add_argument("--atol", type=float, default=None, help="tolerance relative to max(1, max |logit|)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -60,8 +62,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="images/s, latency, peak memory and share of the measured matmul peak")
     _model_args(p)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--img-size", type=positive_int, default=224)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--impl", choices=["fast", "eager"], default="fast", help="fast: convnext.optimize (default)")
     p.add_argument("--channels-last", action="store_true", help="eager: channels_last weights and input")

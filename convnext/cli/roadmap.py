@@ -7,21 +7,26 @@ import json
 import logging
 from pathlib import Path
 
+from convnext.cli.args import positive_float, positive_int
+
 log = logging.getLogger(__name__)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("roadmap", help="train the roadmap steps (ResNet-50 -> ConvNeXt-T) on one data set and budget")
     p.add_argument("--data", required=True, help="'cifar10' or an image folder with train/ and val/ (or test/)")
-    p.add_argument("--budget-min", type=float, required=True, help="wall-clock training minutes per step")
+    p.add_argument("--budget-min", type=positive_float, required=True, help="wall-clock training minutes per step")
     p.add_argument("--steps", default="0-12", help="steps to run, e.g. '0,2,5-12' (default all)")
     p.add_argument("--output", required=True, help="folder for results.json, the table and the figure")
     p.add_argument("--data-dir", default=None, help="where CIFAR-10 is, or is unpacked to")
     p.add_argument(
-        "--img-size", type=int, default=None, help="training size (default: 32 for CIFAR, else the images' own, <= 224)"
+        "--img-size",
+        type=positive_int,
+        default=None,
+        help="training size (default: 32 for CIFAR, else the images' own, <= 224)",
     )
     p.add_argument("--patch-size", type=int, default=None, help="stem stride (default 2 for 32px images, else 4)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--lr", type=float, default=None, help="peak lr of the modern recipe (AdamW), default 2e-3")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -33,10 +38,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None, help="folder of images to average over (default: random images)")
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--checkpoint", action="append", default=None, help="weights or run per model (repeat, in order)")
-    p.add_argument("--img-size", type=int, default=None, help="default: the run's / weights' size, else 224")
+    p.add_argument("--img-size", type=positive_int, default=None, help="default: the run's / weights' size, else 224")
     p.add_argument("--patch-size", type=int, default=None, help="untrained models: stem stride (1 or 2 for 32px)")
     p.add_argument("--num-classes", type=int, default=None, help="untrained models: head size")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--output", default="erf.png", help="PNG to write")
     p.add_argument("--json", action="store_true", help="print the area shares as JSON")
     p.set_defaults(func=cmd_erf)

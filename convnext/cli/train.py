@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from convnext.cli.args import positive_float, positive_int
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,15 +27,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset", default=None, help="starting config (default: auto; demo for --data digits or no --data)"
     )
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step")
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
+    p.add_argument("--img-size", type=positive_int, default=None)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 are (or get downloaded)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
-    p.add_argument("--budget-min", type=float, default=None, help="wall-clock training budget in minutes")
+    p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.set_defaults(func=cmd_train, accepts_overrides=True)

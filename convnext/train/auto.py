@@ -104,6 +104,12 @@ def auto_recipe(
 ) -> TrainConfig:
     """A TrainConfig for training `model` (default convnext_atto) from scratch on `data` (see the module doc);
     the stem is timed on `threads` threads (the run's)."""
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    if budget_min is not None and not budget_min > 0:
+        raise ValueError(f"--budget-min must be > 0 minutes, got {budget_min}")
+    if img_size is not None and img_size < 1:
+        raise ValueError(f"--img-size must be >= 1, got {img_size}")
     if threads:
         torch.set_num_threads(threads)
     stats = data_stats(data, data_dir)

@@ -6,7 +6,9 @@ between train and val, batch larger than the dataset), and the weights to resume
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -88,21 +90,23 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     started_group = info.distributed
     try:
-        return _fit(cfg, info, model)
+        with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
+            return _fit(cfg, info, model, held)
     finally:
         if started_group:
             cleanup()
 
 
-def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str, Any]:
+def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: contextlib.ExitStack) -> dict[str, Any]:
     t_setup = time.perf_counter()
     if not info.is_main:
         log.setLevel(logging.WARNING)
     if cfg.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    _check_config(cfg)
     run_dir = Path(cfg.resume or cfg.output)
     cfg.output = str(run_dir)
-    _check_run_dir(run_dir, cfg, info)
+    old_files = _check_run_dir(run_dir, cfg)
     for line in cfg.recipe:
         log.info("recipe: %s", line)
 
@@ -270,6 +274,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
     metrics = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(_run_lock(run_dir))
+        for tmp in run_dir.glob(".*.pt.*.tmp"):  # left by a process killed while it saved
+            tmp.unlink(missing_ok=True)
+        for f in old_files:  # --overwrite: the old run goes only now that data and model are built
+            (run_dir / f).unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
         if state is not None:
@@ -424,9 +433,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None) -> dict[str
                 log.info("time budget of %.1f min spent after %d steps", cfg.budget_min, step)
                 break
     except NonFiniteLossError as e:
-        last = run_dir / "last.pt"
-        keep = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"{e}: stopping; {keep}. Try a lower --optim.lr or --optim.clip_grad 1.0") from None
+        raise NonFiniteLossError(
+            f"{e}: stopping; {_diverged_note(run_dir)}. Try a lower --optim.lr or --optim.clip_grad 1.0"
+        ) from None
     finally:
         if metrics is not None:
             metrics.close()
@@ -479,20 +488,78 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig, info: DistInfo) -> None:
+def _diverged_note(run_dir: Path) -> str:
+    """What a diverged run leaves: last.pt was saved before the loss went non-finite, but its weights may already
+    have blown up (the loss lags the weights), so say how large they are; best.pt is the last scored epoch's."""
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    if not last.exists():
+        return "no checkpoint was written yet"
+    state = ckpt.load(last)
+    weights = [t for t in state["model"].values() if t.is_floating_point()]
+    finite = all(bool(torch.isfinite(t).all()) for t in weights)
+    size = max((float(t.abs().max()) for t in weights if t.numel()), default=0.0) if finite else float("inf")
+    step = state.get("step", "?")
+    note = f"{last} holds step {step}'s weights (largest |w| {size:.3g}; they may already have diverged)"
+    return note + (f"; {best} holds the best scored epoch" if best.exists() else "; no epoch was scored yet")
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Any:
+    """Hold `run_dir/.lock` for the run: a second run started on the same folder is refused, not interleaved."""
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(
+                f"another run is writing to {run_dir} (pid {f.read().strip() or '?'}); wait for it or "
+                "choose another --output"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """Values no run can use, refused before the data is read or the run folder is touched."""
+    bad = []
+    if cfg.epochs < 1:
+        bad.append(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.budget_min is not None and not cfg.budget_min > 0:
+        bad.append(f"budget_min must be > 0 minutes, got {cfg.budget_min}")
+    if cfg.data.img_size < 1:
+        bad.append(f"data.img_size must be >= 1, got {cfg.data.img_size}")
+    if cfg.batch_size < 1:
+        bad.append(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[str]:
+    """Refuse an output that cannot take this run; return the old run's files that --overwrite replaces (they are
+    removed only when the new run is about to write, so a run that fails in set-up loses nothing)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--output {run_dir} is a file, not a folder")
+    if any(parent.exists() and not parent.is_dir() for parent in run_dir.parents):
+        raise NotADirectoryError(f"--output {run_dir} lies below a file")
+    nearest = next(d for d in (run_dir, *run_dir.parents) if d.exists())
+    if not os.access(nearest, os.W_OK):
+        raise PermissionError(f"--output {run_dir}: {nearest} is not writable")
     if cfg.resume:
         if not (run_dir / "last.pt").is_file():
             raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
-        return
+        return []
     existing = [f for f in RUN_FILES if (run_dir / f).exists()]
     if existing and not cfg.overwrite:
         raise ValueError(
             f"{run_dir} already holds a run ({', '.join(existing)}); continue it with --resume {run_dir}, "
             "or pass --overwrite, or choose another --output"
         )
-    if existing and info.is_main:
-        for f in existing:
-            (run_dir / f).unlink()
+    return existing
 
 
 def _set_transform(ds: Any, transform: Any) -> None:

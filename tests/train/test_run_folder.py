@@ -1,0 +1,95 @@
+"""The run folder under faults: --overwrite loses nothing when set-up fails, bad values are refused before the
+folder is touched, a second run on the same folder is refused, temp files of killed saves are cleared."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+from convnext.train import auto_recipe, fit
+from convnext.train.fit import _run_lock
+
+
+def test_overwrite_keeps_the_old_run_when_the_data_is_missing(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_config(image_folder, out, epochs=1))
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"}
+    with pytest.raises(Exception, match="missing"):
+        fit(tiny_config(tmp_path / "missing", out, overwrite=True))
+    after = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"}
+    assert after == before and "best.pt" in after
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("epochs", 0, "epochs must be >= 1"), ("epochs", -3, "epochs must be >= 1"),
+     ("budget_min", -1.0, "budget_min must be > 0"), ("data.img_size", 0, "img_size must be >= 1")],
+)  # fmt: skip
+def test_unusable_values_are_refused_before_the_folder_is_made(
+    image_folder, tiny_config, tmp_path, field, value, message
+):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        fit(tiny_config(image_folder, out, **{field: value}))
+    assert not out.exists()
+
+
+def test_output_that_is_a_file_is_refused(image_folder, tiny_config, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("keep")
+    with pytest.raises(NotADirectoryError, match="file.txt"):
+        fit(tiny_config(image_folder, target))
+    with pytest.raises(NotADirectoryError, match="below a file"):
+        fit(tiny_config(image_folder, target / "run"))
+    assert target.read_text() == "keep"
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as f:  # another process's run holds the folder
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("12345")
+        f.flush()
+        pid = os.fork()
+        if pid == 0:  # flock locks are per open file: a child that opens it again competes like another run
+            try:
+                with _run_lock(out):
+                    os._exit(1)
+            except RuntimeError as e:
+                os._exit(0 if "another run is writing" in str(e) and "12345" in str(e) else 2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert not (out / "config.json").exists()
+
+
+def test_temp_files_of_killed_saves_are_cleared(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    fit(tiny_config(image_folder, out, epochs=1))
+    assert not stale.exists() and (out / "last.pt").is_file()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"epochs": 0}, "--epochs"), ({"budget_min": -1}, "--budget-min"),
+                                                 ({"img_size": 0}, "--img-size")])  # fmt: skip
+def test_the_auto_recipe_refuses_unusable_values(image_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        auto_recipe(str(image_folder), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--epochs", "0"], ["train", "--budget-min", "-1"], ["train", "--img-size", "0"],
+     ["predict", "convnext_atto", "x.png", "--topk", "0"], ["bench", "--batch", "0"]],
+)  # fmt: skip
+def test_cli_refuses_non_positive_counts_in_one_line(argv, tmp_path, capsys):
+    from convnext.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "--output", str(tmp_path / "run")] if argv[0] == "train" else argv)
+    assert e.value.code == 2 and not (tmp_path / "run").exists()
+    assert f"argument {argv[-2]}: must be " in capsys.readouterr().err
