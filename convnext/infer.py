@@ -362,7 +362,9 @@ def run_eval(
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        png = plot_confusion_matrix(confusion, classes, out / "confusion.png", title=f"{loaded.name} on {data}")
+        # folder names that are not UTF-8 arrive as surrogate escapes, which the plot's text cannot draw
+        shown = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in classes]
+        png = plot_confusion_matrix(confusion, shown, out / "confusion.png", title=f"{loaded.name} on {data}")
         summary["confusion_png"] = str(png)
         (out / "metrics.json").write_text(json.dumps(summary | {"confusion": confusion}, indent=1) + "\n")
     return summary

@@ -2,6 +2,7 @@
 loading on real generated files of every bad kind, and `convnext eval` / `convnext predict`."""
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -324,3 +325,17 @@ def test_eval_loss_is_mean_cross_entropy():
     assert r["top1"] == pytest.approx(100 * (logits.argmax(1) == ys).float().mean().item())
     top5 = (logits.topk(5).indices == ys[:, None]).any(1).float().mean().item()
     assert r["top5"] == pytest.approx(100 * top5) and r["n"] == 10
+
+
+def test_eval_with_a_class_folder_name_that_is_not_utf8(tmp_path):
+    root = tmp_path / "imgs"
+    names = [os.fsdecode(b"caf\xe9"), "dog"]  # Latin-1 bytes: a surrogate escape in Python
+    rng = np.random.default_rng(0)
+    for c in names:
+        (root / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            _rand_rgb(rng, 24, 24).save(root / "val" / c / f"{i}.png")
+    loaded = LoadedModel(small(2), PRE, sorted(names), "small")
+    got = run_eval(loaded, root, batch_size=4, output_dir=tmp_path / "out")
+    assert got["n"] == 4 and Image.open(got["confusion_png"]).format == "PNG"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 4

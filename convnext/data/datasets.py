@@ -13,6 +13,7 @@ work the same way as for any other RGB dataset, at the cost of 3x the stem's inp
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from torchvision import datasets
 
 from convnext.data.decode import BadImageError, load_image
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# the kinds predict reads (infer.IMAGE_EXTENSIONS)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation", "test")}
 EMBEDDED = ("digits",)
 TORCHVISION = ("cifar10", "cifar100")
@@ -44,6 +46,35 @@ class ImageFolder(datasets.ImageFolder):
             raise ValueError(f"no images in {root}: expected {root}/<class>/<image> files ({e})") from None
         self.skip_bad = skip_bad
 
+    @staticmethod
+    def make_dataset(
+        directory: str | Path,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """torchvision's scan, but each folder is entered once: a link back up (`ln -s .. loop`) or to another
+        class would repeat images under this class's label (and a loop, without end)."""
+        valid = is_valid_file or _is_image
+        samples, empty = [], []
+        seen = {os.path.realpath(directory)} | {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
+        for name in sorted(class_to_idx):
+            found = 0
+            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+                real = {d: os.path.realpath(os.path.join(root, d)) for d in dirs}
+                dirs[:] = sorted(d for d in dirs if real[d] not in seen)
+                seen.update(real[d] for d in dirs)
+                for f in sorted(files):
+                    if valid(path := os.path.join(root, f)):
+                        samples.append((path, class_to_idx[name]))
+                        found += 1
+            if not found:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"no valid file for the classes {', '.join(empty)}")
+        return samples
+
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
         try:
@@ -56,7 +87,8 @@ class ImageFolder(datasets.ImageFolder):
 
 
 def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMG_EXTENSIONS) and not Path(path).name.startswith(".")
+    """An image file by name, and a regular file (a FIFO named `x.jpg` would block the reader forever)."""
+    return path.lower().endswith(IMG_EXTENSIONS) and not Path(path).name.startswith(".") and os.path.isfile(path)
 
 
 class DigitsDataset(Dataset):
