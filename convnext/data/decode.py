@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MAX_ASPECT = 50  # wider than 50:1 is a strip, not a picture: resized to 224 px on its short side, 1x100000 px is 15 GB
+
 
 class BadImageError(ValueError):
     """An image file that cannot be used; the message names the file and the reason."""
@@ -23,20 +25,29 @@ def load_image(path: str | Path) -> Image.Image:
 
     Grayscale, 1-bit, palette, CMYK and 16-bit images are converted. Unreadable files, truncated data and images
     over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) raise `BadImageError` (a ValueError)
-    whose message starts "cannot read image <path>".
+    whose message starts "cannot read image <path>"; so do images thinner than 1:`MAX_ASPECT`.
     """
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb either way.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as im:
+                w, h = im.size
+                if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+                    raise _Strip(f"{w}x{h} px, an aspect ratio beyond {MAX_ASPECT}:1")
                 im.load()  # decode now: truncated data raises here, not later in a worker
                 return to_rgb(ImageOps.exif_transpose(im))  # a copy: the file's image dies when it is closed
         except Exception as e:  # malformed files make Pillow raise almost anything (SyntaxError, struct.error, ...)
             raise BadImageError(f"cannot read image {path}: {_reason(e)}") from e
 
 
+class _Strip(ValueError):
+    pass
+
+
 def _reason(e: Exception) -> str:
+    if isinstance(e, _Strip):
+        return str(e)
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"refused, larger than Pillow's decompression-bomb limit ({e})"
     if isinstance(e, FileNotFoundError):

@@ -110,3 +110,14 @@ def test_a_bad_file_is_named_on_every_path(tmp_path):
     assert skipped == 1
     _, x, err = _ImageFiles([bad], Preprocess(16, 1.0).transform())[0]
     assert x is None and str(bad) in err
+
+
+def test_a_strip_image_is_refused_by_name_before_it_is_decoded(tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 100_000)).save(strip)  # a few hundred bytes; at 224 px on its short side, 15 GB
+    for read in (load_image, predict_load_image, read_rgb):
+        with pytest.raises(BadImageError, match=f"cannot read image {strip}: 1x100000 px, an aspect ratio beyond"):
+            read(strip)
+    wide = tmp_path / "panorama.png"
+    Image.new("RGB", (1200, 100)).save(wide)  # 12:1 is a picture
+    assert load_image(wide).size == (1200, 100)
