@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"convnext {args.command}: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
         return 130
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
-            RuntimeError) as e:  # fmt: skip
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         # One clear line for bad input; the traceback only with -v.
         if args.verbose:
             raise

@@ -20,7 +20,8 @@ from torch import nn
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
-    """torch.save to `path` through a temp file + rename."""
+    """torch.save to `path` through a temp file + rename: `path` is the old file or the whole new one, never half.
+    A failed write (disk full, quota) raises OSError naming `path`, its temp file removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,8 +31,12 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e)):
+            # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed (disk full?)"
+            raise OSError(getattr(e, "errno", None), f"cannot write {path}: {reason}; the previous file is kept") from e
         raise
     return path
 

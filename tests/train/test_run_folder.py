@@ -93,3 +93,25 @@ def test_cli_refuses_non_positive_counts_in_one_line(argv, tmp_path, capsys):
         build_parser().parse_args([*argv, "--output", str(tmp_path / "run")] if argv[0] == "train" else argv)
     assert e.value.code == 2 and not (tmp_path / "run").exists()
     assert f"argument {argv[-2]}: must be " in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from convnext.train import checkpoint
+
+    target = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1}, target)
+
+    def full_disk(obj, f):  # what the kernel answers when the disk fills during the write
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device; the previous file is kept"):
+        checkpoint.save_atomic({"step": 2}, target)
+    monkeypatch.undo()
+    assert checkpoint.load(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
