@@ -27,6 +27,7 @@ import ctypes.util
 import functools
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -218,6 +219,26 @@ def _true_is_faster(run: Callable[[bool], object], runs: int) -> bool:
     return first < second
 
 
+@functools.cache
+def onednn_conv1x1(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs a 1x1 convolution in `dtype` on this machine (bf16 needs AVX-512 or AVX-NE-CONVERT);
+    where it does not, the pointwise layers run as matmuls, said once in a warning."""
+    ok = torch.backends.mkldnn.is_available()
+    if ok:
+        x = torch.zeros(1, 8, 2, 2, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        try:
+            torch.ops.mkldnn._convolution_pointwise(x, torch.zeros(8, 8, 1, 1, dtype=dtype), None, _ZERO, _ONE, _ONE,
+                                                    1, "none", [], "")  # fmt: skip
+        except RuntimeError:
+            ok = False
+    if not ok:
+        warnings.warn(
+            f"oneDNN has no {dtype} 1x1 convolution on this CPU: the fast path's pointwise layers run as matmuls",
+            stacklevel=2,
+        )
+    return ok
+
+
 def _conv1x1(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -231,7 +252,7 @@ def _conv1x1(
     multiplies the result, by oneDNN inside the same kernel (a binary post-op, no extra pass) or, after a matmul,
     in place. `weight` may be a transposed view (the grad-inputs): both take it without a copy, and a transposing
     copy costs as much as the product here."""
-    if matmul:
+    if matmul or (not torch.compiler.is_compiling() and not onednn_conv1x1(x.dtype)):  # compiled: inductor's own
         out = F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # channels-last
         if post:
             out = out.add_(other) if post == "add" else out.mul_(other)
