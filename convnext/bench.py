@@ -53,6 +53,8 @@ def matmul_peak_gflops(
     On CPU the same product is also timed through oneDNN (as a 1x1 convolution) and the faster one counts:
     `torch.mm` in fp32 goes to MKL, which on AMD CPUs runs a narrower code path than the hardware allows.
     """
+    from convnext.fast import onednn_conv1x1
+
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -60,7 +62,7 @@ def matmul_peak_gflops(
     b = torch.randn(n, n, generator=gen).to(device, dtype)
     with torch.inference_mode():
         best = min(time_runs(lambda: torch.mm(a, b), warmup=2, runs=runs, device=device))
-        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        if device.type == "cpu" and onednn_conv1x1(dtype):  # bf16 needs AVX-512 or AVX-NE-CONVERT
             # n pixels, n channels. A copy, not a view of a.t(): the view has batch stride n, which sends oneDNN
             # down a path at 60% of its speed.
             x = torch.empty(1, n, 32, n // 32, dtype=dtype, memory_format=torch.channels_last)
@@ -68,10 +70,7 @@ def matmul_peak_gflops(
             w = b.t().contiguous()[:, :, None, None]
             conv = torch.ops.mkldnn._convolution_pointwise
             one_dnn = lambda: conv(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")  # noqa: E731
-            try:
-                best = min(best, *time_runs(one_dnn, warmup=2, runs=runs, device=device))
-            except RuntimeError:  # oneDNN has no kernel for this dtype on this CPU (bf16 without AVX-512): mm stands
-                pass
+            best = min(best, *time_runs(one_dnn, warmup=2, runs=runs, device=device))
     return 2 * n**3 / best / 1e9
 
 
