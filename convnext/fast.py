@@ -314,16 +314,36 @@ class DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+        return depthwise_conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
         c, k = weight.shape[0], weight.shape[-1]
-        grad_x = F.conv2d(grad, weight.flip(-2, -1), None, padding=k // 2, groups=c)
-        grad_w = kernels.depthwise_weight_grad(x, grad, k).to(weight.dtype)
+        used = _taps_used(x, k)
+        grad_x = depthwise_conv(grad, weight.flip(-2, -1), None)
+        grad_w = kernels.depthwise_weight_grad(x, grad, used).to(weight.dtype)
+        if used < k:  # the outer taps only ever met padding: their gradient is zero
+            grad_w = F.pad(grad_w, [(k - used) // 2] * 4)
         return grad_x, grad_w, _column_sums(_rows(grad))
+
+
+def _taps_used(x: torch.Tensor, k: int) -> int:
+    """The central taps of an odd k x k "same" kernel that can meet a pixel of x: at most 2 * side - 1."""
+    return min(k, 2 * max(x.shape[-2:]) - 1) if k % 2 == 1 else k
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise k x k "same" convolution on the taps that can meet a pixel: on a grid smaller than the kernel
+    (a 7x7 kernel on ConvNeXt's 2x2 and 1x1 late stages at small images) the outer taps only multiply padding,
+    and oneDNN's 7x7 kernel on a 1x1 grid is ~200x slower than the 1x1 it equals (benchmarks/NOTES.md)."""
+    k = weight.shape[-1]
+    used = _taps_used(x, k)
+    if used < k:
+        cut = (k - used) // 2
+        weight = weight[:, :, cut : cut + used, cut : cut + used]
+    return F.conv2d(x, weight, bias, padding=used // 2, groups=weight.shape[0])
 
 
 class LowPrecisionGelu(torch.autograd.Function):
@@ -483,7 +503,7 @@ def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> to
     if train:
         y = DepthwiseConv.apply(*_cast(x, block.dwconv.weight, block.dwconv.bias))
     else:
-        y = block.dwconv(x)
+        y = depthwise_conv(x, block.dwconv.weight, block.dwconv.bias)
     y = _layer_norm(block.norm, y.permute(0, 2, 3, 1))  # (B, H, W, C): a view when x is channels-last
     y = y.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
     w2, b2 = block.pwconv2.weight, block.pwconv2.bias

@@ -202,3 +202,24 @@ def test_more_models_than_dynamos_default_cache_all_stay_compiled():
     for batch in range(1, 10):  # one more than the default
         optimize(ConvNeXt(cfg).eval(), "inference", example_input=torch.randn(batch, 3, 16, 16), aot=False)
     assert counters["stats"]["unique_graphs"] - before == 9
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 5])
+def test_depthwise_on_grids_smaller_than_the_kernel_matches_the_full_kernel(side):
+    """The late stages of small images: a 7x7 kernel on a 1x1..4x4 grid runs only the taps that meet a pixel."""
+    from convnext.fast import DepthwiseConv
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(6, 1, 7, 7, requires_grad=True), torch.randn(6, requires_grad=True)
+    grad = torch.randn(3, 6, side, side)
+    expected = torch.nn.functional.conv2d(x, w, b, padding=3, groups=6)
+    ex, ew, eb = torch.autograd.grad(expected, (x, w, b), grad)
+    out = DepthwiseConv.apply(x, w, b)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for got, want in ((gx, ex), (gw, ew), (gb, eb)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if side < 4:
+        assert gw[:, :, 0].abs().max() == 0  # outer taps never meet a pixel
