@@ -320,7 +320,7 @@ class DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        c, k = weight.shape[0], weight.shape[-1]
+        k = weight.shape[-1]
         used = _taps_used(x, k)
         grad_x = depthwise_conv(grad, weight.flip(-2, -1), None)
         grad_w = kernels.depthwise_weight_grad(x, grad, used).to(weight.dtype)

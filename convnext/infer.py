@@ -65,18 +65,21 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 @dataclass(frozen=True)
 class Preprocess:
     """Eval preprocessing: resize the shorter side to img_size / crop_pct, center-crop img_size, normalise; with
-    `tta_flip` (a run trained with data.tta_flip) the logits are the mean of the image's and its mirror's."""
+    `tta_flip` / `tta_shift` (a run trained with data.tta_flip / tta_shift) the logits are the mean over the
+    test-time views (`data.tta_logits`)."""
 
     img_size: int = 224
     crop_pct: float = 0.875
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     tta_flip: bool = False
+    tta_shift: int = 0
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The model's float32 logits for a preprocessed batch, flip-averaged when `tta_flip`."""
-        out = model(x).float()
-        return (out + model(x.flip(-1)).float()) / 2 if self.tta_flip else out
+        """The model's float32 logits for a preprocessed batch, averaged over the test-time views."""
+        from convnext.data import tta_logits
+
+        return tta_logits(model, x, self.tta_flip, self.tta_shift)
 
     def transform(self):
         """The torchvision transforms.v2 pipeline: PIL RGB image -> normalised float tensor (3, S, S)."""
@@ -213,6 +216,7 @@ def _load_run(run_dir: Path, with_ema: bool, which: str = "best") -> LoadedModel
         tuple(data.get("mean", IMAGENET_MEAN)),
         tuple(data.get("std", IMAGENET_STD)),
         bool(data.get("tta_flip", False)),
+        int(data.get("tta_shift", 0)),
     )
     classes = data.get("classes") or None
     name = cfg.get("model", {}).get("name", run_dir.name)

@@ -16,6 +16,7 @@ from convnext.data.transforms import (
     eval_transform,
     mix_transform,
     train_transform,
+    tta_logits,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "load_image",
     "mix_transform",
     "train_transform",
+    "tta_logits",
 ]

@@ -235,3 +235,21 @@ def mix_transform(
         return x, y
 
     return apply
+
+
+def tta_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flip: bool, shift: int = 0):
+    """Test-time augmentation: the mean float32 logits of `model` over views of the batch x (B, C, H, W).
+
+    flip: each view and its mirror image; shift: also the batch translated by `shift` pixels up-left and
+    down-right (reflect-padded, as the training crops pad), airbench's "translate" test-time augmentation. The
+    views: 1 (neither), 2 (flip), 3 (shift) or 6 (both).
+    """
+    views = [x]
+    if shift > 0:
+        h, w = x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (shift,) * 4, mode="reflect")
+        views += [padded[..., 2 * shift :, 2 * shift :], padded[..., :h, :w]]
+    if flip:
+        views += [v.flip(-1) for v in views]
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return sum(model(v.contiguous(memory_format=layout)).float() for v in views) / len(views)

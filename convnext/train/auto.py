@@ -5,10 +5,13 @@ the source images' size, their channel mean and std) and the budget (`--budget-m
 training step of each candidate stem on this machine, and picks (each reason is a line of `cfg.recipe`, logged
 when the run starts and saved in config.json):
 
-- the stem stride: the finest patchify stem whose measured speed still buys `MIN_EPOCHS` passes over the data in
-  the budget (finer stems see more pixels per image but fewer images), keeping at least an 8x8 token grid;
+- the stem stride and, when no `--model` is given, the model's size: the finest patchify stem (a first-stage token
+  grid from 16x16 down to 8x8) whose measured speed still buys `MIN_EPOCHS` passes over the data in the budget,
+  on convnext_atto or, where atto is too slow for that, on atto with a quarter of its blocks (`QUARTER`); finer
+  grids see more of each image, and at 32 px the 16x16 grid on the smaller model beat atto's 8x8 at equal time;
 - the crop: pad-and-translate when the images are about the training size (CIFAR-like), a random-resized crop
-  from a 1/0.875 margin when they are larger (photos); horizontal flips and flip-averaged evaluation;
+  from a 1/0.875 margin when they are larger (photos); horizontal flips and flip-averaged evaluation, for
+  padded crops also averaged over 1-pixel translations (6 views: +1.2 points on CIFAR-10, benchmarks/NOTES.md);
 - the normalisation: the data's own channel mean and std;
 - the schedule: AdamW, a short warmup and a straight line to zero at the budget ("Budgeted Training", Li et al.
   2020), lr and batch as measured in benchmarks/NOTES.md; label smoothing 0.1; no EMA (with the lr at zero at
@@ -43,6 +46,10 @@ MIN_SIZE = 16  # the smallest training size chosen without --img-size
 BATCH = 128  # more steps for the same images; 128 beat 256 at equal time (benchmarks/NOTES.md)
 LR_AT_128 = 2.5e-3  # AdamW; 2e-3 and 3e-3 within noise at batch 128, 4e-3 worse than 2e-3 at 256
 LAYER_SCALE = 0.1  # the paper's 1e-6 keeps every block an identity for the first hundreds of steps
+MAX_GRID = 16  # the finest first-stage token grid a budgeted run considers (ResNet's and airbench's on CIFAR)
+# atto with a quarter of its blocks, timm's zepto widths: at 32 px its 2x2 stem (16x16 tokens) trains as fast as
+# atto's 4x4 (8x8 tokens) and scored 64.0 vs 61.2% in 3 minutes on CIFAR-10 (benchmarks/NOTES.md)
+QUARTER: dict[str, Any] = {"depths": (1, 1, 2, 1), "dims": (32, 64, 128, 256)}
 
 
 def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dict[str, Any]:
@@ -64,18 +71,19 @@ def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dic
 
 
 def images_per_second(
-    model_name: str, patch: int, img_size: int, classes: int, batch: int = 128, at_least: float = 0.0
+    model_name: str, patch: int, img_size: int, classes: int, batch: int = 128, at_least: float = 0.0, **kwargs: Any
 ) -> float:
-    """Training images/s of `model_name` with a `patch` stem on this machine: the median of 4 fast-path AdamW
-    steps after an untimed first one; the first timed step's rate alone when it is under half of `at_least`."""
-    from convnext.fast import FastConvNeXt
+    """Training images/s of `model_name` with a `patch` stem on this machine, as the run trains (the fast path
+    with its timed 1x1 plan, fused AdamW): the median of 4 steps after an untimed first one; the first timed
+    step's rate alone when it is under half of `at_least`."""
+    from convnext.fast import FastConvNeXt, plan_pointwise
     from convnext.registry import create_model
 
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=classes, patch_size=patch)
-    fast = FastConvNeXt(model, None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = create_model(model_name, num_classes=classes, patch_size=patch, **kwargs)
     x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    fast = FastConvNeXt(model, plan_pointwise(model, x, torch.float32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     y = torch.randint(0, classes, (batch,))
     rates = []
     for i in range(5):  # the first step builds kernels and plans: not timed
@@ -121,32 +129,43 @@ def auto_recipe(
     batch = batch_size or min(BATCH, max(n // 8, 8))
     lr = LR_AT_128 * (batch / 128) ** 0.5
 
-    # ---- stem: the finest one the budget affords MIN_EPOCHS with (an 8x8 token grid at least)
+    # ---- stem (and, with no --model, the model's size): the finest token grid up to 16x16 that the budget
+    # affords MIN_EPOCHS with, the full model before the quarter-size one at each grid
     candidates = [p for p in (2, 4, 8, 16) if size // p >= 8] or [max(size // 8, 1)]
-    rates: dict[int, float] = {}
-    if patch_size is not None:
+    shapes = [(name, {})] + ([(f"{name} at a quarter of its blocks", QUARTER)] if model is None else [])
+    shape, rate = {}, None
+    if patch_size is not None and budget_min is None:
         patch, why_patch = patch_size, f"stem {patch_size}x{patch_size} (given)"
     elif budget_min is None:
         patch = next((p for p in candidates if p >= 4), candidates[-1])
         why_patch = f"stem {patch}x{patch}: the paper's 4x4 stem where the image allows an 8x8 token grid (no budget)"
     else:
         need = MIN_EPOCHS * n / (budget_min * 60)  # images/s
-        passes: dict[int, float] = {}
-        for p in reversed(candidates):  # coarsest first; a finer stem is slower, so stop at the first that fails
-            rates[p] = images_per_second(name, p, size, stats["classes"], min(batch, 128), at_least=need)
-            passes[p] = rates[p] * budget_min * 60 / n
-            if passes[p] < MIN_EPOCHS:
+        grids = [patch_size] if patch_size is not None else [p for p in candidates if size // p <= MAX_GRID]
+        order = [(p, label, kw) for p in grids or candidates[-1:] for label, kw in shapes]  # finest grid first
+        tried = []
+        for p, label, kw in order:
+            r = images_per_second(name, p, size, stats["classes"], min(batch, 128), at_least=need, **kw)
+            tried.append((p, label, kw, r))
+            if r * budget_min * 60 / n >= MIN_EPOCHS:
                 break
-        patch = next((p for p in candidates if passes.get(p, 0) >= MIN_EPOCHS), candidates[-1])
-        measured = ", ".join(f"{p}x{p} {rates[p]:.0f} img/s = {passes[p]:.1f} epochs" for p in sorted(passes))
-        why_patch = f"stem {patch}x{patch}: the finest that buys >= {MIN_EPOCHS} epochs in the budget ({measured})"
+        else:  # none affords MIN_EPOCHS: the finest grid on the smallest model (a finer grid beat more passes)
+            tried.append(tried[len(shapes) - 1])
+        patch, label, shape, rate = tried[-1]
+        measured = ", ".join(f"{p}x{p} {lab} {r:.0f} img/s = {r * budget_min * 60 / n:.1f} epochs"
+                             for p, lab, _, r in tried[: len(order)])  # fmt: skip
+        rule = (
+            f"the larger model that buys >= {MIN_EPOCHS} epochs with the given stem, else the smaller"
+            if patch_size is not None
+            else f"the finest grid up to {MAX_GRID}x{MAX_GRID} that buys >= {MIN_EPOCHS} epochs in the budget, "
+            "the larger model first, else the finest grid on the smaller model"
+        )
+        why_patch = f"model {label}, stem {patch}x{patch} ({size // patch}x{size // patch} tokens): {rule} ({measured})"
     why.append(why_patch)
 
     # ---- how many passes the run will make, and regularisation for that many
     if budget_min is not None:
-        if patch not in rates:
-            rates[patch] = images_per_second(name, patch, size, stats["classes"], min(batch, 128))
-        expected = rates[patch] * budget_min * 60 / n
+        expected = rate * budget_min * 60 / n
         planned = epochs or max(int(expected * 3) + 2, 100)  # a bound only: the budget fits the schedule
     else:
         expected = planned = epochs or DEFAULT_EPOCHS
@@ -156,7 +175,8 @@ def auto_recipe(
     why.append(
         "crop: random-resized (area 35-100%) from a margin, as the images are larger than the training size"
         if photos
-        else "crop: reflect-pad by 1/8 and a random crop, as the images are about the training size"
+        else "crop: reflect-pad by 1/8 and a random crop, as the images are about the training size; evaluation "
+        "averages 6 views (flips x 1-pixel translations)"
     )
     why.append(
         "Mixup 0.8 / CutMix 1.0 and drop path 0.1: the run makes >= 100 passes"
@@ -173,6 +193,7 @@ def auto_recipe(
             drop_path_rate=0.1 if long_run else 0.0,
             layer_scale_init=LAYER_SCALE,
             stem_init="whiten",
+            kwargs=dict(shape),
         ),
         data=DataConfig(
             name=data,
@@ -191,6 +212,7 @@ def auto_recipe(
             label_smoothing=0.1,
             num_workers=2,
             tta_flip=True,
+            tta_shift=0 if photos else 1,
         ),
         optim=OptimConfig(name="adamw", lr=lr, base_lr=LR_AT_128, base_batch=128, weight_decay=0.05),
         sched=ScheduleConfig(name="linear", warmup_epochs=0.03 * planned, min_lr=0.0),
@@ -199,7 +221,7 @@ def auto_recipe(
         batch_size=batch,
         budget_min=budget_min,
         ema=False,
-        eval_every=max(1, round(expected / 10)),  # about 10 evaluations a run, and always one at the end
+        eval_every=max(1, round(expected / 5)),  # about 5 evaluations a run, and always one at the end
         recipe=why,
     )
     return cfg

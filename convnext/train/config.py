@@ -67,6 +67,7 @@ class DataConfig:
     cache: str = "auto"  # auto | on | off: decode once into memory, augment batches in torch (convnext/data/cache.py)
     cache_memory_share: float = 0.5  # auto: cache only when it needs at most this share of the available memory
     tta_flip: bool = False  # evaluate (and predict) on the mean of the image's and its mirror's logits
+    tta_shift: int = 0  # and of the image translated by this many pixels both ways (data.tta_logits)
     classes: list[str] = field(default_factory=list)  # filled in from the dataset when the run starts
 
 

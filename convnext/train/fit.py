@@ -465,7 +465,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
 
 
 def _eval_row(model: nn.Module, ema: nn.Module | None, loader: DataLoader, info: DistInfo, cfg: TrainConfig) -> dict:
-    kw = dict(info=info, amp=cfg.amp, channels_last=cfg.channels_last, tta_flip=cfg.data.tta_flip)
+    d = cfg.data
+    kw = dict(info=info, amp=cfg.amp, channels_last=cfg.channels_last, tta_flip=d.tta_flip, tta_shift=d.tta_shift)
     m = evaluate(model, loader, desc="eval", **kw)
     row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
     if ema is not None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from convnext.data.transforms import tta_logits
 from convnext.train.distributed import DistInfo, all_reduce_sum
 from convnext.train.optim import set_lr
 
@@ -155,10 +156,11 @@ def evaluate(
     amp: str = "none",
     channels_last: bool = False,
     tta_flip: bool = False,
+    tta_shift: int = 0,
     desc: str = "eval",
 ) -> dict[str, Any]:
     """Top-1, top-5 (in %), mean cross-entropy and image count over `loader`, summed over all processes.
-    With `tta_flip` the logits are the mean of the image's and its mirror image's."""
+    With `tta_flip` / `tta_shift` the logits are the mean over the views `data.tta_logits` makes."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, skipped
     bar = tqdm(loader, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
@@ -168,9 +170,7 @@ def evaluate(
             continue
         x, y = _to_device(x, y, info.device, channels_last)
         with autocast(info.device, amp):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
+            logits = tta_logits(model, x, tta_flip, tta_shift)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top.eq(y[:, None])

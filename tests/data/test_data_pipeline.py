@@ -126,3 +126,18 @@ def test_seeded_dataset_augmentation_depends_on_seed_epoch_index_only():
 def test_cifar_missing_locally_without_download(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"cifar10 not found in {tmp_path}.*--data-dir"):
         build_dataset("cifar10", "train", data_dir=str(tmp_path), download=False)
+
+
+def test_tta_logits_averages_flips_and_one_pixel_translations():
+    from convnext.data import tta_logits
+
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    views = lambda v: v.flatten(1)  # noqa: E731  a "model" that returns its input: the mean of the views shows
+    assert torch.equal(tta_logits(views, x, False), x.flatten(1))
+    flip = tta_logits(views, x, True).view_as(x)
+    torch.testing.assert_close(flip, (x + x.flip(-1)) / 2)
+    shift = tta_logits(views, x, False, shift=1).view_as(x)
+    inner = (x[..., 1:4, 1:4] + x[..., 2:5, 2:5] + x[..., 0:3, 0:3]) / 3  # the pixel and its diagonal neighbours
+    torch.testing.assert_close(shift[..., 1:4, 1:4], inner)
+    both = tta_logits(views, x.contiguous(memory_format=torch.channels_last), True, shift=1).view_as(x)
+    torch.testing.assert_close(both, (shift + shift.flip(-1)) / 2)

@@ -34,20 +34,53 @@ def test_auto_recipe_fits_the_data_and_says_why(image_folder, tmp_path):
     assert cfg.sched.name == "linear" and cfg.sched.min_lr == 0 and cfg.data.tta_flip
     assert cfg.data.mixup == 0.8 and cfg.model.drop_path_rate == 0.1  # 36 images, 5 min: thousands of passes
     assert all(0 < m < 1 for m in cfg.data.mean) and cfg.data.mean != (0.485, 0.456, 0.406)
-    assert any(line.startswith("stem 2x2") and "img/s" in line for line in cfg.recipe)
+    assert any(line.startswith("model convnext_atto, stem 2x2") and "img/s" in line for line in cfg.recipe)
     assert cfg.epochs >= 2 and cfg.budget_min == 5
 
     same = auto_recipe(str(image_folder), img_size=24)  # no budget: the paper's 4x4 stem needs 32 px for 8x8
     assert same.model.patch_size == 2
     assert same.data.crop == "pad"  # sources at the training size: translate, no resized crop
+    assert same.data.tta_shift == 1 and cfg.data.tta_shift == 0  # translated views at eval for padded crops only
     assert same.epochs == 30 and same.data.mixup == 0 and not same.data.randaugment  # 30 passes: crops and flips
+
+
+def test_auto_recipe_takes_the_finest_grid_the_budget_affords(image_folder, monkeypatch):
+    """The choice of stem and model size from measured speeds (here given, so the rule itself is what is tested):
+    the finest grid up to 16x16 first, the full model before the quarter one, else the finest on the smaller."""
+    from convnext.train import auto
+
+    speeds: dict[tuple[int, bool], float] = {}
+    timed: list[tuple[int, bool]] = []
+
+    def fake_speed(name, patch, size, classes, batch=128, at_least=0.0, **kwargs):
+        timed.append((patch, bool(kwargs)))
+        return speeds[(patch, bool(kwargs))]
+
+    monkeypatch.setattr(auto, "images_per_second", fake_speed)
+    slow, fast = 0.01, 1e6  # images/s: far under and far over 10 passes of the folder in a minute
+    speeds.update({(2, False): slow, (2, True): fast, (4, False): fast, (4, True): fast})
+    cfg = auto_recipe(str(image_folder), img_size=32, budget_min=1)  # 2x2: 16x16 tokens; 4x4: 8x8
+    assert cfg.model.patch_size == 2 and cfg.model.kwargs == auto.QUARTER and timed == [(2, False), (2, True)]
+    assert "quarter" in cfg.recipe[1] and "16x16 tokens" in cfg.recipe[1]
+    speeds[(2, False)] = fast
+    cfg = auto_recipe(str(image_folder), img_size=32, budget_min=1)
+    assert cfg.model.patch_size == 2 and cfg.model.kwargs == {}
+    speeds.update(dict.fromkeys(speeds, slow))
+    cfg = auto_recipe(str(image_folder), img_size=32, budget_min=1)  # nothing affords it: 2x2 on the quarter
+    assert cfg.model.patch_size == 2 and cfg.model.kwargs == auto.QUARTER
+    speeds[(4, False)] = fast
+    timed.clear()
+    cfg = auto_recipe(str(image_folder), img_size=32, budget_min=1, model="convnext_atto")  # a model given: its size
+    assert cfg.model.patch_size == 4 and cfg.model.kwargs == {} and timed == [(2, False), (4, False)]
+    cfg = auto_recipe(str(image_folder), img_size=64, budget_min=1, patch_size=4)  # a stem given: 16x16 at 64 px
+    assert cfg.model.patch_size == 4 and cfg.model.kwargs == {}
 
 
 def test_auto_recipe_for_photos_and_patch_given(tmp_path):
     root = _photo_folder(tmp_path / "photos")
     cfg = auto_recipe(str(root), img_size=16, budget_min=0.2, patch_size=2)
     assert cfg.data.crop == "rrc" and cfg.data.crop_pct == 0.875
-    assert "stem 2x2 (given)" in cfg.recipe
+    assert any("stem 2x2" in line and "the given stem" in line for line in cfg.recipe)
 
 
 def test_cli_defaults_to_auto_and_flags_win(image_folder, tmp_path, run_cli, tiny_args):
