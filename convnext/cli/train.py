@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 img_size=args.img_size,
                 budget_min=args.budget_min,
                 epochs=args.epochs,
-                model=args.model,
+                model=args.model or _given(args.overrides, "model.name", str) or _shape_given(args.overrides),
                 patch_size=_given(args.overrides, "model.patch_size", int),
                 batch_size=args.batch_size,
                 data_dir=args.data_dir,
@@ -97,6 +97,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "run_dir") if k in result}))
     return 0
+
+
+def _shape_given(overrides: list[str]) -> str | None:
+    """convnext_atto when a flag sets the model's shape (`--model.kwargs.depths ...`): the recipe then keeps it."""
+    keys = (a[2:].replace("-", "_").split("=")[0] for a in overrides if a.startswith("--"))
+    return "convnext_atto" if any(k.startswith("model.kwargs.") for k in keys) else None
 
 
 def _given(overrides: list[str], name: str, kind: type) -> Any:

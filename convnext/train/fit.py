@@ -286,7 +286,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     log.info(
         "training %s on %s (%d train / %d val images, %d classes) for %d epochs x %d steps, batch %d "
         "(%d per process x %d processes x %d accumulation), lr %.3g, %s",
-        cfg.model.name,
+        cfg.model.name + (f" {cfg.model.kwargs}" if cfg.model.kwargs else ""),
         d.name,
         len(train_ds),
         len(val_ds),

@@ -92,6 +92,9 @@ def test_cli_defaults_to_auto_and_flags_win(image_folder, tmp_path, run_cli, tin
     assert cfg["optim"]["lr"] == 1e-3  # the flag, not the recipe's
     r = run_cli("train", "--print-config")
     assert json.loads(r.stdout)["data"]["name"] == "digits" and not json.loads(r.stdout)["recipe"]  # demo
+    r = run_cli("train", "--data", str(image_folder), "--output", str(tmp_path / "r"), "--img-size", "32",
+                "--budget-min", "0.01", "--model.kwargs.depths", "[1,1,1,1]", "--print-config")  # fmt: skip
+    assert json.loads(r.stdout)["model"]["kwargs"] == {"depths": [1, 1, 1, 1]}  # a shape given: no quarter widths
 
 
 def test_auto_run_end_to_end_then_eval_uses_flip_averaging(image_folder, tmp_path, run_cli, tiny_args):
