@@ -149,11 +149,11 @@ def auto_recipe(
             tried.append((p, label, kw, r))
             if r * budget_min * 60 / n >= MIN_EPOCHS:
                 break
-        else:  # none affords MIN_EPOCHS: the finest grid on the smallest model (a finer grid beat more passes)
-            tried.append(tried[len(shapes) - 1])
-        patch, label, shape, rate = tried[-1]
+        # the first that affords MIN_EPOCHS, else the finest grid on the smallest model (a finer grid beat more passes)
+        affordable = tried[-1][3] * budget_min * 60 / n >= MIN_EPOCHS
+        patch, label, shape, rate = tried[-1] if affordable else tried[len(shapes) - 1]
         measured = ", ".join(f"{p}x{p} {lab} {r:.0f} img/s = {r * budget_min * 60 / n:.1f} epochs"
-                             for p, lab, _, r in tried[: len(order)])  # fmt: skip
+                             for p, lab, _, r in tried)  # fmt: skip
         rule = (
             f"the larger model that buys >= {MIN_EPOCHS} epochs with the given stem, else the smaller"
             if patch_size is not None
