@@ -129,3 +129,29 @@ def test_compare_table_ratios():
     )
     assert "| latency_fp32 | 1 | 50.0 ms | - | - | 40.0 ms (0.80x) | 0.80x (onnxruntime) | 25.00 ms | 50% |" in table
     assert "timm compiled: boom" in table.split("## Failures")[1]
+
+
+def test_folder_vs_resnet18_stand_in_and_peer_loop(tmp_path):
+    """The photo-check benchmark builds its CIFAR stand-in (train after the first images, val from test, resized)
+    and its ResNet-18 peer trains and scores on it."""
+    from PIL import Image
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "folder_vs_resnet18.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_folder_vs_resnet18", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cifar = tmp_path / "cifar"
+    for split in ("train", "test"):
+        for c, cls in enumerate(("cat", "dog")):
+            (cifar / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), (100 * c, 40 * i, 0)).save(cifar / split / cls / f"{i}.jpg")
+    out = tmp_path / "stand_in"
+    bench.make_stand_in(cifar, out, side=40, per_train=2, per_val=1, skip=1)
+    assert sorted(p.name for p in (out / "train" / "cat").iterdir()) == ["1.jpg", "2.jpg"]
+    assert [p.name for p in (out / "val" / "dog").iterdir()] == ["0.jpg"]
+    with Image.open(out / "val" / "dog" / "0.jpg") as im:
+        assert im.size == (40, 40)
+    row = bench.resnet18_loop(out, size=32, minutes=0.01, threads=1)
+    assert row["top1"] in (0.0, 50.0, 100.0)  # 2 val images
+    assert row["img_per_s"] > 0

@@ -10,7 +10,8 @@ Every sample is (tv_tensors.Image uint8 (3, H, W), target); transforms are torch
 that move boxes and masks with the image. Bad input and what happens to it:
 - an image with no objects (empty mask PNG, no annotations): kept, with empty targets (torchvision trains on it);
 - a box partly outside the image: clipped to it; a box left with a side < 1 px, or an instance whose mask is
-  empty: dropped (`clean_instances`);
+  empty: dropped (`clean_instances`); a COCO polygon of fewer than 3 points: removed (and counted) when the
+  dataset is built;
 - a label PNG with ids that are neither classes nor `ignore_ids`: a ValueError naming the file and the ids, or
   (`unknown_ids="ignore"`) those pixels are ignored in the loss and the metric;
 - an image and its mask/label of different sizes, a missing partner file, an unreadable image: a ValueError
@@ -25,6 +26,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,6 +211,7 @@ class CocoDetection(Dataset):
         self.cat_ids = sorted(self.coco.cats)
         self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.names = ["background"] + [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.dropped_polygons = 0
         for i in self.ids:  # every file present, with the size the JSON says
             info = self.coco.imgs[i]
             path = self.image_dir / info["file_name"]
@@ -222,6 +225,12 @@ class CocoDetection(Dataset):
             for a in self.coco.imgToAnns[i]:
                 if a["category_id"] not in self.label_of:
                     raise ValueError(f"{ann_file}: annotation {a.get('id')} has unknown category_id {a['category_id']}")
+                self.dropped_polygons += _drop_short_polygons(a)
+        if self.dropped_polygons:
+            log.info(
+                "%s: dropped %d polygons of fewer than 3 points (an instance left with no polygon is dropped too)",
+                ann_file, self.dropped_polygons,
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -261,6 +270,26 @@ class CocoDetection(Dataset):
         else:
             rle = seg
         return torch.from_numpy(mask_utils.decode(rle).astype(np.uint8))
+
+
+def _drop_short_polygons(ann: dict) -> int:
+    """Remove from `ann`'s polygon list those pycocotools cannot rasterise (under 3 points, an odd count of
+    coordinates, values that are not numbers); returns how many were removed."""
+    seg = ann.get("segmentation")
+    if not isinstance(seg, list):
+        return 0
+
+    def ok(poly: Any) -> bool:
+        return (
+            isinstance(poly, list)
+            and len(poly) >= 6
+            and len(poly) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly)
+        )
+
+    kept = [poly for poly in seg if ok(poly)]
+    ann["segmentation"] = kept
+    return len(seg) - len(kept)
 
 
 def _quiet_coco(ann_file: Path):

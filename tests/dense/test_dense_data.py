@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tarfile
 from pathlib import Path
 
@@ -191,3 +192,17 @@ def test_real_camvid(tmp_path):
     root = _extract("camvid.tar", tmp_path)
     sizes = {s: len(camvid(root, s)) for s in ("train", "val", "test")}
     assert sizes == {"train": 367, "val": 101, "test": 233}
+
+
+def test_coco_short_polygons_dropped_when_built(coco_folder, caplog):
+    """Polygons pycocotools cannot rasterise (1 or 2 points, odd or non-numeric coordinates) are removed when the
+    dataset is built and counted; an instance left with none is dropped like one with an empty mask."""
+    data = json.loads((coco_folder / "ann.json").read_text())
+    data["annotations"][0]["segmentation"] = [[10, 10], [10, 10, 30, 10], [10, 10, 30, 10, 30, 30, 10, 30]]
+    data["annotations"][1]["segmentation"] = [[50, 40, 64, 40, 64], [50, "x", 64, 40, 64, 50]]
+    (coco_folder / "ann.json").write_text(json.dumps(data))
+    with caplog.at_level("INFO", logger="convnext.dense.data"):
+        ds = CocoDetection(coco_folder / "images", coco_folder / "ann.json")
+    assert ds.dropped_polygons == 4 and "dropped 4 polygons of fewer than 3 points" in caplog.text
+    _, t = ds[0]
+    assert t["labels"].tolist() == [2] and t["masks"][0].sum() > 0  # the cat keeps its square; the dog has none
