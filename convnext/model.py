@@ -18,6 +18,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+class UnknownOptionError(TypeError, ValueError):
+    """An option no config field takes: a TypeError, as for any unexpected keyword, and a ValueError, so the CLI
+    reports it in one line (`--model.kwargs.foo 1`)."""
+
+
 @dataclass(frozen=True)
 class ConvNeXtConfig:
     depths: tuple[int, ...] = (3, 3, 9, 3)  # blocks per stage; one entry = isotropic (no downsampling)

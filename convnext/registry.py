@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from convnext.model import ConvNeXt, ConvNeXtConfig
+from convnext.model import ConvNeXt, ConvNeXtConfig, UnknownOptionError
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _config_builder(cfg: ConvNeXtConfig) -> Callable[..., nn.Module]:
     def build(**overrides) -> ConvNeXt:
         unknown = set(overrides) - allowed
         if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; ConvNeXtConfig takes {sorted(allowed)}")
+            raise UnknownOptionError(f"unknown option(s) {sorted(unknown)}; ConvNeXtConfig takes {sorted(allowed)}")
         return ConvNeXt(cfg.with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}))
 
     return build

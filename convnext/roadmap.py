@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from convnext.model import ConvNeXt, ConvNeXtConfig, DropPath, LayerNorm2d
+from convnext.model import ConvNeXt, ConvNeXtConfig, DropPath, LayerNorm2d, UnknownOptionError
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def step_builder(cfg: RoadmapConfig) -> Callable[..., nn.Module]:
     def build(**overrides) -> nn.Module:
         unknown = set(overrides) - allowed
         if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; RoadmapConfig takes {sorted(allowed)}")
+            raise UnknownOptionError(f"unknown option(s) {sorted(unknown)}; RoadmapConfig takes {sorted(allowed)}")
         return build_roadmap(cfg.with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}))
 
     return build

@@ -115,3 +115,15 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeyp
     monkeypatch.undo()
     assert checkpoint.load(target)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_an_unknown_model_option_is_one_line_and_writes_nothing(image_folder, tmp_path, capsys):
+    from convnext.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "demo", "--data", str(image_folder), "--output", str(out), "--epochs", "1",
+            "--model.kwargs.foo", "1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown option(s) ['foo']" in err and "Traceback" not in err
+    assert not (out / "config.json").exists() and not (out / "last.pt").exists()
