@@ -162,8 +162,12 @@ def resolve_data(lc: LadderConfig) -> str:
     if not done.exists():
         log.info("unpacking %s into %s", tar, dest)
         dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tar) as t:
-            t.extractall(dest, filter="data")  # "data" refuses absolute paths and links out of dest
+        try:
+            with tarfile.open(tar) as t:
+                t.extractall(dest, filter="data")  # "data" refuses absolute paths and links out of dest
+        except (tarfile.TarError, EOFError) as e:  # not a tar, cut short, or a member the filter refuses
+            why = " ".join(str(e).split())  # tarfile's message spans lines
+            raise ValueError(f"{tar}: cannot be unpacked ({why}); it is unpacked again on the next run") from None
         done.touch()
     if not (dest / "cifar10-images").is_dir():
         raise FileNotFoundError(f"{tar} holds no cifar10-images/ folder")

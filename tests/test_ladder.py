@@ -120,3 +120,23 @@ def test_image_folder_size_is_read_from_its_images(tmp_path):
     assert resolved.img_size == 64 and resolved.patch_size == 2  # median shorter side 71 -> 64
     assert LadderConfig(data=str(data), budget_min=1.0, img_size=96).resolved().img_size == 96
     assert LadderConfig(data=str(tmp_path / "empty"), budget_min=1.0).resolved().img_size == 224
+
+
+def test_a_broken_cifar10_tar_is_one_line_naming_it(tmp_path):
+    src = tmp_path / "shared"
+    images = _folder(tmp_path / "cifar10-images", size=8, per_class=(1, 1))
+    src.mkdir()
+    with tarfile.open(src / "cifar10-jpg.tar", "w") as t:
+        t.add(images, arcname="cifar10-images")
+    whole = (src / "cifar10-jpg.tar").read_bytes()
+    lc = LadderConfig(data="cifar10", budget_min=1, data_dir=str(src), output=str(tmp_path / "out"))
+    for broken in (b"not a tar at all" * 64, whole[:700]):  # garbage; cut inside the second member's header
+        (src / "cifar10-jpg.tar").write_bytes(broken)
+        with pytest.raises(ValueError, match=r"cifar10-jpg\.tar: cannot be unpacked"):
+            resolve_data(lc)
+        assert not (tmp_path / "out" / "data" / ".unpacked").exists()
+        with pytest.raises(ValueError) as e:
+            resolve_data(lc)
+        assert "\n" not in str(e.value)
+    (src / "cifar10-jpg.tar").write_bytes(whole)  # fixed: the next run unpacks it
+    assert resolve_data(lc) == str(tmp_path / "out" / "data" / "cifar10-images")
