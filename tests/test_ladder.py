@@ -2,6 +2,7 @@
 
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -94,12 +95,18 @@ def test_cli_runs_one_step(tmp_path, capsys):
     assert main(["roadmap", "--data", str(tmp_path / "nowhere"), "--budget-min", "1", "--output", "x"]) == 2
 
 
-def test_cifar10_is_unpacked_from_the_jpg_tar_once(tmp_path):
+def _cifar_tar(tmp_path: Path) -> Path:
+    """`tmp_path/shared/cifar10-jpg.tar` holding a tiny cifar10-images/ folder; returns the shared folder."""
     src = tmp_path / "shared"
     images = _folder(tmp_path / "cifar10-images", size=8, per_class=(1, 1))
     src.mkdir()
     with tarfile.open(src / "cifar10-jpg.tar", "w") as t:
         t.add(images, arcname="cifar10-images")
+    return src
+
+
+def test_cifar10_is_unpacked_from_the_jpg_tar_once(tmp_path):
+    src = _cifar_tar(tmp_path)
     lc = LadderConfig(data="cifar10", budget_min=1, data_dir=str(src), output=str(tmp_path / "out"))
     path = resolve_data(lc)
     assert path == str(tmp_path / "out" / "data" / "cifar10-images")
@@ -123,11 +130,7 @@ def test_image_folder_size_is_read_from_its_images(tmp_path):
 
 
 def test_a_broken_cifar10_tar_is_one_line_naming_it(tmp_path):
-    src = tmp_path / "shared"
-    images = _folder(tmp_path / "cifar10-images", size=8, per_class=(1, 1))
-    src.mkdir()
-    with tarfile.open(src / "cifar10-jpg.tar", "w") as t:
-        t.add(images, arcname="cifar10-images")
+    src = _cifar_tar(tmp_path)
     whole = (src / "cifar10-jpg.tar").read_bytes()
     lc = LadderConfig(data="cifar10", budget_min=1, data_dir=str(src), output=str(tmp_path / "out"))
     for broken in (b"not a tar at all" * 64, whole[:700]):  # garbage; cut inside the second member's header
