@@ -155,6 +155,14 @@ def load_model(
         loaded = _load_named(model, checkpoint, pretrained)
     if img_size is not None:
         loaded.preprocess = replace(loaded.preprocess, img_size=img_size)
+    for what, net in (("", loaded.model), ("EMA ", loaded.ema)):
+        bad = next((k for k, v in (net.state_dict() if net is not None else {}).items()
+                    if v.is_floating_point() and not torch.isfinite(v).all()), None)  # fmt: skip
+        if bad is not None:
+            raise ValueError(
+                f"{checkpoint or model}: {what}weight {bad} holds NaN or infinite values, so every prediction "
+                "would be NaN (weights of a run that diverged?)"
+            )
     loaded.model.to(device).eval()
     if loaded.ema is not None:
         loaded.ema.to(device).eval()

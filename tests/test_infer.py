@@ -138,6 +138,18 @@ def test_load_model_errors(tmp_path):
         load_model(str(tmp_path / "w.pt"))
 
 
+def test_weights_with_nan_are_refused_naming_the_file(tmp_path, capsys):
+    """A weight file full of NaN would predict "nan" for every image: load_model refuses it, naming file and tensor."""
+    sd = create_model("convnext_atto", num_classes=3).state_dict()
+    sd["stages.1.blocks.0.dwconv.weight"][0, 0, 0, 0] = float("nan")
+    torch.save({"model": sd}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan\.pt: weight stages\.1\.blocks\.0\.dwconv\.weight holds NaN"):
+        load_model("convnext_atto", checkpoint=tmp_path / "nan.pt")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    rc = main(["predict", "convnext_atto", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "nan.pt")])
+    assert rc == 2 and "holds NaN" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A real (tiny) training run on the embedded digits, with EMA."""
