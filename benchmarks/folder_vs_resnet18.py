@@ -12,6 +12,7 @@ first 1,000) and 200 test images per class of the unpacked CIFAR-10 JPEGs, upsca
 takes its photo path: random-resized crops from a margin).
 
     python benchmarks/folder_vs_resnet18.py --data /tmp/c96 --from-cifar /tmp/data/cifar10-images
+    python benchmarks/folder_vs_resnet18.py --data /tmp/c96_1k --from-cifar /tmp/data/cifar10-images --per-class 1000
     python benchmarks/folder_vs_resnet18.py --data PHOTOS --img-size 64 --budget-min 10 --json
 """
 
@@ -49,12 +50,13 @@ def make_stand_in(
                     im.convert("RGB").resize((side, side), Image.BICUBIC).save(d / f.name, quality=92)
 
 
-def ours(data: Path, out: Path, size: int, minutes: float, threads: int) -> dict:
-    """The README's two commands, run as a user runs them."""
+def ours(data: Path, out: Path, size: int, minutes: float, threads: int, seed: int = 0) -> dict:
+    """The README's two commands, run as a user runs them (`--seed` only when not 0)."""
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     exe = [sys.executable, "-m", "convnext"]
     train = [*exe, "train", "--data", str(data), "--output", str(out), "--img-size", str(size)]
-    subprocess.run([*train, "--budget-min", str(minutes), "--overwrite"], check=True, env=env)
+    seeded = ["--seed", str(seed)] if seed else []
+    subprocess.run([*train, "--budget-min", str(minutes), *seeded, "--overwrite"], check=True, env=env)
     got = subprocess.run(
         [*exe, "eval", "--checkpoint", str(out), "--data", str(data), "--json"],
         check=True, env=env, capture_output=True, text=True,
@@ -121,16 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-min", type=float, default=10.0, help="training minutes per model")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", type=Path, default=Path("runs/folder_vs_resnet18"))
+    p.add_argument("--per-class", type=int, default=500, help="stand-in training images per class")
+    p.add_argument("--seed", type=int, default=0, help="both models' seed")
+    p.add_argument("--models", default="ours,resnet18", help="comma-separated: ours, resnet18")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.from_cifar is not None and not (args.data / "train").is_dir():
-        make_stand_in(args.from_cifar, args.data)
+        make_stand_in(args.from_cifar, args.data, per_train=args.per_class)
     if not (args.data / "train").is_dir():
         p.error(f"--data {args.data}: no train/ folder")
-    rows = [
-        ours(args.data, args.output / "ours", args.img_size, args.budget_min, args.threads),
-        resnet18_loop(args.data, args.img_size, args.budget_min, args.threads),
-    ]
+    runs = {
+        "ours": lambda: ours(args.data, args.output / "ours", args.img_size, args.budget_min, args.threads, args.seed),
+        "resnet18": lambda: resnet18_loop(args.data, args.img_size, args.budget_min, args.threads, args.seed),
+    }
+    wanted = args.models.split(",")
+    if unknown := [m for m in wanted if m not in runs]:
+        p.error(f"--models: unknown {', '.join(unknown)} (ours, resnet18)")
+    rows = [runs[m]() for m in wanted]
     if args.json:
         print(json.dumps(rows))
     else:

@@ -10,6 +10,7 @@ Tensor layout: the trunk is NCHW (B, C, H, W) between blocks; inside a block the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -183,14 +184,40 @@ class ConvNeXt(nn.Module):
             x = stage(x)
         return x
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every stage's output, NCHW: strides 4, 8, 16, 32 for the hierarchical model."""
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs, NCHW (strides 4, 8, 16, 32 for the hierarchical model), with timm's contract: `indices`
+        = the last n stages (int), those stages (a sequence; negative counts from the end) or all (None);
+        `stop_early` skips the stages after the last one taken; returns the list, or (final features, list) unless
+        `intermediates_only`. `norm` is accepted and changes nothing: the final norm acts after pooling (timm's
+        `norm_pre` is an identity for ConvNeXt too)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', not {output_fmt!r}")
+        n = len(self.stages)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices={indices}: the model has {n} stages")
+            take = list(range(n - indices, n))
+        else:
+            take = [i + n if i < 0 else i for i in indices]
+            if any(not 0 <= i < n for i in take):
+                raise ValueError(f"indices {list(indices)} out of range for {n} stages")
         x = self.stem(x)
         outs = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages[: max(take) + 1] if stop_early else self.stages):
             x = stage(x)
-            outs.append(x)
-        return outs
+            if i in take:
+                outs.append(x)
+        return outs if intermediates_only else (x, outs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, h, w) -> logits (B, num_classes), or the normed pooled features if `pre_logits`."""
@@ -227,24 +254,46 @@ class ConvNeXtFeatures(nn.Module):
     `out_indices` picks stages; `out_channels` lists their widths (for FPN and friends).
     """
 
-    def __init__(self, model: ConvNeXt, out_indices: tuple[int, ...] = (0, 1, 2, 3), norms: bool = True):
+    def __init__(
+        self,
+        model: ConvNeXt,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        norms: bool = True,
+        as_list: bool = False,
+    ):
         super().__init__()
-        self.stem, self.stages = model.stem, model.stages[: max(out_indices) + 1]
-        self.out_indices = tuple(out_indices)
+        n = len(model.stages)
+        self.out_indices = tuple(i + n if i < 0 else i for i in out_indices)
+        if not self.out_indices or any(not 0 <= i < n for i in self.out_indices):
+            raise ValueError(f"out_indices {tuple(out_indices)} out of range for {n} stages")
+        self.stem, self.stages = model.stem, model.stages[: max(self.out_indices) + 1]
         self.out_channels = [model.cfg.dims[i] for i in self.out_indices]
         self.strides = [model.feature_info[i]["reduction"] for i in self.out_indices]
+        self.feature_info = FeatureInfo([model.feature_info[i] for i in self.out_indices])
+        self.as_list = as_list
         self.norms = nn.ModuleDict(
             {str(i): LayerNorm2d(model.cfg.dims[i], eps=1e-6) if norms else nn.Identity() for i in self.out_indices}
         )
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | list[torch.Tensor]:
         x = self.stem(x)
         outs = {}
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:
                 outs[str(i)] = self.norms[str(i)](x)
-        return outs
+        return list(outs.values()) if self.as_list else outs
+
+
+class FeatureInfo(list):
+    """timm's `feature_info` of a features-only model: one dict per output (num_chs, reduction, module), with
+    `channels()` and `reduction()`."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -7,7 +7,7 @@ published weights (see `weights.py`).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -136,14 +136,28 @@ def list_models(pattern: str | None = None, pretrained: bool = False) -> list[st
     return MODELS.names(pattern)
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None, **overrides) -> nn.Module:
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    *,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    checkpoint_path: str | Path | None = None,
+    **overrides,
+) -> nn.Module:
     """Build a registered model; `name` may carry a weight tag (`convnext_tiny.fb_in1k`).
 
     pretrained: download (or take from the cache) the tagged weights, or the architecture's default tag.
-    checkpoint: a local weight file in any layout `weights.load_checkpoint` reads.
+    checkpoint: a local weight file in any layout `weights.load_checkpoint` reads (`checkpoint_path`: timm's name).
+    features_only: timm's multi-scale backbone: the model returns the list of the `out_indices` stages' maps
+        (NCHW, no extra norms) and has timm's `feature_info` (`channels()`, `reduction()`).
     overrides: config fields (`num_classes=10`, `in_chans=1`, `drop_path_rate=0.1`, `patch_size=2`, ...);
         the head and the stem are adapted when they differ from the weights'.
     """
+    if checkpoint is not None and checkpoint_path is not None:
+        raise ValueError("give checkpoint or checkpoint_path (timm's name for it), not both")
+    checkpoint = checkpoint if checkpoint is not None else checkpoint_path
     arch, tag = split_name(name)
     entry = MODELS.get(arch)
     spec = None
@@ -163,4 +177,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
         from convnext.weights import load_checkpoint
 
         load_checkpoint(model, checkpoint)
+    if features_only:
+        from convnext.model import ConvNeXtFeatures
+
+        if not isinstance(model, ConvNeXt):
+            raise ValueError(f"features_only: {name} is not a ConvNeXt")
+        return ConvNeXtFeatures(model, out_indices, norms=False, as_list=True)
     return model

@@ -59,7 +59,7 @@ def test_shapes_and_strides(patch):
     model = ConvNeXt(TINY.with_(patch_size=patch))
     x = torch.randn(2, 3, 32, 32)
     assert model(x).shape == (2, 5)
-    feats = model.forward_intermediates(x)
+    feats = model.forward_intermediates(x, intermediates_only=True)
     assert [f.shape[1] for f in feats] == [8, 16, 32, 64]
     assert [32 // f.shape[-1] for f in feats] == [patch, 2 * patch, 4 * patch, 8 * patch]
     assert [i["reduction"] for i in model.feature_info] == [patch, 2 * patch, 4 * patch, 8 * patch]
@@ -138,7 +138,7 @@ def test_features_backbone_with_norms_and_indices():
 def test_isotropic_has_one_stage_at_patch_stride():
     model = ConvNeXt(ConvNeXtConfig(depths=(2,), dims=(16,), patch_size=16, stem_norm=False, num_classes=3))
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
-    assert model.forward_intermediates(torch.randn(1, 3, 64, 64))[0].shape == (1, 16, 4, 4)
+    assert model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)[0].shape == (1, 16, 4, 4)
 
 
 def test_torch_export_matches_eager():
@@ -150,4 +150,4 @@ def test_torch_export_matches_eager():
 
 def test_stages_after_the_first_downsample_even_at_equal_width():
     model = ConvNeXt(ConvNeXtConfig(depths=(1, 1), dims=(8, 8), num_classes=2))
-    assert model.forward_intermediates(torch.randn(1, 3, 32, 32))[1].shape == (1, 8, 4, 4)
+    assert model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)[1].shape == (1, 8, 4, 4)

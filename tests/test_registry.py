@@ -59,7 +59,7 @@ def test_every_model_runs_forward_and_gives_features(name):
         model = create_model(name, num_classes=10)
         x = torch.empty(2, 3, 64, 64)
         assert model(x).shape == (2, 10)
-        feats = model.forward_intermediates(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
     cfg = VARIANTS[name]
     assert [f.shape[1] for f in feats] == list(cfg.dims)
     assert [64 // f.shape[-1] for f in feats] == [cfg.patch_size * 2**i for i in range(len(cfg.dims))]
@@ -87,3 +87,13 @@ def test_list_models_patterns_and_unknown_names():
         create_model("convnext_tinyy")
     with pytest.raises(TypeError, match="unknown option"):
         create_model("convnext_atto", depth=3)
+
+
+def test_verbosity_flags_before_or_after_the_command(capsys):
+    from convnext.cli import main
+
+    assert main(["list", "-v", "convnext_at*"]) == 0 and "convnext_atto" in capsys.readouterr().out
+    assert main(["-q", "list", "convnext_at*"]) == 0 and "convnext_atto" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["list", "-v", "-q"])
+    assert "exclude each other" in capsys.readouterr().err

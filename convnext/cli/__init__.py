@@ -17,11 +17,18 @@ FAMILIES = [core, roadmap, train, weights, infer, dense]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convnext", description="ConvNeXt V1/V2: build, train, evaluate, export.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for family in FAMILIES:
         family.add_commands(sub)
+    for command in sub.choices.values():  # also after the command (`convnext list -v`), not overriding one before
+        _verbosity(command, argparse.SUPPRESS)
     return parser
+
+
+def _verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging, tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

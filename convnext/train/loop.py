@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -16,6 +17,8 @@ from convnext.data.transforms import tta_logits
 from convnext.train.distributed import DistInfo, all_reduce_sum
 from convnext.train.optim import set_lr
 from convnext.train.resize import resize_batch
+
+log = logging.getLogger("convnext.train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,12 +64,14 @@ def train_one_epoch(
     desc: str = "train",
     total: int | None = None,
     size_fn: Callable[[int], int] | None = None,
+    log_every_s: float = 60.0,
 ) -> dict[str, Any]:
     """Train over `loader` (batches of (images, labels, n_skipped)); one optimizer step per `accum_steps` batches.
 
     `step` is the global optimizer step the epoch starts at; `lr_fn(step)` gives each step's lr. After each
     optimizer step `on_step(step, steps_this_epoch)` runs (checkpointing); `should_stop()` (the same answer on
     every rank) ends the epoch early; `size_fn(step)` (progressive resizing) resizes each batch to that size.
+    Off a terminal (no progress bar: nohup, SLURM, a pipe) a log line every `log_every_s` seconds says where it is.
     Returns {"loss", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr", "time", "data_time"};
     "images" and "img_per_s" count all processes; "data_time" is the seconds spent waiting for the next batch.
     """
@@ -78,6 +83,7 @@ def train_one_epoch(
     bar = tqdm(loader, total=total, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
     optimizer.zero_grad(set_to_none=True)
     batches, data_time = iter(bar), 0.0
+    quiet_bar, last_log = bar.disable, start
     while True:
         t_data = time.perf_counter()
         try:
@@ -128,6 +134,10 @@ def train_one_epoch(
         if info.is_main:
             rate = seen * info.world_size / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+            if quiet_bar and time.perf_counter() - last_log >= log_every_s:
+                last_log = time.perf_counter()
+                where = f"{steps}/{total // accum_steps}" if total else str(steps)
+                log.info("%s  step %s  loss %.4f  lr %.3g  %.0f img/s", desc, where, loss.item(), lr, rate)
         if on_step is not None:
             on_step(step, steps)
         if should_stop is not None and should_stop():
