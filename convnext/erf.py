@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD
+
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_images(

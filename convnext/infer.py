@@ -23,11 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from convnext.data.decode import BadImageError, load_image
 from convnext.data.decode import to_rgb as to_rgb  # re-exported: convnext.infer.to_rgb predates the shared decoder
+from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 

@@ -11,8 +11,9 @@
   whose aten backward is slow for the short rows (small C) of the early stages.
 The sources are compiled together with `-O3 -march=native -fopenmp` into one library in a cache folder keyed by the
 sources, the flags and the CPU, and loaded with ctypes. OpenMP there is torch's own runtime (the same
-`libgomp.so.1`), so it uses torch's threads. Without a compiler, or off Linux, `available()` is False and each op
-falls back to aten.
+`libgomp.so.1`), so it uses torch's threads. Without a compiler, off Linux, or when the build fails, `available()`
+is False, one warning says why (`status()` keeps it; runs record it in results.json) and each op falls back to aten;
+with CONVNEXT_REQUIRE_KERNELS=1 (CI) that is an error instead. Off-CPU tensors always take aten's path.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("convnext.kernels")
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("depthwise.c", "mlp.c", "layernorm.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 
@@ -47,26 +50,44 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-@functools.cache
+REQUIRE = "CONVNEXT_REQUIRE_KERNELS"  # =1: a kernel that cannot be built is an error, not a fallback (CI)
+
+
 def _library() -> ctypes.CDLL | None:
+    return _build()[0]
+
+
+def status() -> str:
+    """ "built: <library>" or why the C kernels are not there (and aten's kernels run instead)."""
+    return _build()[1]
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """The kernels' library and a line saying where it is, or None and why not: said once, as a warning."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None or platform.system() != "Linux":
-        return None
+    if platform.system() != "Linux":
+        return _unavailable(f"built on Linux only (this is {platform.system()})")
+    if compiler is None:
+        return _unavailable("no C compiler (cc or gcc) on PATH")
     source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     target = cache_dir() / f"convnext-{key}.so"
     try:
         if not target.exists():
+            log.info("building convnext's C kernels into %s (once per machine and source version)", target)
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
                 cmd = [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)]
-                if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
-                    return None
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    first = " | ".join(done.stderr.strip().splitlines()[:4])
+                    return _unavailable(f"{compiler} failed ({first})")
                 os.replace(built, target)  # atomic: a concurrent build or reader sees the whole file or none
         lib = ctypes.CDLL(str(target))
-    except OSError:  # a read-only cache, a noexec mount: aten's kernel it is
-        return None
+    except OSError as e:  # a read-only cache, a noexec mount
+        return _unavailable(f"cannot build or load {target} ({e})")
     lib.depthwise_weight_grad.restype = ctypes.c_int
     lib.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5 + [ctypes.c_int]
     lib.gelu_with_grad.restype = None
@@ -79,7 +100,14 @@ def _library() -> ctypes.CDLL | None:
     lib.mlp_forward.restype = lib.mlp_backward.restype = ctypes.c_int
     lib.mlp_forward.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 3
     lib.mlp_backward.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 3
-    return lib
+    return lib, f"built: {target}"
+
+
+def _unavailable(why: str) -> tuple[None, str]:
+    if os.environ.get(REQUIRE) == "1":
+        raise RuntimeError(f"convnext C kernels unavailable: {why} ({REQUIRE}=1)")
+    log.warning("convnext C kernels unavailable: %s; aten's kernels run instead (slower CPU training)", why)
+    return None, f"unavailable: {why}"
 
 
 def available() -> bool:
@@ -102,11 +130,11 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int)
     """
     b, c, h, w = x.shape
     lib = _library()
-    native = x.dtype == grad.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    native = x.dtype == grad.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu and grad.is_cpu
     if lib is not None and native and kernel_size % 2 == 1 and kernel_size <= 15:
         xs = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): views when the inputs are channels-last
         gs = grad.permute(0, 2, 3, 1).contiguous()
-        out = torch.empty(kernel_size, kernel_size, c)
+        out = torch.empty(kernel_size, kernel_size, c, dtype=torch.float32)
         bf16 = int(x.dtype == torch.bfloat16)
         if lib.depthwise_weight_grad(xs.data_ptr(), gs.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size, bf16):
             raise MemoryError("convnext: depthwise_weight_grad could not allocate its per-thread buffers")
@@ -132,7 +160,7 @@ def gelu_with_grad(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dense = h.is_contiguous() or h.is_contiguous(memory_format=torch.channels_last)
     h = h if dense else h.contiguous()
     lib = _library()
-    if lib is not None and h.dtype == torch.float32 and h.numel() > 0:
+    if lib is not None and h.dtype == torch.float32 and h.is_cpu and h.numel() > 0:
         a, d = torch.empty_like(h), torch.empty_like(h)
         lib.gelu_with_grad(h.data_ptr(), a.data_ptr(), d.data_ptr(), h.numel())
         return a, d
@@ -148,7 +176,7 @@ def _(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _native(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and tensors[0].numel() > 0
+    return all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors) and tensors[0].numel() > 0
 
 
 @torch.library.custom_op("convnext::layer_norm", mutates_args=())

@@ -1,6 +1,8 @@
 """The C kernels (depthwise weight gradient, GELU with its derivative, LayerNorm, the tiled MLP) against aten's
 and float64 references, on the shapes and dtypes the fast path gives them."""
 
+import logging
+
 import pytest
 import torch
 
@@ -43,8 +45,8 @@ def test_builds_into_the_cache_folder(tmp_path, monkeypatch):
     if not kernels.available():
         pytest.skip("no C compiler on this machine: the kernels fall back to aten")
     monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path))
-    lib = kernels._library.__wrapped__()  # a fresh build, not the process's cached one
-    assert lib is not None
+    lib, status = kernels._build.__wrapped__()  # a fresh build, not the process's cached one
+    assert lib is not None and status.startswith("built: ") and str(tmp_path) in status
     built = list((tmp_path / "kernels").glob("convnext-*.so"))
     assert len(built) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no leftovers
 
@@ -55,11 +57,44 @@ def test_traces_under_torch_compile():
     torch.testing.assert_close(compiled(x, grad), 2 * _aten_weight_grad(x, grad, 7))
 
 
-def test_unwritable_cache_falls_back_to_aten(tmp_path, monkeypatch):
+def test_unwritable_cache_falls_back_to_aten(tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("CONVNEXT_CACHE", str(blocker))  # cache_dir() lies under a file: cannot be created
-    assert kernels._library.__wrapped__() is None
+    monkeypatch.delenv(kernels.REQUIRE, raising=False)
+    with caplog.at_level(logging.WARNING, logger="convnext.kernels"):
+        lib, status = kernels._build.__wrapped__()
+    assert lib is None and status.startswith("unavailable: cannot build or load")
+    assert "aten's kernels run instead" in caplog.text  # said, not silent
+
+
+def test_a_failing_compiler_is_named_with_its_first_error_lines(tmp_path, monkeypatch, caplog):
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho 'depthwise.c:1: error: no such thing' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(kernels.REQUIRE, raising=False)
+    with caplog.at_level(logging.WARNING, logger="convnext.kernels"):
+        lib, status = kernels._build.__wrapped__()
+    assert lib is None and "depthwise.c:1: error: no such thing" in status and "no such thing" in caplog.text
+    monkeypatch.setenv(kernels.REQUIRE, "1")  # CI: a fallback is a failure
+    with pytest.raises(RuntimeError, match="CONVNEXT_REQUIRE_KERNELS=1"):
+        kernels._build.__wrapped__()
+
+
+def test_weight_grad_is_the_same_bits_every_time_at_several_threads():
+    """Per-thread partial sums added in thread order: no dependence on which thread finishes first."""
+    torch.manual_seed(0)
+    x, grad = torch.randn(6, 32, 9, 9), torch.randn(6, 32, 9, 9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        first = kernels.depthwise_weight_grad(x, grad, 7)
+        assert all(torch.equal(first, kernels.depthwise_weight_grad(x, grad, 7)) for _ in range(20))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(first, _aten_weight_grad(x, grad, 7))
 
 
 def _gelu_and_grad_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,13 +87,3 @@ def test_list_models_patterns_and_unknown_names():
         create_model("convnext_tinyy")
     with pytest.raises(TypeError, match="unknown option"):
         create_model("convnext_atto", depth=3)
-
-
-def test_verbosity_flags_before_or_after_the_command(capsys):
-    from convnext.cli import main
-
-    assert main(["list", "-v", "convnext_at*"]) == 0 and "convnext_atto" in capsys.readouterr().out
-    assert main(["-q", "list", "convnext_at*"]) == 0 and "convnext_atto" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["list", "-v", "-q"])
-    assert "exclude each other" in capsys.readouterr().err

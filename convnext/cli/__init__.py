@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from convnext.cli import core, dense, infer, roadmap, train, weights
 
@@ -44,12 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"convnext {args.command}: interrupted (a run folder keeps its last checkpoint)", file=sys.stderr)
+        run = getattr(args, "resume", None) or getattr(args, "output", None)
+        where = f"; {run} keeps its last checkpoint: continue with --resume {run}" if run and args.command in (
+            "train", "detect", "segment") and (Path(run) / "last.pt").exists() else ""  # fmt: skip
+        print(f"convnext {args.command}: interrupted{where}", file=sys.stderr)
         return 130
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         # One clear line for bad input; the traceback only with -v.
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"convnext {args.command}: error: {msg}", file=sys.stderr)
+        print(f"convnext {args.command}: error: {_worker_error(str(msg))}", file=sys.stderr)
         return 2
+
+
+def _worker_error(msg: str) -> str:
+    """A DataLoader worker's error arrives wrapped with the worker's traceback ("Caught X in DataLoader worker
+    process 0. Original Traceback ..."): keep the error's own last line, which names the file."""
+    if "Original Traceback" not in msg:
+        return msg
+    last = [line for line in msg.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last

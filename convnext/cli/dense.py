@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from convnext.cli.args import positive_float, positive_int
 
@@ -59,7 +60,7 @@ def _add_eval(actions: argparse._SubParsersAction, task: str) -> None:
     if task == "segment":
         p.add_argument("--split", default=None, help="camvid split to score (default: the run's val split)")
         p.add_argument("--mode", default=None, choices=["whole", "slide"], help="inference mode")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval, task=task)
 
@@ -74,7 +75,7 @@ def _add_predict(actions: argparse._SubParsersAction, task: str) -> None:
         p.add_argument("--score-thresh", type=float, default=None, help="draw detections above this score")
     else:
         p.add_argument("--mode", default=None, choices=["whole", "slide"], help="inference mode")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     p.set_defaults(func=cmd_predict, task=task)
 
 
@@ -157,18 +158,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, cfg = load_dense_run(args.run_dir, args.which)
     images = image_files(args.images)
     device = resolve_device(args.device)
+    skipped: list[str] = []  # unreadable images: named, left out, the rest still predicted
     if args.task == "detect":
         if not hasattr(cfg, "masks"):
             raise ValueError(f"{args.run_dir} is a segmentation run; use `convnext segment predict`")
-        written = predict_detection(model, cfg, images, Path(args.output), args.score_thresh, device)
+        written = predict_detection(model, cfg, images, Path(args.output), args.score_thresh, device, skipped)
     else:
         if hasattr(cfg, "masks"):
             raise ValueError(f"{args.run_dir} is a detection run; use `convnext detect predict`")
         if args.mode:
             cfg.data.mode = args.mode
-        written = predict_segmentation(model, cfg, images, Path(args.output), device)
-    print(f"wrote {len(written)} overlay(s) to {args.output}")
-    return 0
+        written = predict_segmentation(model, cfg, images, Path(args.output), device, skipped)
+    for error in skipped:
+        print(f"skipped: {error}", file=sys.stderr)
+    print(f"wrote {len(written)} overlay(s) to {args.output}" + (f"; {len(skipped)} skipped" if skipped else ""))
+    return 0 if written or not skipped else 1
 
 
 def _print(result: dict, as_json: bool) -> None:

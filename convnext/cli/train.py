@@ -38,12 +38,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument(
+        "--config", default=None, metavar="FILE", help="config fields from a .json/.yaml file (a run's config.json "
+        "works); flags given here override it",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train, accepts_overrides=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from convnext.train import apply_overrides, auto_recipe, fit, from_dict, get_preset
+    from convnext.train.config import read_config_file
 
+    from_file = read_config_file(args.config) if args.config else {}
+    if args.resume and from_file:
+        raise ValueError("--resume continues a run with its own config.json; drop --config")
+    # the recipe's inputs: a flag, else the file's value
+    args.preset = args.preset or from_file.pop("preset", None)
+    for flag, key in (("data", "data.name"), ("img_size", "data.img_size"), ("budget_min", "budget_min"),
+                      ("epochs", "epochs"), ("model", "model.name"), ("batch_size", "batch_size"),
+                      ("data_dir", "data.data_dir")):  # fmt: skip
+        if getattr(args, flag) is None and from_file.get(key) is not None:
+            setattr(args, flag, from_file[key])
     if args.resume:
         cfg_path = Path(args.resume) / "config.json"
         if not cfg_path.is_file():
@@ -81,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if args.resume and (args.model or args.data):
         raise ValueError("--resume continues a run with its own model and data; drop --model/--data")
+    try:
+        apply_overrides(cfg, from_file)
+    except ValueError as e:
+        raise ValueError(f"--config {args.config}: {e}") from None
     apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
     if args.skip_bad_images:
         cfg.data.skip_bad_images = True

@@ -101,29 +101,36 @@ static void rows_k(const void *x, const void *g, int is_bf16, float *part, float
 }
 
 /* grad_w = the sum over all B * H rows (is_bf16: x and g hold bfloat16). OpenMP threads (torch's own runtime:
-   the same libgomp, the same thread count) each take a contiguous range of rows into a private buffer; the buffers
-   are added at the end. Returns 0; -1 if k is even or above KMAX, or a buffer could not be allocated. */
+   the same libgomp, the same thread count) each take a contiguous range of rows into their own partial sums,
+   which are added in thread order after the parallel region: the same inputs and thread count give the same bits
+   every time. Returns 0; -1 if k is even or above KMAX, or a buffer could not be allocated. */
 int depthwise_weight_grad(const void *x, const void *g, float *grad_w, long B, long H, long W, long C, long k,
                           int is_bf16) {
     long R = B * H, n = k * k * C;
-    int failed = 0;
+    int T = omp_get_max_threads(), used = 1, failed = 0;
     if (k % 2 == 0 || k > KMAX) return -1;
-    for (long e = 0; e < n; e++) grad_w[e] = 0.0f;
-#pragma omp parallel
+    float *parts = calloc((size_t)T * n, sizeof(float));
+    if (parts == NULL) return -1;
+#pragma omp parallel num_threads(T)
     {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        long r0 = R * t / T, r1 = R * (t + 1) / T;
-        /* the partial sums, then (bfloat16 only) the widened x and g rows */
-        float *part = calloc(n + (is_bf16 ? 2 * W * C : 0), sizeof(float));
-        if (part == NULL) {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long r0 = R * t / nt, r1 = R * (t + 1) / nt;
+        if (t == 0) used = nt;
+        /* bfloat16 only: the widened x and g rows */
+        float *wide = is_bf16 ? malloc(2 * W * C * sizeof(float)) : NULL;
+        if (is_bf16 && wide == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            rows_k(x, g, is_bf16, part, part + n, part + n + W * C, r0, r1, H, W, C, k);
-#pragma omp critical
-            for (long e = 0; e < n; e++) grad_w[e] += part[e];
-            free(part);
+            rows_k(x, g, is_bf16, parts + (size_t)t * n, wide, wide ? wide + W * C : NULL, r0, r1, H, W, C, k);
         }
+        free(wide);
     }
+    for (long e = 0; e < n; e++) {
+        float s = 0.0f;
+        for (int t = 0; t < used; t++) s += parts[(size_t)t * n + e];
+        grad_w[e] = s;
+    }
+    free(parts);
     return failed ? -1 : 0;
 }

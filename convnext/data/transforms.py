@@ -22,8 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD  # one definition: the weights' table
 
 # timm's _RAND_INCREASING_TRANSFORMS, by timm's names
 RAND_INCREASING_OPS = (

@@ -17,7 +17,6 @@ transfer benchmark live here too.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +28,11 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from convnext.dense.config import BackboneConfig as BackboneConfig  # re-exported: it was defined here
 from convnext.model import ConvNeXt, ConvNeXtConfig, ConvNeXtFeatures, DropPath, LayerNorm2d
+from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class BackboneConfig:
-    model: str = "convnext_atto"  # any registered name (`convnext list`), or "resnet50" for the torchvision peer
-    checkpoint: str | None = None  # weight file in any layout `convnext.create_model(checkpoint=...)` reads
-    pretrained_run: str | None = None  # a run folder written by `convnext train` (its best/last weights)
-    drop_path_rate: float = 0.1  # stochastic depth, linear over all blocks (the paper: T 0.4 for COCO/ADE)
-    frozen_stages: int = 0  # 0: all trainable; k: stem and the first k stages frozen (weights and eval mode)
-    patch_size: int = 4  # stem stride: 4 gives strides 4/8/16/32; a pretrained stem of another size is resized
-    norms: bool = True  # LayerNorm on each output, as the official dense backbones
-    mean: tuple[float, float, float] | None = None  # input normalisation; None: ImageNet's, or the pretrained run's
-    std: tuple[float, float, float] | None = None
 
 
 class MultiScaleBackbone(nn.Module):

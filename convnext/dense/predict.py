@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from convnext.data.decode import BadImageError
 from convnext.dense.config import DetectConfig, SegmentConfig
 from convnext.dense.data import IMAGE_SUFFIXES, read_rgb
 from convnext.dense.train import segment_logits
@@ -86,14 +87,17 @@ def predict_detection(
     out_dir: Path,
     score_thresh: float | None = None,
     device: str | torch.device = "cpu",
+    skipped: list[str] | None = None,
 ) -> list[Path]:
-    """Overlay PNGs `out_dir/<stem>.png` for each image; returns their paths."""
+    """Overlay PNGs `out_dir/<stem>.png` for each image; returns their paths. With `skipped` (a list), an image
+    that cannot be read is left out and its error (naming the file) appended; without, it raises."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
     thresh = cfg.score_thresh if score_thresh is None else score_thresh
     written = []
     for path in images:
-        image = read_rgb(path).as_subclass(torch.Tensor)
+        if (image := _read(path, skipped)) is None:
+            continue
         pred = {k: v.cpu() for k, v in model([image.float().div(255).to(device)])[0].items()}
         written.append(_write_png(draw_detections(image, pred, cfg.data.classes, thresh), out_dir / f"{path.stem}.png"))
     return written
@@ -101,20 +105,38 @@ def predict_detection(
 
 @torch.inference_mode()
 def predict_segmentation(
-    model: nn.Module, cfg: SegmentConfig, images: list[Path], out_dir: Path, device: str | torch.device = "cpu"
+    model: nn.Module,
+    cfg: SegmentConfig,
+    images: list[Path],
+    out_dir: Path,
+    device: str | torch.device = "cpu",
+    skipped: list[str] | None = None,
 ) -> list[Path]:
-    """For each image: `out_dir/<stem>.png` (overlay) and `out_dir/<stem>_classes.png` (class ids, mode L)."""
+    """For each image: `out_dir/<stem>.png` (overlay) and `out_dir/<stem>_classes.png` (class ids, mode L);
+    unreadable images as in `predict_detection`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
     colours = [tuple(c) for c in cfg.data.palette] or class_colours(cfg.data.num_classes)
     written = []
     for path in images:
-        image = read_rgb(path).as_subclass(torch.Tensor)
+        if (image := _read(path, skipped)) is None:
+            continue
         x = image.float().div(255)[None].to(device)
         classmap = segment_logits(model, x, cfg, tuple(image.shape[-2:])).argmax(1)[0].cpu()
         written.append(_write_png(draw_classes(image, classmap, colours), out_dir / f"{path.stem}.png"))
         Image.fromarray(classmap.numpy().astype(np.uint8), mode="L").save(out_dir / f"{path.stem}_classes.png")
     return written
+
+
+def _read(path: Path, skipped: list[str] | None) -> torch.Tensor | None:
+    """(3, H, W) uint8 of `path`; None (the error noted in `skipped`) for a file that cannot be read."""
+    try:
+        return read_rgb(path).as_subclass(torch.Tensor)
+    except BadImageError as e:
+        if skipped is None:
+            raise
+        skipped.append(str(e))
+        return None
 
 
 def _write_png(image: torch.Tensor, path: Path) -> Path:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD
+
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     """The ConvModule of mmsegmentation: conv (no bias) -> BatchNorm -> ReLU."""
@@ -97,8 +99,8 @@ class Segmentor(nn.Module):
         aux_channels: int = 256,
         aux: bool = True,
         aux_index: int = 2,
-        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
     ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

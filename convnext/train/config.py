@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from convnext.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -340,6 +341,47 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str] | dict[str, Any])
         except (TypeError, ValueError) as e:
             raise ValueError(f"--{path}: {e}") from None
     return cfg
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file (JSON, or YAML with PyYAML installed) as dotted overrides for `apply_overrides`: nested
+    sections as in a run's config.json (`{"optim": {"lr": 1e-3}}`) or dotted keys (`{"optim.lr": 1e-3}`); a
+    top-level "preset" key is kept as is (the CLI starts from that preset)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or give JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+    else:
+        raise ValueError(f"--config {path}: give a .json, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of config fields, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str, section: Any) -> None:
+        names = {f.name: f for f in fields(section)} if dataclasses.is_dataclass(section) else {}
+        for key, value in d.items():
+            sub = getattr(section, key, None) if key in names else None
+            if isinstance(value, dict) and dataclasses.is_dataclass(sub):
+                walk(value, f"{prefix}{key}.", sub)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(data, "", TrainConfig())
+    return flat
 
 
 def _pairs(args: Sequence[str]) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from convnext import kernels
 from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
 from convnext.data.cache import (
     BatchAugment,
@@ -276,9 +277,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         if state is not None and state.get("plan"):
             plan = plan_from_rows(state["plan"])
         elif cfg.amp == "none":
-            plan = plan_pointwise(model, torch.empty(shape), torch.float32)
-            for size in train_sizes[:-1]:  # progressive resizing: each smaller size has its own products
-                plan |= plan_pointwise(model, torch.empty(*shape[:2], size, size), torch.float32)
+            if info.is_main:  # timed once, on rank 0, and handed to every rank: all run the same products
+                plan = plan_pointwise(model, torch.empty(shape), torch.float32)
+                for size in train_sizes[:-1]:  # progressive resizing: each smaller size has its own products
+                    plan |= plan_pointwise(model, torch.empty(*shape[:2], size, size), torch.float32)
+            plan = plan_from_rows(broadcast_object(plan_to_rows(plan) if info.is_main else None, info))
         model = FastConvNeXt(model, plan)
     if info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
@@ -502,6 +505,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         "time_s": time.perf_counter() - t0,
         "train_s": train_clock(),  # what the budget counts
         "setup_s": t0 - t_setup,  # data scan and decoding, model, plan: before the budget's clock starts
+        # what the CPU fast path ran on: the C kernels, or aten's where they could not be built (said once)
+        "c_kernels": kernels.status() if cfg.fast and info.device.type == "cpu" else "not used",
         "run_dir": str(run_dir),
     }
     if info.is_main:

@@ -88,6 +88,16 @@ def test_detect_cli_eval_and_predict_write_overlays(det_run, tmp_path, capsys):
     assert overlay.shape == (80, 96, 3) and (overlay != np.array(Image.open(image))).any()
     assert main(["segment", "eval", cfg.run.output]) == 2  # the wrong family: one clear error, no traceback
     assert "is a detection run" in capsys.readouterr().err
+    # a bad image among good ones is named and left out; the others are still predicted
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a_bad.png").write_bytes(b"not a png")
+    Image.open(image).save(tmp_path / "in" / "b_good.png")
+    assert main(["detect", "predict", cfg.run.output, str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "a_bad.png" in captured.err and "1 skipped" in captured.out
+    assert (tmp_path / "out" / "b_good.png").is_file() and not (tmp_path / "out" / "a_bad.png").exists()
+    only_bad = ["detect", "predict", cfg.run.output, str(tmp_path / "in" / "a_bad.png"), "--output", str(tmp_path)]
+    assert main(only_bad) == 1
 
 
 def test_draw_detections_paints_boxes_and_masks_in_class_colours():

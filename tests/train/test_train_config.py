@@ -107,3 +107,38 @@ def test_cli_resolves_preset_flags_and_overrides(capsys):
     assert main(["train", "--preset", "demo", "--optim.nope", "1", "--print-config"]) == 2
     assert "unknown config field 'optim.nope'" in capsys.readouterr().err
     assert main(["train", "--preset", "nope", "--print-config"]) == 2
+
+
+def test_config_file_json_or_yaml_then_flags_override_it(tmp_path, capsys):
+    """--config takes nested sections (a run's config.json) or dotted keys, and a preset; flags win over it."""
+    given = {"preset": "cifar10", "epochs": 4, "optim": {"lr": 2e-3}, "data.mixup": 0.1,
+             "model": {"kwargs": {"depths": [1, 1, 1, 1]}}}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(given))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--epochs", "2", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["epochs"] == 2 and cfg["optim"]["lr"] == 2e-3 and cfg["data"]["mixup"] == 0.1
+    assert cfg["model"]["kwargs"] == {"depths": [1, 1, 1, 1]} and cfg["data"]["img_size"] == 32  # the preset's
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text("preset: demo\nsched:\n  name: linear\nseed: 3\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["sched"]["name"] == "linear" and cfg["seed"] == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix", "message"),
+    [
+        ('{"optim": {"nope": 1}}', ".json", "c.json: unknown config field 'optim.nope'"),
+        ('{"epochs": "three"}', ".json", "c.json: --epochs: epochs: expected an integer"),
+        ("{not json", ".json", "c.json: not valid JSON"),
+        ("[1, 2]", ".json", "expected a mapping of config fields, got list"),
+        ("epochs: 1", ".toml", "give a .json, .yaml or .yml file"),
+    ],
+)
+def test_bad_config_file_is_one_line_naming_file_and_field(tmp_path, capsys, text, suffix, message):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--preset", "demo", "--print-config"]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--print-config"]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err

@@ -23,6 +23,10 @@ def test_run_folder_contents_and_load_run(image_folder, tiny_config, tmp_path):
     assert result["n"] == 21  # 3 classes x 7 val images, each counted once
     assert 0 <= result["top1"] <= 100 and result["top1"] <= result["top5"]
     assert "ema_top1" in result
+    from convnext import kernels
+
+    saved_result = json.loads((out / "results.json").read_text())
+    assert saved_result["c_kernels"] == kernels.status()  # the run says what its CPU path ran on
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(r["val_top1"] and r["ema_top1"] and r["lr"] and r["img_per_s"] for r in rows)

@@ -57,3 +57,23 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder, tmp_p
     assert len(rows_a) == len(rows_b) == 3
     # epoch 2 (the one after the resume) evaluates to the same numbers
     assert rows_a[2].split(",")[4:7] == rows_b[2].split(",")[4:7]
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(image_folder, tmp_path, tiny_args):
+    """SIGINT (Ctrl-C) mid-run: exit code 130 and one line naming the run folder and the --resume command."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_folder), "--epochs", "500", "--batch-size", "6", *tiny_args,
+            "--output", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convnext", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [line for line in err.splitlines() if line.startswith("convnext train:")]
+    assert lines == [f"convnext train: interrupted; {out} keeps its last checkpoint: continue with --resume {out}"]
+    assert "Traceback" not in err
