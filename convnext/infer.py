@@ -212,7 +212,7 @@ def _checkpoint_shape(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def _load_run(run_dir: Path, with_ema: bool, which: str = "best") -> LoadedModel:
-    from convnext.train import load_run
+    from convnext.train.runs import load_run
 
     model, cfg = load_run(run_dir, which=which, ema=False)
     ema_model = load_run(run_dir, which=which, ema=True)[0] if with_ema and cfg.get("ema") else None

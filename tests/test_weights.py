@@ -391,6 +391,10 @@ def test_cli_convert_and_refuse_overwrite(tmp_path):
         assert (model(x) - tv(x)).abs().max() <= 1e-5
     assert main(["convert", str(src), str(tmp_path / "x.safetensors"), "--model", "convnext_atto"]) == 2  # no fit
     assert not (tmp_path / "x.safetensors").exists()
+    folder = tmp_path / "a_folder.safetensors"
+    (folder / "kept").mkdir(parents=True)
+    assert main(["convert", str(dst), str(folder), "--force"]) == 2  # --force never replaces a folder
+    assert (folder / "kept").is_dir()
 
 
 def test_cli_download(server, tmp_path, monkeypatch, capsys):

@@ -166,7 +166,7 @@ def load_model(cfg: BackboneConfig) -> nn.Module:
     from convnext.registry import MODELS, create_model, split_name
 
     if cfg.pretrained_run is not None:
-        from convnext.train import load_run
+        from convnext.train.runs import load_run
 
         model, run_cfg = load_run(Path(cfg.pretrained_run))
         if run_cfg["model"]["name"] != cfg.model:

@@ -18,7 +18,8 @@ from convnext.train.config import (
     from_dict,
     get_preset,
 )
-from convnext.train.fit import build_model, fit, load_run
+from convnext.train.fit import fit
+from convnext.train.runs import build_model, load_run
 
 __all__ = [
     "PRESETS",

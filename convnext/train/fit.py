@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import logging
 import os
@@ -35,9 +34,8 @@ from convnext.data.cache import (
 )
 from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.model import ConvNeXt
-from convnext.registry import create_model
 from convnext.train import checkpoint as ckpt
-from convnext.train.config import ModelConfig, TrainConfig, from_dict
+from convnext.train.config import TrainConfig
 from convnext.train.distributed import (
     DistInfo,
     ResumableSampler,
@@ -47,24 +45,15 @@ from convnext.train.distributed import (
     cleanup,
     init_distributed,
 )
-from convnext.train.ema import build_ema, ema_weights
+from convnext.train.ema import build_ema
 from convnext.train.loop import NonFiniteLossError, evaluate, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
 from convnext.train.report import MetricsLog, plot_curves
 from convnext.train.resize import StepCosts, seconds_per_step, size_at, sizes, steps_in_budget
+from convnext.train.runs import build_model, check_run_dir, run_lock
 from convnext.train.whiten import whiten_stem
 
 log = logging.getLogger("convnext.train")
-RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
-
-
-def build_model(mcfg: ModelConfig, num_classes: int, init_weights: bool = True) -> nn.Module:
-    """The configured model with `num_classes` outputs; with `init_weights`, from its pretrained/checkpoint
-    weights (the head adapts to the classes)."""
-    kwargs = mcfg.build_kwargs() | {"num_classes": num_classes}
-    if not init_weights:
-        return create_model(mcfg.name.split(".")[0], **kwargs)
-    return create_model(mcfg.name, pretrained=mcfg.pretrained, checkpoint=mcfg.checkpoint, **kwargs)
 
 
 def shrink_schedule(planned: dict[str, int], total: int) -> dict[str, int]:
@@ -108,7 +97,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     _check_config(cfg)
     run_dir = Path(cfg.resume or cfg.output)
     cfg.output = str(run_dir)
-    old_files = _check_run_dir(run_dir, cfg)
+    old_files = check_run_dir(run_dir, cfg)
     for line in cfg.recipe:
         log.info("recipe: %s", line)
 
@@ -293,7 +282,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     metrics = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(_run_lock(run_dir))
+        held.enter_context(run_lock(run_dir))
         for tmp in run_dir.glob(".*.pt.*.tmp"):  # left by a process killed while it saved
             tmp.unlink(missing_ok=True)
         for f in old_files:  # --overwrite: the old run goes only now that data and model are built
@@ -554,27 +543,6 @@ def _diverged_note(run_dir: Path) -> str:
     return note + (f"; {best} holds the best scored epoch" if best.exists() else "; no epoch was scored yet")
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Any:
-    """Hold `run_dir/.lock` for the run: a second run started on the same folder is refused, not interleaved."""
-    with open(run_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RuntimeError(
-                f"another run is writing to {run_dir} (pid {f.read().strip() or '?'}); wait for it or "
-                "choose another --output"
-            ) from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _check_config(cfg: TrainConfig) -> None:
     """Values no run can use, refused before the data is read or the run folder is touched."""
     bad = []
@@ -592,29 +560,6 @@ def _check_config(cfg: TrainConfig) -> None:
         bad.append(f"data.low_res_until must be in (0, 1], got {cfg.data.low_res_until}")
     if bad:
         raise ValueError("; ".join(bad))
-
-
-def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[str]:
-    """Refuse an output that cannot take this run; return the old run's files that --overwrite replaces (they are
-    removed only when the new run is about to write, so a run that fails in set-up loses nothing)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"--output {run_dir} is a file, not a folder")
-    if any(parent.exists() and not parent.is_dir() for parent in run_dir.parents):
-        raise NotADirectoryError(f"--output {run_dir} lies below a file")
-    nearest = next(d for d in (run_dir, *run_dir.parents) if d.exists())
-    if not os.access(nearest, os.W_OK):
-        raise PermissionError(f"--output {run_dir}: {nearest} is not writable")
-    if cfg.resume:
-        if not (run_dir / "last.pt").is_file():
-            raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
-        return []
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if existing and not cfg.overwrite:
-        raise ValueError(
-            f"{run_dir} already holds a run ({', '.join(existing)}); continue it with --resume {run_dir}, "
-            "or pass --overwrite, or choose another --output"
-        )
-    return existing
 
 
 def _set_transform(ds: Any, transform: Any) -> None:
@@ -670,32 +615,3 @@ def _per_rank_batch(cfg: TrainConfig, info: DistInfo, n_train: int) -> int:
     if cfg.batch_size > n_train:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({n_train} images)")
     return cfg.batch_size // parts
-
-
-def load_run(run_dir: str | Path, which: str = "best", ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """A trained model from a run folder (in eval mode, on CPU) and its resolved config as a plain dict.
-
-    which: "best" or "last" checkpoint; ema: the EMA weights instead of the model's. Class names are
-    `cfg["data"]["classes"]`; eval preprocessing is `cfg["data"]` img_size, crop_pct, mean, std.
-    """
-    run_dir = Path(run_dir)
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', not {which!r}")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
-    cfg_dict = json.loads(cfg_path.read_text())
-    cfg = from_dict(cfg_dict)
-    path = run_dir / f"{which}.pt"
-    if which == "best" and not path.exists():
-        path = run_dir / "last.pt"
-    state = ckpt.load(path)
-    weights = state["model"]
-    if ema:
-        if state.get("ema") is None:
-            raise ValueError(f"{path} holds no EMA weights (the run had ema=false)")
-        weights = ema_weights(state["ema"])
-    model = build_model(cfg.model, len(cfg.data.classes), init_weights=False)
-    ckpt.check_compatible(model, weights, f"checkpoint {path}")
-    model.load_state_dict(weights)
-    return model.eval(), cfg_dict

@@ -197,6 +197,8 @@ def save_weights(
     new one. Refuses to replace an existing file unless `force`.
     """
     path = Path(path)
+    if path.is_dir():  # even with force: a folder is never replaced by a weight file
+        raise IsADirectoryError(f"{path} is a folder; give a file name for the weights")
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists (pass force=True / --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from convnext.train import auto_recipe, fit
-from convnext.train.fit import _run_lock
+from convnext.train.runs import run_lock
 
 
 def test_overwrite_keeps_the_old_run_when_the_data_is_missing(image_folder, tiny_config, tmp_path):
@@ -56,7 +56,7 @@ def test_a_second_run_on_a_locked_folder_is_refused(image_folder, tiny_config, t
         pid = os.fork()
         if pid == 0:  # flock locks are per open file: a child that opens it again competes like another run
             try:
-                with _run_lock(out):
+                with run_lock(out):
                     os._exit(1)
             except RuntimeError as e:
                 os._exit(0 if "another run is writing" in str(e) and "12345" in str(e) else 2)

@@ -7,8 +7,8 @@ import pytest
 
 from convnext.train import fit
 from convnext.train.checkpoint import load
-from convnext.train.fit import build_model
 from convnext.train.resize import StepCosts, size_at, sizes, steps_in_budget
+from convnext.train.runs import build_model
 
 
 def test_size_grows_from_low_to_full_in_whole_quanta():
@@ -53,13 +53,17 @@ def test_unmeasured_size_is_guessed_from_the_nearest():
     assert costs.cost(16) == pytest.approx(0.1) and 0.1 < costs.cost(32) < 0.4  # between per-step and per-pixel
 
 
+def _sizes_seen(cfg) -> tuple[dict, list[tuple[bool, int]]]:
+    """fit(cfg) on a model whose stem notes (training?, input size) of every batch it is given."""
+    model = build_model(cfg.model, 3, init_weights=True)
+    seen: list[tuple[bool, int]] = []
+    model.stem.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    return fit(cfg, model), seen
+
+
 def test_run_trains_small_first_and_evaluates_at_full_size(image_folder, tiny_config, tmp_path):
     common = {"epochs": 2, "data.img_size": 32, "data.low_res": 16, "data.low_res_until": 0.5, "fast": False}
-    cfg = tiny_config(image_folder, tmp_path / "run", **common)
-    model = build_model(cfg.model, 3, init_weights=True)
-    seen = []
-    model.stem.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
-    result = fit(cfg, model)
+    result, seen = _sizes_seen(tiny_config(image_folder, tmp_path / "run", **common))
     train = [s for training, s in seen if training]
     assert train[0] == 16 and train[-1] == 32 and train == sorted(train)
     assert {s for training, s in seen if not training} == {32}  # evaluation at the full size
@@ -69,11 +73,7 @@ def test_run_trains_small_first_and_evaluates_at_full_size(image_folder, tiny_co
 def test_with_a_budget_the_size_never_goes_back_down(image_folder, tiny_config, tmp_path):
     """The budget re-fits the total steps as the run goes, which moves the ramp's end; the size still only grows."""
     common = {"epochs": 60, "budget_min": 0.1, "data.img_size": 32, "data.low_res": 16, "fast": False}
-    cfg = tiny_config(image_folder, tmp_path / "run", **common)
-    model = build_model(cfg.model, 3, init_weights=True)
-    seen = []
-    model.stem.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
-    fit(cfg, model)
+    _, seen = _sizes_seen(tiny_config(image_folder, tmp_path / "run", **common))
     timed, train = [s for training, s in seen if training][:8], [s for training, s in seen if training][8:]
     assert timed == [16] * 4 + [32] * 4  # before the clock starts: one untimed and 3 timed steps at each size
     assert train == sorted(train) and train[0] == 16 and train[-1] == 32
