@@ -240,6 +240,12 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         else:
             log.warning("resuming on %d processes, saved on %d: random streams restart", info.world_size, len(rngs))
         log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch, step)
+        saved_epochs = state.get("config", {}).get("epochs", cfg.epochs)
+        if saved_epochs != cfg.epochs and cfg.budget_min is None:
+            log.info(
+                "the run had %d epochs, now %d: the lr schedule is the one for %d epochs from step %d on (the steps "
+                "already trained keep the lr they had)", saved_epochs, cfg.epochs, cfg.epochs, step,
+            )  # fmt: skip
         if start_epoch == cfg.epochs and epoch_step == 0:
             log.info("the run is already finished (%d epochs)", cfg.epochs)
 

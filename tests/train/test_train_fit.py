@@ -161,10 +161,14 @@ def test_bf16_autocast_channels_last_tensorboard(image_folder, tiny_config, tmp_
     assert result["n"] == 21 and any((out / "tb").iterdir())
 
 
-def test_resume_a_finished_run_for_more_epochs(image_folder, tiny_config, tmp_path):
+def test_resume_a_finished_run_for_more_epochs(image_folder, tiny_config, tmp_path, caplog):
+    import logging
+
     out = tmp_path / "run"
     fit(tiny_config(image_folder, out, epochs=1))
-    result = fit(tiny_config(image_folder, out, epochs=2, resume=str(out)))
+    with caplog.at_level(logging.INFO, logger="convnext.train"):
+        result = fit(tiny_config(image_folder, out, epochs=2, resume=str(out)))
+    assert "the run had 1 epochs, now 2: the lr schedule is the one for 2 epochs from step 6 on" in caplog.text
     assert result["steps"] == 12 and load(out / "last.pt")["epoch"] == 2
     assert [int(r["epoch"]) for r in csv.DictReader((out / "metrics.csv").open())] == [1, 2]
 
