@@ -69,10 +69,6 @@ class DataConfig:
     cache_memory_share: float = 0.5  # auto: cache only when it needs at most this share of the available memory
     tta_flip: bool = False  # evaluate (and predict) on the mean of the image's and its mirror's logits
     tta_shift: int = 0  # and of the image translated by this many pixels both ways (data.tta_logits)
-    # progressive resizing (FFCV's low-res start): train at `low_res` px at first, growing linearly to img_size by
-    # this share of the steps (in multiples of the network's stride, 8 x the stem's); evaluation is at img_size. 0 = off
-    low_res: int = 0
-    low_res_until: float = 0.5
     classes: list[str] = field(default_factory=list)  # filled in from the dataset when the run starts
 
 

@@ -49,7 +49,6 @@ from convnext.train.ema import build_ema
 from convnext.train.loop import NonFiniteLossError, evaluate, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
 from convnext.train.report import MetricsLog, plot_curves
-from convnext.train.resize import StepCosts, seconds_per_step, size_at, sizes, steps_in_budget
 from convnext.train.runs import build_model, check_run_dir, run_lock
 from convnext.train.whiten import whiten_stem
 
@@ -249,19 +248,6 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         if start_epoch == cfg.epochs and epoch_step == 0:
             log.info("the run is already finished (%d epochs)", cfg.epochs)
 
-    # progressive sizes: multiples of the network's stride (8 stem strides), so every stage halves a whole grid
-    quantum = 8 * cfg.model.patch_size
-    low = max(d.low_res, quantum) if d.low_res else 0
-    train_sizes = sizes(d.img_size, low, quantum)
-
-    def size_fn(s: int, total: int) -> int:
-        return size_at(s, total, d.img_size, low, d.low_res_until, quantum)
-
-    if len(train_sizes) > 1:
-        log.info(
-            "progressive resizing: training at %s px, growing linearly to %d px by %.0f%% of the steps",
-            "/".join(map(str, train_sizes)), d.img_size, 100 * d.low_res_until,
-        )  # fmt: skip
     raw_model, plan = model, None
     if cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt):
         keep_freed_memory()  # process-wide; this process is a training run
@@ -274,8 +260,6 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         elif cfg.amp == "none":
             if info.is_main:  # timed once, on rank 0, and handed to every rank: all run the same products
                 plan = plan_pointwise(model, torch.empty(shape), torch.float32)
-                for size in train_sizes[:-1]:  # progressive resizing: each smaller size has its own products
-                    plan |= plan_pointwise(model, torch.empty(*shape[:2], size, size), torch.float32)
             plan = plan_from_rows(broadcast_object(plan_to_rows(plan) if info.is_main else None, info))
         model = FastConvNeXt(model, plan)
     if info.distributed:
@@ -353,10 +337,6 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         }
         ckpt.save_atomic(payload, path)
 
-    guesses = {}  # progressive resizing with a budget: what a step costs at each size, before the clock starts
-    if cfg.budget_min is not None and len(train_sizes) > 1:
-        chans = raw_model.cfg.in_chans if isinstance(raw_model, ConvNeXt) else 3
-        guesses = {size: seconds_per_step(model, (per_rank, chans, size, size)) for size in train_sizes}
     t0, step0 = time.perf_counter(), step
     trained = {"images": 0, "time": 0.0, "paused": 0.0}  # paused: evaluation and checkpoints at epoch ends
 
@@ -367,28 +347,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     planned = dict(sched)
     budget_s = cfg.budget_min * 60 if cfg.budget_min is not None else None
 
-    # seconds a step takes at each training size (timed once before the clock starts, then as the run goes), the
-    # steps done at each size, and the size the last step used (a budget's re-fitted total moves the ramp's end,
-    # and the size must not go back down)
-    costs, done = StepCosts(guesses), {}
-    clock: dict[str, float | None] = {"last": None}
-    reached = {"size": 0}
-
-    def train_size(s: int, total: int) -> int:
-        return max(size_fn(s, total), reached["size"])
-
-    def next_size(s: int) -> int:
-        reached["size"] = train_size(s, sched["total_steps"])
-        return reached["size"]
-
     def fit_schedule_to_budget(s: int) -> None:
-        """Shorten the schedule to the steps that fit in the budget at the speeds measured so far (per training
-        size, where progressive resizing makes early steps cheaper)."""
+        """Shorten the schedule to the steps that fit in the budget at the speed measured so far."""
         elapsed = train_clock()
-        left = max(budget_s - elapsed, 0.0)
-        est = steps_in_budget(
-            done or {d.img_size: s - step0}, s, planned["total_steps"], left, elapsed, costs, train_size
-        )
+        per_step = elapsed / max(s - step0, 1)
+        est = s + int(max(budget_s - elapsed, 0) / per_step)
         total = int(broadcast_object(min(planned["total_steps"], max(est, s + 1)), info))
         sched.update(shrink_schedule(planned, total))
 
@@ -403,14 +366,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             sampler.set_epoch(epoch, skip=epoch_step * per_rank * cfg.accum_steps)
             (train_loader if cache is not None else train_loader.dataset).set_epoch(epoch)
 
-            clock["last"] = None  # the first step of an epoch also waits for the loader to start: not timed
-
             def on_step(s: int, n: int, epoch: int = epoch, offset: int = epoch_step) -> None:
-                now, size = time.perf_counter(), reached["size"] or d.img_size
-                done[size] = done.get(size, 0) + 1
-                if clock["last"] is not None:
-                    costs.add(size, now - clock["last"])
-                clock["last"] = now
                 if budget_s is not None and s - step0 == 10:
                     fit_schedule_to_budget(s)
                 if cfg.ckpt_every_steps and s % cfg.ckpt_every_steps == 0 and offset + n < steps_per_epoch:
@@ -433,7 +389,6 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
                 channels_last=cfg.channels_last,
                 on_step=on_step,
                 should_stop=out_of_time if budget_s is not None else None,
-                size_fn=next_size if len(train_sizes) > 1 else None,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 total=(steps_per_epoch - epoch_step) * cfg.accum_steps,
             )
@@ -560,10 +515,6 @@ def _check_config(cfg: TrainConfig) -> None:
         bad.append(f"data.img_size must be >= 1, got {cfg.data.img_size}")
     if cfg.batch_size < 1:
         bad.append(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.data.low_res < 0:
-        bad.append(f"data.low_res must be >= 0 (0 = off), got {cfg.data.low_res}")
-    if not 0 < cfg.data.low_res_until <= 1:
-        bad.append(f"data.low_res_until must be in (0, 1], got {cfg.data.low_res_until}")
     if bad:
         raise ValueError("; ".join(bad))
 

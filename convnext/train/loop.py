@@ -16,7 +16,6 @@ from tqdm import tqdm
 from convnext.data.transforms import tta_logits
 from convnext.train.distributed import DistInfo, all_reduce_sum
 from convnext.train.optim import set_lr
-from convnext.train.resize import resize_batch
 
 log = logging.getLogger("convnext.train")
 
@@ -63,14 +62,13 @@ def train_one_epoch(
     should_stop: Callable[[], bool] | None = None,
     desc: str = "train",
     total: int | None = None,
-    size_fn: Callable[[int], int] | None = None,
     log_every_s: float = 60.0,
 ) -> dict[str, Any]:
     """Train over `loader` (batches of (images, labels, n_skipped)); one optimizer step per `accum_steps` batches.
 
     `step` is the global optimizer step the epoch starts at; `lr_fn(step)` gives each step's lr. After each
     optimizer step `on_step(step, steps_this_epoch)` runs (checkpointing); `should_stop()` (the same answer on
-    every rank) ends the epoch early; `size_fn(step)` (progressive resizing) resizes each batch to that size.
+    every rank) ends the epoch early.
     Off a terminal (no progress bar: nohup, SLURM, a pipe) a log line every `log_every_s` seconds says where it is.
     Returns {"loss", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr", "time", "data_time"};
     "images" and "img_per_s" count all processes; "data_time" is the seconds spent waiting for the next batch.
@@ -95,8 +93,6 @@ def train_one_epoch(
         if len(y) == 0:
             continue
         x, y = _to_device(x, y, device, channels_last)
-        if size_fn is not None:
-            x = resize_batch(x, size_fn(step))
         if mix is not None:
             x, y = mix(x, y)
         last_micro = (micro + 1) % accum_steps == 0
