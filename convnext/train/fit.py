@@ -218,6 +218,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     }
 
     start_epoch, epoch_step, step, best = 0, 0, 0, -1.0
+    carry = (0.0, 0)  # the resumed epoch's loss so far: (sum of per-image losses, images)
     if state is not None:
         if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
             raise ValueError(
@@ -233,6 +234,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             sched.update(state["scheduler"])
         start_epoch, epoch_step, step = state["epoch"], state["epoch_step"], state["step"]
         best = state.get("best_top1", -1.0)
+        if epoch_step > 0 and state.get("epoch_loss"):
+            carry = (float(state["epoch_loss"][0]), int(state["epoch_loss"][1]))
         rngs = state["rng"]
         if len(rngs) == info.world_size:
             ckpt.set_rng_state(rngs[info.rank])
@@ -366,11 +369,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             sampler.set_epoch(epoch, skip=epoch_step * per_rank * cfg.accum_steps)
             (train_loader if cache is not None else train_loader.dataset).set_epoch(epoch)
 
-            def on_step(s: int, n: int, epoch: int = epoch, offset: int = epoch_step) -> None:
+            def on_step(s: int, n: int, loss_so_far: Any, epoch: int = epoch, offset: int = epoch_step) -> None:
                 if budget_s is not None and s - step0 == 10:
                     fit_schedule_to_budget(s)
                 if cfg.ckpt_every_steps and s % cfg.ckpt_every_steps == 0 and offset + n < steps_per_epoch:
-                    save(run_dir / "last.pt", epoch, offset + n, s)
+                    save(run_dir / "last.pt", epoch, offset + n, s, {"epoch_loss": list(loss_so_far())})
 
             r = train_one_epoch(
                 model,
@@ -391,7 +394,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
                 should_stop=out_of_time if budget_s is not None else None,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 total=(steps_per_epoch - epoch_step) * cfg.accum_steps,
+                carry=carry,
             )
+            carry = (0.0, 0)
             t_epoch_end = time.perf_counter()
             step = r["step"]
             trained["images"] += r["images"]
@@ -416,7 +421,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             improved = "val_top1" in last_row and last_row["val_top1"] > best
             if improved:
                 best = last_row["val_top1"]
-            save(run_dir / "last.pt", next_epoch, epoch_step, step)
+            partial = None if done_epoch else {"epoch_loss": [r["loss_sum"], r["loss_images"]]}
+            save(run_dir / "last.pt", next_epoch, epoch_step, step, partial)
             if improved and info.is_main:
                 shutil.copyfile(run_dir / "last.pt", run_dir / ".best.pt.tmp")
                 (run_dir / ".best.pt.tmp").replace(run_dir / "best.pt")

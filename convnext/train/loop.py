@@ -58,19 +58,22 @@ def train_one_epoch(
     clip_grad: float | None = None,
     ema: nn.Module | None = None,
     channels_last: bool = False,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, Callable[[], tuple[float, int]]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     desc: str = "train",
     total: int | None = None,
     log_every_s: float = 60.0,
+    carry: tuple[float, int] = (0.0, 0),
 ) -> dict[str, Any]:
     """Train over `loader` (batches of (images, labels, n_skipped)); one optimizer step per `accum_steps` batches.
 
     `step` is the global optimizer step the epoch starts at; `lr_fn(step)` gives each step's lr. After each
-    optimizer step `on_step(step, steps_this_epoch)` runs (checkpointing); `should_stop()` (the same answer on
-    every rank) ends the epoch early.
+    optimizer step `on_step(step, steps_this_epoch, loss_so_far)` runs (checkpointing; `loss_so_far()`, a
+    collective, gives the epoch's (sum of per-image losses, images) over all processes); `should_stop()` (the same
+    answer on every rank) ends the epoch early. `carry` is that pair from the part of this epoch trained before a
+    resume, so a resumed epoch's loss covers the whole epoch.
     Off a terminal (no progress bar: nohup, SLURM, a pipe) a log line every `log_every_s` seconds says where it is.
-    Returns {"loss", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr", "time", "data_time"};
+    Returns {"loss", "loss_sum", "loss_images", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr", "time", "data_time"};
     "images" and "img_per_s" count all processes; "data_time" is the seconds spent waiting for the next batch.
     """
     model.train()
@@ -82,6 +85,11 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     batches, data_time = iter(bar), 0.0
     quiet_bar, last_log = bar.disable, start
+
+    def loss_so_far() -> tuple[float, int]:
+        total = all_reduce_sum(torch.tensor([float(loss_sum), seen], dtype=torch.float64), info)
+        return carry[0] + float(total[0]), carry[1] + int(total[1])
+
     while True:
         t_data = time.perf_counter()
         try:
@@ -135,7 +143,7 @@ def train_one_epoch(
                 where = f"{steps}/{total // accum_steps}" if total else str(steps)
                 log.info("%s  step %s  loss %.4f  lr %.3g  %.0f img/s", desc, where, loss.item(), lr, rate)
         if on_step is not None:
-            on_step(step, steps)
+            on_step(step, steps, loss_so_far)
         if should_stop is not None and should_stop():
             stopped = True
             break
@@ -143,8 +151,11 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, skipped], dtype=torch.float64), info)
     n = int(totals[1])
+    loss_total, loss_images = carry[0] + float(totals[0]), carry[1] + n
     return {
-        "loss": float(totals[0]) / max(n, 1),
+        "loss": loss_total / max(loss_images, 1),
+        "loss_sum": loss_total,
+        "loss_images": loss_images,
         "images": n,
         "img_per_s": n / max(elapsed, 1e-9),
         "steps": steps,
