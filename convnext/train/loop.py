@@ -73,7 +73,8 @@ def train_one_epoch(
     answer on every rank) ends the epoch early. `carry` is that pair from the part of this epoch trained before a
     resume, so a resumed epoch's loss covers the whole epoch.
     Off a terminal (no progress bar: nohup, SLURM, a pipe) a log line every `log_every_s` seconds says where it is.
-    Returns {"loss", "loss_sum", "loss_images", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr", "time", "data_time"};
+    Returns {"loss", "loss_sum", "loss_images", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr",
+    "time", "data_time"};
     "images" and "img_per_s" count all processes; "data_time" is the seconds spent waiting for the next batch.
     """
     model.train()
