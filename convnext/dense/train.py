@@ -12,6 +12,7 @@ Optimizer groups, schedules, checkpoints, samplers and overrides are the classif
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -52,6 +53,7 @@ from convnext.train.distributed import DistInfo, ResumableSampler, resolve_devic
 from convnext.train.loop import NonFiniteLossError
 from convnext.train.optim import lr_at as _lr_at
 from convnext.train.optim import no_weight_decay, param_groups, set_lr
+from convnext.train.runs import check_run_dir, claim_run_dir
 
 log = logging.getLogger("convnext.dense")
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.jsonl", "results.json")
@@ -256,7 +258,12 @@ def train_segmentation(cfg: SegmentConfig) -> dict[str, Any]:
     return _fit(cfg, build_segmentation_model, train_ds, None, loss_fn, evaluate, "mIoU")
 
 
-def _fit(
+def _fit(*args: Any) -> dict[str, Any]:
+    with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
+        return _fit_held(*args, held=held)
+
+
+def _fit_held(
     cfg: DetectConfig | SegmentConfig,
     build: Callable,
     train_ds: Dataset,
@@ -264,11 +271,13 @@ def _fit(
     loss_fn: Callable,
     evaluate: Callable,
     main_metric: str,
+    *,
+    held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     r = cfg.run
     run_dir = Path(r.resume or r.output)
     r.output = str(run_dir)
-    _check_run_dir(run_dir, r.resume is not None, r.overwrite)
+    old_files = check_run_dir(run_dir, r.resume is not None, r.overwrite, RUN_FILES)
     device = resolve_device(r.device)
     if r.threads and device.type == "cpu":
         torch.set_num_threads(r.threads)
@@ -300,7 +309,7 @@ def _fit(
         ckpt.set_rng_state(state["rng"])
         log.info("resuming %s at epoch %d, step %d of %d", run_dir, epoch, step, sched["total_steps"])
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, old_files, held)  # --overwrite: the old run goes only now data and model are built
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     train_set = SeededDataset(train_ds, r.seed)
     sampler = ResumableSampler(train_set, DistInfo(device=device), r.seed, shuffle=True, drop_last=True)
@@ -438,21 +447,6 @@ def _num(v: Any) -> float:
 def _summary(metrics: dict[str, Any], main: str) -> str:
     keys = [main] + [k for k in ("box_AP", "box_AP50", "mask_AP50", "aAcc") if k in metrics and k != main]
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
-
-
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
-        return
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if existing and not overwrite:
-        raise ValueError(
-            f"{run_dir} already holds a run ({', '.join(existing)}); continue it with --resume {run_dir}, "
-            "or pass --overwrite, or choose another --output"
-        )
-    for f in existing:
-        (run_dir / f).unlink()
 
 
 # ---------------------------------------------------------------- run folders

@@ -49,7 +49,7 @@ from convnext.train.ema import build_ema
 from convnext.train.loop import NonFiniteLossError, evaluate, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
 from convnext.train.report import MetricsLog, plot_curves
-from convnext.train.runs import build_model, check_run_dir, run_lock
+from convnext.train.runs import build_model, check_run_dir, claim_run_dir
 from convnext.train.whiten import whiten_stem
 
 log = logging.getLogger("convnext.train")
@@ -96,7 +96,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     _check_config(cfg)
     run_dir = Path(cfg.resume or cfg.output)
     cfg.output = str(run_dir)
-    old_files = check_run_dir(run_dir, cfg)
+    old_files = check_run_dir(run_dir, bool(cfg.resume), cfg.overwrite)
     for line in cfg.recipe:
         log.info("recipe: %s", line)
 
@@ -274,12 +274,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     # ---- run folder
     metrics = None
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(run_lock(run_dir))
-        for tmp in run_dir.glob(".*.pt.*.tmp"):  # left by a process killed while it saved
-            tmp.unlink(missing_ok=True)
-        for f in old_files:  # --overwrite: the old run goes only now that data and model are built
-            (run_dir / f).unlink(missing_ok=True)
+        claim_run_dir(run_dir, old_files, held)  # --overwrite: the old run goes only now data and model are built
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
         if state is not None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from convnext.registry import create_model
 from convnext.train import checkpoint as ckpt
-from convnext.train.config import ModelConfig, TrainConfig, from_dict
+from convnext.train.config import ModelConfig, from_dict
 from convnext.train.ema import ema_weights
 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
@@ -53,9 +53,10 @@ def run_lock(run_dir: Path) -> Any:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[str]:
-    """Refuse an output that cannot take this run; return the old run's files that --overwrite replaces (they are
-    removed only when the new run is about to write, so a run that fails in set-up loses nothing)."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, files: tuple[str, ...] = RUN_FILES) -> list[str]:
+    """Refuse an output that cannot take this run; return the old run's `files` that --overwrite replaces (they
+    are removed by `claim_run_dir` only when the new run is about to write, so a run that fails in set-up loses
+    nothing)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"--output {run_dir} is a file, not a folder")
     if any(parent.exists() and not parent.is_dir() for parent in run_dir.parents):
@@ -63,17 +64,28 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[str]:
     nearest = next(d for d in (run_dir, *run_dir.parents) if d.exists())
     if not os.access(nearest, os.W_OK):
         raise PermissionError(f"--output {run_dir}: {nearest} is not writable")
-    if cfg.resume:
+    if resume:
         if not (run_dir / "last.pt").is_file():
             raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
         return []
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if existing and not cfg.overwrite:
+    existing = [f for f in files if (run_dir / f).exists()]
+    if existing and not overwrite:
         raise ValueError(
             f"{run_dir} already holds a run ({', '.join(existing)}); continue it with --resume {run_dir}, "
             "or pass --overwrite, or choose another --output"
         )
     return existing
+
+
+def claim_run_dir(run_dir: Path, old_files: list[str], held: contextlib.ExitStack) -> None:
+    """Make `run_dir`, hold its lock for as long as `held` lives, drop temporary files a killed save left, and
+    only now remove the old run's `old_files` (--overwrite)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(run_lock(run_dir))
+    for tmp in run_dir.glob(".*.pt.*.tmp"):  # left by a process killed while it saved
+        tmp.unlink(missing_ok=True)
+    for f in old_files:
+        (run_dir / f).unlink(missing_ok=True)
 
 
 def load_run(run_dir: str | Path, which: str = "best", ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:

@@ -18,6 +18,7 @@ from convnext.dense.backbone import BackboneConfig
 from convnext.dense.config import DenseOptim, DetectConfig, DetectData, RunConfig, SegmentConfig, SegmentData
 from convnext.dense.predict import draw_classes, draw_detections
 from convnext.dense.train import load_dense_run, train_detection, train_segmentation
+from convnext.train.runs import run_lock
 
 from .conftest import write_instance_folder, write_label_folder
 
@@ -73,6 +74,22 @@ def test_detection_trains_and_scores(det_run):
     assert loaded.data.classes == ["background", "pedestrian"] and loaded.masks
     with pytest.raises(ValueError, match="already holds a run"):  # never overwrite saved work by accident
         train_detection(det_config(Path(cfg.data.root), run))
+
+
+def test_overwrite_failing_in_set_up_keeps_the_old_run_and_a_held_folder_is_refused(det_run, tmp_path):
+    _, cfg = det_run
+    run = Path(cfg.run.output)
+    before = {f: (run / f).read_bytes() for f in ("config.json", "last.pt", "results.json")}
+    bad = det_config(Path(cfg.data.root), run)
+    bad.run.overwrite = True
+    bad.backbone = BackboneConfig("convnext_atto", checkpoint=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):  # the model fails after the data is read
+        train_detection(bad)
+    assert {f: (run / f).read_bytes() for f in before} == before, "--overwrite removed the old run before set-up"
+    second = det_config(Path(cfg.data.root), tmp_path / "held")
+    (tmp_path / "held").mkdir()
+    with run_lock(tmp_path / "held"), pytest.raises(RuntimeError, match="another run is writing"):
+        train_detection(second)
 
 
 def test_detect_cli_eval_and_predict_write_overlays(det_run, tmp_path, capsys):
