@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convnext.extras import require
 from convnext.model import GRN
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ def export_model(
         raise ValueError("bf16 ONNX cannot be checked: onnxruntime has no bfloat16 Conv kernel; use --dtype fp16")
     if opset < 17:
         raise ValueError(f"opset must be 17 or newer (LayerNormalization), got {opset}")
+    if fmt == "onnx":
+        require("onnx", "onnxscript", "onnxruntime", what="ONNX export")
     output = Path(output)
     if fmt == "exported-program" and output.suffix != ".pt2":
         raise ValueError(f"{output}: an ExportedProgram file must end in .pt2 (torch.export.load requires it)")

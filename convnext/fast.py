@@ -25,6 +25,7 @@ import copy
 import ctypes
 import ctypes.util
 import functools
+import os
 import tempfile
 import time
 import warnings
@@ -41,6 +42,24 @@ from torch.utils.checkpoint import checkpoint
 
 from convnext import kernels
 from convnext.model import Block, ConvNeXt, LayerNorm2d
+
+TESTED_TORCH = ((2, 14), (2, 14))  # the torch releases whose private ops (oneDNN pointwise conv, aten backward
+# entry points) the fast path is tested on; on others it turns itself off unless CONVNEXT_FAST_ANY_TORCH=1
+
+
+@functools.cache
+def usable() -> bool:
+    """Whether the fast path may run on this torch; where it may not, says once why and what runs instead."""
+    major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    (lo, hi), reason = TESTED_TORCH, None
+    if not lo <= (major, minor) <= hi and os.environ.get("CONVNEXT_FAST_ANY_TORCH") != "1":
+        reason = (f"torch {torch.__version__} is outside the releases the fast path is tested on "
+                  f"({lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}; CONVNEXT_FAST_ANY_TORCH=1 tries it anyway)")  # fmt: skip
+    elif not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        reason = f"torch {torch.__version__} has no mkldnn._convolution_pointwise op"
+    if reason:
+        warnings.warn(f"{reason}: the plain PyTorch model runs instead of the fast path", stacklevel=2)
+    return reason is None
 
 
 def keep_freed_memory() -> bool:
@@ -691,7 +710,7 @@ def optimize(
         use_autocast = dtype != torch.float32 and device_type == "cuda"
         if dtype != torch.float32 and not use_autocast:
             inner = inner.to(dtype)
-        eager = FastConvNeXt(inner) if isinstance(inner, ConvNeXt) else inner
+        eager = FastConvNeXt(inner) if isinstance(inner, ConvNeXt) and usable() else inner
         wrapped = Optimized(torch.compile(eager, dynamic=False) if compile else eager, dtype, use_autocast,
                             device_type, freeze=compile).eval()  # fmt: skip
         if example_input is not None:
@@ -703,7 +722,7 @@ def optimize(
         return wrapped
 
     model.to(memory_format=torch.channels_last).train()
-    if isinstance(model, ConvNeXt):
+    if isinstance(model, ConvNeXt) and usable():
         # float32 only: measured op by op, the bf16 choices did not carry over into the compiled bf16 graph (T step
         # 18.1 -> 13.0 img/s with them), where the rule of `_weight_grad_by_onednn` stays
         measure = example_input is not None and device_type == "cpu" and dtype == torch.float32

@@ -57,7 +57,7 @@ def system_info() -> dict:
 
     import torch
 
-    from convnext import kernels
+    from convnext import fast, kernels
 
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -74,6 +74,7 @@ def system_info() -> dict:
         "threads": torch.get_num_threads(),
         "onednn": torch.backends.mkldnn.is_available(),
         "mkl": torch.backends.mkl.is_available(),
+        "fast_path": fast.usable(),
         "c_kernels": kernels.status(),
         "tiled_mlp": kernels.tiled_mlp_available(),
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],

@@ -47,6 +47,7 @@ from convnext.dense.data import (
 )
 from convnext.dense.metrics import CocoEvaluator, ConfusionMatrix
 from convnext.dense.segmentation import Segmentor, predict_slide, predict_whole, segmentation_loss
+from convnext.extras import require
 from convnext.train import checkpoint as ckpt
 from convnext.train.config import from_dict
 from convnext.train.distributed import DistInfo, ResumableSampler, resolve_device
@@ -110,6 +111,7 @@ def _with_transforms(ds: Dataset, transforms: Callable) -> Dataset:
 
 def detection_datasets(cfg: DetectConfig) -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class names with "background" first), every file checked."""
+    require("pycocotools", what="detection")
     d = cfg.data
     if d.format == "pennfudan":
         full = pennfudan(d.root)

@@ -32,7 +32,9 @@ from convnext.data.cache import (
     fits_in_memory,
     typical_short_side,
 )
+from convnext.extras import require
 from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
+from convnext.fast import usable as fast_usable
 from convnext.model import ConvNeXt
 from convnext.train import checkpoint as ckpt
 from convnext.train.config import TrainConfig
@@ -251,8 +253,12 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         if start_epoch == cfg.epochs and epoch_step == 0:
             log.info("the run is already finished (%d epochs)", cfg.epochs)
 
-    raw_model, plan = model, None
-    if cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt):
+    raw_model, plan, fast_path = model, None, "not used"
+    wants_fast = cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt)
+    if wants_fast and not fast_usable():
+        fast_path = f"off: torch {torch.__version__} is not a release the fast path is tested on (plain model)"
+    elif wants_fast:
+        fast_path = "on"
         keep_freed_memory()  # process-wide; this process is a training run
         # the same parameters and math, faster kernels (convnext/fast.py); in float32 each 1x1 product is timed
         # both ways at this run's micro-batch and image size, as optimize() does. A resumed run keeps the plan it
@@ -457,7 +463,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         "train_s": train_clock(),  # what the budget counts
         "setup_s": t0 - t_setup,  # data scan and decoding, model, plan: before the budget's clock starts
         # what the CPU fast path ran on: the C kernels, or aten's where they could not be built (said once)
-        "c_kernels": kernels.status() if cfg.fast and info.device.type == "cpu" else "not used",
+        "fast_path": fast_path,
+        "c_kernels": kernels.status() if fast_path == "on" else "not used",
         "run_dir": str(run_dir),
     }
     if info.is_main:
@@ -518,6 +525,8 @@ def _check_config(cfg: TrainConfig) -> None:
         bad.append(f"batch_size must be >= 1, got {cfg.batch_size}")
     if bad:
         raise ValueError("; ".join(bad))
+    if cfg.tensorboard:
+        require("tensorboard", what="--tensorboard true")
 
 
 def _set_transform(ds: Any, transform: Any) -> None:
