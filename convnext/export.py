@@ -83,6 +83,7 @@ class ExportReport:
     path: str
     format: str
     dtype: str
+    img_size: int  # the input side the file was traced and checked at (NCHW input (B, in_chans, S, S))
     batch_sizes: list[int]  # the batch sizes the file was checked at
     max_diff: float  # max |export - eager in the same dtype|
     max_diff_vs_fp32: float  # max |export - eager float32 model|: the precision cost of dtype
@@ -108,6 +109,8 @@ def export_model(
 ) -> ExportReport:
     """Export `model` and check the written file against eager PyTorch; raises ParityError if it does not match.
 
+    img_size: the input side the graph is traced and checked at; `convnext export` gives the size the model is
+        evaluated at (`Preprocess.img_size`: published weights' test size where their spec has one, or --img-size).
     batch_size: the input batch the graph is traced with (fixed in the file unless `dynamic_batch`).
     dynamic_batch: any batch size works; checked at a second batch size.
     force: overwrite an existing `output` (otherwise FileExistsError). A file that fails the check is not kept.
@@ -156,7 +159,7 @@ def export_model(
                 max_fp32 = max(max_fp32, float(np.abs(got - ref32).max()))
                 scale = max(scale, float(np.abs(ref).max()))
         tol = (TOLERANCE[dtype] if atol is None else atol) * max(1.0, scale)
-        report = ExportReport(str(output), fmt, dtype, batches, max_diff, max_fp32, tol, max_diff <= tol)
+        report = ExportReport(str(output), fmt, dtype, img_size, batches, max_diff, max_fp32, tol, max_diff <= tol)
         if not report.ok:
             raise ParityError(
                 f"{fmt} {dtype} export differs from eager by {max_diff:.3g} > tolerance {tol:.3g}; file not written"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from convnext.data.decode import BadImageError, load_image
 from convnext.data.decode import to_rgb as to_rgb  # re-exported: convnext.infer.to_rgb predates the shared decoder
-from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD
+from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD, WeightSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval preprocessing: resize the shorter side to img_size / crop_pct, center-crop img_size, normalise; with
-    `tta_flip` / `tta_shift` (a run trained with data.tta_flip / tta_shift) the logits are the mean over the
-    test-time views (`data.tta_logits`)."""
+    """Eval preprocessing: resize the shorter side (`crop_mode` "squash": both sides) to img_size / crop_pct with
+    `interpolation`, center-crop img_size, normalise; with `tta_flip` / `tta_shift` (a run trained with
+    data.tta_flip / tta_shift) the logits are the mean over the test-time views (`data.tta_logits`)."""
 
     img_size: int = 224
     crop_pct: float = 0.875
@@ -73,6 +73,18 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
     tta_flip: bool = False
     tta_shift: int = 0
+    interpolation: str = "bicubic"  # bicubic | bilinear | nearest
+    crop_mode: str = "center"  # center | squash
+
+    @classmethod
+    def from_spec(cls, spec: WeightSpec, img_size: int | None = None) -> Preprocess:
+        """The eval preprocessing of published weights: at the spec's test size and test crop where it has them
+        (timm's `use_test_size`, its validate.py default), else at its input size; `img_size` (the user's) instead
+        keeps the crop that goes with that size."""
+        size = img_size or spec.test_input_size or spec.input_size
+        crop = spec.test_crop_pct if size == spec.test_input_size and spec.test_crop_pct else spec.crop_pct
+        return cls(size, crop, tuple(spec.mean), tuple(spec.std), interpolation=spec.interpolation,
+                   crop_mode=spec.crop_mode)  # fmt: skip
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The model's float32 logits for a preprocessed batch, averaged over the test-time views."""
@@ -84,7 +96,7 @@ class Preprocess:
         """The torchvision transforms.v2 pipeline: PIL RGB image -> normalised float tensor (3, S, S)."""
         from convnext.data import eval_transform
 
-        return eval_transform(self.img_size, self.crop_pct, self.mean, self.std)
+        return eval_transform(self.img_size, self.crop_pct, self.mean, self.std, self.interpolation, self.crop_mode)
 
 
 @dataclass
@@ -129,20 +141,23 @@ def load_model(
 ) -> LoadedModel:
     """Resolve a model the way every command takes one.
 
-    model: a registered name (`convnext_tiny`, `convnext_tiny.fb_in1k`), a training run folder (has config.json)
-        or a run's `best.pt` / `last.pt`.
+    model: a registered name (`convnext_tiny`, `convnext_tiny.fb_in1k`), a training run folder (has config.json),
+        a run's `best.pt` / `last.pt`, or a Hub repo `hf-hub:org/name[@revision]` (its weights and preprocessing).
     checkpoint: a weight file in any layout `convnext.weights` reads, or a run folder or run checkpoint (then
         `model` may be None).
     pretrained: load the published weights of the name's tag (or the architecture's default tag); a name with a
         tag loads its weights anyway unless a checkpoint is given.
     ema: also load the run's EMA weights into `LoadedModel.ema` (runs only; ignored when the run has none).
-    img_size: evaluate at this size instead of the one the weights or run were made for.
+    img_size: evaluate at this size instead of the one the weights or run were made for (published weights: their
+        test size where the spec has one, as timm measures them, else their input size).
     """
     run_file = next((Path(p) for p in (model, checkpoint) if p and _is_run_checkpoint(p)), None)
     if is_run_dir(model) or (model is None and is_run_dir(checkpoint)):
         loaded = _load_run(Path(model if is_run_dir(model) else checkpoint), ema)
     elif run_file is not None and (model is None or run_file == Path(model)):  # runs/x/last.pt
         loaded = _load_run(run_file.parent, ema, which=run_file.stem)
+    elif isinstance(model, str) and model.startswith("hf-hub:"):  # a Hugging Face Hub repo (weights/hf.py)
+        loaded = _load_hub(model, checkpoint)
     elif model is None:
         hint = " (a run folder needs config.json)" if checkpoint and Path(checkpoint).is_dir() else ""
         raise ValueError(f"name the model architecture for checkpoint {checkpoint}{hint}, e.g. `convnext_tiny`")
@@ -151,7 +166,7 @@ def load_model(
             f"{model} is a file or a folder without config.json; pass a registered name and `--checkpoint {model}`"
         )
     else:
-        loaded = _load_named(model, checkpoint, pretrained)
+        loaded = _load_named(model, checkpoint, pretrained, img_size)
     if img_size is not None:
         loaded.preprocess = replace(loaded.preprocess, img_size=img_size)
     for what, net in (("", loaded.model), ("EMA ", loaded.ema)):
@@ -168,7 +183,7 @@ def load_model(
     return loaded
 
 
-def _load_named(name: str, checkpoint: str | Path | None, pretrained: bool) -> LoadedModel:
+def _load_named(name: str, checkpoint: str | Path | None, pretrained: bool, img_size: int | None = None) -> LoadedModel:
     from convnext.registry import create_model, split_name
 
     arch, tag = split_name(name)
@@ -185,11 +200,26 @@ def _load_named(name: str, checkpoint: str | Path | None, pretrained: bool) -> L
     if pretrained or tag:
         from convnext.weights import resolve_spec
 
-        spec = resolve_spec(arch, tag)
-        preprocess = Preprocess(spec.input_size, spec.crop_pct, tuple(spec.mean), tuple(spec.std))
+        preprocess = Preprocess.from_spec(resolve_spec(arch, tag), img_size)  # its interpolation, test size, crop
     classes = imagenet_classes() if getattr(model, "num_classes", None) == 1000 else None
     extra = {} if (checkpoint or pretrained) else {"random_init": True}
     return LoadedModel(model, preprocess, classes, name, extra=extra)
+
+
+def _load_hub(name: str, checkpoint: str | Path | None) -> LoadedModel:
+    """A Hub repo's model with its preprocessing and class names (its weights, or `checkpoint`'s)."""
+    from convnext.weights import load_checkpoint
+    from convnext.weights.hf import build, resolve_hub
+
+    hub = resolve_hub(name, weights=checkpoint is None)
+    model = build(hub, pretrained=checkpoint is None)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    pp = hub.preprocess
+    preprocess = Preprocess(int(pp["img_size"]), float(pp["crop_pct"]), tuple(pp["mean"]), tuple(pp["std"]),
+                            interpolation=pp["interpolation"], crop_mode=pp["crop_mode"])  # fmt: skip
+    classes = hub.classes or (imagenet_classes() if model.num_classes == 1000 else None)
+    return LoadedModel(model, preprocess, classes, name)
 
 
 def _checkpoint_shape(sd: dict[str, torch.Tensor]) -> dict:
@@ -220,10 +250,11 @@ def _load_run(run_dir: Path, with_ema: bool, which: str = "best") -> LoadedModel
     preprocess = Preprocess(
         int(data.get("img_size", 224)),
         float(data.get("crop_pct", 0.875)),
-        tuple(data.get("mean", IMAGENET_MEAN)),
-        tuple(data.get("std", IMAGENET_STD)),
+        tuple(data.get("mean") or IMAGENET_MEAN),
+        tuple(data.get("std") or IMAGENET_STD),
         bool(data.get("tta_flip", False)),
         int(data.get("tta_shift", 0)),
+        str(data.get("interpolation") or "bicubic"),  # runs older than data.interpolation evaluated bicubic
     )
     classes = data.get("classes") or None
     name = cfg.get("model", {}).get("name", run_dir.name)
@@ -293,7 +324,7 @@ def eval_dataset(
     Classes are matched to the model's by name; if the names differ but the counts agree (e.g. ImageNet wnid
     folders for a model whose classes are words), by sorted order.
     """
-    from convnext.data import ImageFolder, build_eval_dataset
+    from convnext.data import ImageFolder, build_dataset
 
     root = Path(data)
     run_data = (run_cfg or {}).get("data", {})
@@ -307,9 +338,7 @@ def eval_dataset(
             for key in ("val_split", "data_dir"):
                 if run_data.get(key) is not None:
                     kwargs.setdefault(key, run_data[key])
-        ds, classes = build_eval_dataset(
-            str(data), "val", preprocess.img_size, preprocess.crop_pct, preprocess.mean, preprocess.std, **kwargs
-        )
+        ds, classes = build_dataset(str(data), "val", preprocess.transform(), **kwargs)
     if not model_classes or classes == list(model_classes):
         return ds, list(model_classes or classes)
     if set(classes) <= set(model_classes):
@@ -356,7 +385,7 @@ def run_eval(
     """
     ds, classes = eval_dataset(data, loaded.preprocess, loaded.classes, loaded.extra, **dataset_kwargs)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.device(device).type == "cuda")
-    summary: dict = {"model": loaded.name, "data": str(data)}
+    summary: dict = {"model": loaded.name, "data": str(data), "preprocess": asdict(loaded.preprocess)}
     targets = {"": loaded.model} | ({"ema": loaded.ema} if loaded.ema is not None else {})
     confusion = None
     for key, model in targets.items():

@@ -146,9 +146,11 @@ def create_model(
     checkpoint_path: str | Path | None = None,
     **overrides,
 ) -> nn.Module:
-    """Build a registered model; `name` may carry a weight tag (`convnext_tiny.fb_in1k`).
+    """Build a registered model; `name` may carry a weight tag (`convnext_tiny.fb_in1k`), or be a Hugging Face Hub
+    repo `hf-hub:org/name[@revision]` (ours, a transformers or a timm ConvNeXt: the architecture from its config).
 
-    pretrained: download (or take from the cache) the tagged weights, or the architecture's default tag.
+    pretrained: download (or take from the cache) the tagged weights, or the architecture's default tag (a Hub
+        repo: its weights, through the HF cache; without pretrained only its architecture, as timm does).
     checkpoint: a local weight file in any layout `weights.load_checkpoint` reads (`checkpoint_path`: timm's name).
     features_only: timm's multi-scale backbone: the model returns the list of the `out_indices` stages' maps
         (NCHW, no extra norms) and has timm's `feature_info` (`channels()`, `reduction()`).
@@ -158,21 +160,26 @@ def create_model(
     if checkpoint is not None and checkpoint_path is not None:
         raise ValueError("give checkpoint or checkpoint_path (timm's name for it), not both")
     checkpoint = checkpoint if checkpoint is not None else checkpoint_path
-    arch, tag = split_name(name)
-    entry = MODELS.get(arch)
-    spec = None
-    if pretrained or tag:
-        from convnext.weights import resolve_spec
+    if name.startswith("hf-hub:"):  # a Hub repo (weights/hf.py): its config gives the architecture
+        from convnext.weights.hf import load_hub_model
 
-        spec = resolve_spec(arch, tag)
-        overrides.setdefault("num_classes", spec.num_classes)
-        for key, value in spec.model_kwargs:  # e.g. layer scale on the trained isotropic L
-            overrides.setdefault(key, value)
-    model = entry.build(**overrides)
-    if pretrained:
-        from convnext.weights import load_pretrained
+        model = load_hub_model(name, pretrained=pretrained, **overrides)[0]
+    else:
+        arch, tag = split_name(name)
+        entry = MODELS.get(arch)
+        spec = None
+        if pretrained or tag:
+            from convnext.weights import resolve_spec
 
-        load_pretrained(model, spec)
+            spec = resolve_spec(arch, tag)
+            overrides.setdefault("num_classes", spec.num_classes)
+            for key, value in spec.model_kwargs:  # e.g. layer scale on the trained isotropic L
+                overrides.setdefault(key, value)
+        model = entry.build(**overrides)
+        if pretrained:
+            from convnext.weights import load_pretrained
+
+            load_pretrained(model, spec)
     if checkpoint is not None:
         from convnext.weights import load_checkpoint
 

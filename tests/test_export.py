@@ -1,6 +1,7 @@
 """Export to ONNX / TorchScript / ExportedProgram: parity with eager (reloaded from the written file), dynamic
 batch, norms kept in fp32 inside fp16/bf16 graphs, no overwriting, a failed check keeps no file, and the CLI."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from convnext.cli import main
 from convnext.export import ParityError, export_model, prepare
 from convnext.registry import create_model
+from convnext.weights import WEIGHTS, WeightSpec
 
 SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -169,3 +171,28 @@ def test_cli_export_exit_codes(tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     got = torch.export.load(str(out)).module()(x)
     assert got.shape == (2, 1000) and np.isfinite(got.detach().numpy()).all()
+
+
+def test_cli_export_traces_at_the_size_the_weights_are_evaluated_at(tmp_path, monkeypatch, capsys):
+    """A tagged name exports at its spec's test size, what eval and predict feed it (--img-size: that size)."""
+    spec = WeightSpec(
+        "convnext_atto",
+        "local_test",
+        "https://example.invalid/w.pth",
+        None,
+        "ours",
+        num_classes=10,
+        input_size=32,
+        test_input_size=64,
+        test_crop_pct=1.0,
+        model_kwargs=tuple(SMALL.items()),
+    )
+    monkeypatch.setitem(WEIGHTS, spec.name, spec)
+    monkeypatch.setenv("CONVNEXT_HOME", str(tmp_path / "home"))  # the weights are in the download cache already
+    (tmp_path / "home" / "weights").mkdir(parents=True)
+    weights = create_model("convnext_atto", num_classes=10, **SMALL).state_dict()
+    torch.save(weights, tmp_path / "home" / "weights" / spec.filename)
+    out = tmp_path / "m.pt"
+    assert main(["export", spec.name, "--format", "torchscript", "--output", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["img_size"] == 64

@@ -27,6 +27,7 @@ from convnext.infer import (
     run_eval,
 )
 from convnext.registry import create_model
+from convnext.weights import WEIGHTS, WeightSpec
 
 SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
@@ -128,6 +129,56 @@ def test_load_pretrained_name_gives_imagenet_labels():
     loaded = load_model("convnext_atto")
     assert loaded.classes == imagenet_classes() and len(loaded.classes) == 1000
     assert loaded.extra.get("random_init")
+
+
+def _published(monkeypatch, tmp_path: Path, **kw) -> WeightSpec:
+    """Published weights of the small model that are already in the download cache (CONVNEXT_HOME): no network."""
+    spec = WeightSpec("convnext_atto", "local_test", "https://example.invalid/w.pth", None, "ours",
+                      num_classes=len(CLASSES), model_kwargs=tuple(SMALL.items()), **kw)  # fmt: skip
+    monkeypatch.setitem(WEIGHTS, spec.name, spec)
+    monkeypatch.setenv("CONVNEXT_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "weights").mkdir(parents=True)
+    torch.save(small().state_dict(), tmp_path / "home" / "weights" / spec.filename)
+    return spec
+
+
+def test_eval_transform_resizes_with_the_filter_and_crop_mode_given():
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    from convnext.data import eval_transform
+
+    resize = next(t for t in eval_transform(224, interpolation="bilinear").transforms if isinstance(t, v2.Resize))
+    assert resize.interpolation == v2.InterpolationMode.BILINEAR and resize.size == [256]
+    img = torch.randint(0, 256, (3, 20, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    squashed = eval_transform(32, 1.0, (0.0,) * 3, (1.0,) * 3, "nearest", crop_mode="squash")(img)  # whole image
+    torch.testing.assert_close(squashed, TF.resize(img, [32, 32], v2.InterpolationMode.NEAREST).float() / 255)
+    with pytest.raises(ValueError, match="interpolation"):
+        eval_transform(224, interpolation="lanczos")
+    with pytest.raises(ValueError, match="crop_mode"):
+        eval_transform(224, crop_mode="letterbox")
+
+
+def test_published_weights_evaluate_at_their_test_size_with_their_resize(monkeypatch, tmp_path, folder, capsys):
+    """As timm's validate.py does: the spec's test size and test crop, unless --img-size says otherwise; its filter."""
+    kw = {"input_size": 32, "crop_pct": 0.875, "test_input_size": 48, "test_crop_pct": 1.0, "mean": (0.5,) * 3}
+    _published(monkeypatch, tmp_path, **kw, interpolation="bilinear")
+    loaded = load_model("convnext_atto.local_test")
+    assert loaded.preprocess == Preprocess(48, 1.0, (0.5,) * 3, (0.229, 0.224, 0.225), interpolation="bilinear")
+    assert not loaded.extra.get("random_init")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(torch.ones(1, 3, 32, 32)), small()(torch.ones(1, 3, 32, 32)))
+    at_train_size = load_model("convnext_atto.local_test", img_size=32).preprocess
+    assert (at_train_size.img_size, at_train_size.crop_pct, at_train_size.interpolation) == (32, 0.875, "bilinear")
+    assert load_model("convnext_atto.local_test", img_size=48).preprocess.crop_pct == 1.0
+    assert main(["eval", "convnext_atto.local_test", "--data", str(folder), "--json"]) == 0
+    used = json.loads(capsys.readouterr().out)["preprocess"]  # the eval records how it preprocessed
+    assert (used["img_size"], used["crop_pct"], used["interpolation"], used["crop_mode"]) == (
+        48,
+        1.0,
+        "bilinear",
+        "center",
+    )
 
 
 def test_load_model_errors(tmp_path):

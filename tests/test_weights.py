@@ -15,6 +15,7 @@ import torch
 from convnext.cli import main
 from convnext.registry import MODELS, create_model
 from convnext.weights import (
+    UNSUPPORTED,
     WEIGHTS,
     WeightSpec,
     adapt_in_chans,
@@ -57,16 +58,18 @@ def test_every_spec_is_well_formed():
         assert name == spec.name and spec.arch in MODELS, name
         assert spec.url.startswith("https://"), name
         assert spec.layout in ("official", "timm", "torchvision", "hf"), name
-        assert 0 < spec.crop_pct <= 1 and spec.input_size in (224, 256, 384, 512), name
-        assert spec.num_classes in (0, 1000, 21841), name
+        assert 0 < spec.crop_pct <= 1 and spec.input_size in (224, 256, 320, 384, 512), name
+        assert spec.num_classes in (0, 640, 1000, 1024, 11821, 21841), name  # 640 / 1024: CLIP projections
         assert spec.top1 is None or 70 < spec.top1 < 90, name
         assert spec.interpolation in ("bicubic", "bilinear"), name
+        assert spec.crop_mode == "center" or spec.input_size >= 384, name  # only the large-size evals warp
         assert spec.filename not in files, f"{name}: cache file name clash"
         files.add(spec.filename)
         # torch.hub convention: "name-<sha256 prefix>.ext"; where the url carries one, the spec pins it.
         m = re.search(r"-([0-9a-f]{8,})\.\w+$", spec.url)
         assert (m.group(1) if m else None) == spec.sha256, name
-        assert spec.non_commercial == spec.arch.startswith("convnextv2_"), name  # V2: CC-BY-NC 4.0
+        # V2: CC-BY-NC 4.0; EUPE: FAIR non-commercial research licence
+        assert spec.non_commercial == (spec.arch.startswith("convnextv2_") or spec.tag.startswith("eupe_")), name
 
 
 def test_published_facts():
@@ -93,6 +96,104 @@ def test_resolve_spec_default_and_errors():
 def test_spec_rejects_a_malformed_hash():
     with pytest.raises(ValueError, match="sha256"):
         WeightSpec("convnext_atto", "x", "https://example.org/w.pth", "xyz", "ours")
+    with pytest.raises(ValueError, match="interpolation"):
+        WeightSpec("convnext_atto", "x", "https://example.org/w.pth", None, "ours", interpolation="lanczos")
+
+
+# -------------------------------------------------------------------- timm's list, timm's and torchvision's facts
+
+
+def _timm_preprocessing(cfg: dict) -> dict:
+    """A timm pretrained_cfg in WeightSpec's terms."""
+    test = cfg.get("test_input_size")
+    return {
+        "num_classes": cfg["num_classes"],
+        "input_size": cfg["input_size"][-1],
+        "crop_pct": cfg["crop_pct"],
+        "test_input_size": test[-1] if test else None,
+        "test_crop_pct": cfg.get("test_crop_pct"),
+        "mean": tuple(cfg["mean"]),
+        "std": tuple(cfg["std"]),
+        "interpolation": cfg["interpolation"],
+        "crop_mode": cfg.get("crop_mode", "center"),
+    }
+
+
+def test_every_convnext_weight_timm_lists_is_a_spec_or_unsupported():
+    timm = pytest.importorskip("timm")
+    listed = set(timm.list_pretrained("convnext*"))
+    missing = sorted(listed - set(WEIGHTS) - set(UNSUPPORTED))
+    assert not missing, f"timm {timm.__version__} lists weights with no spec and no UNSUPPORTED reason: {missing}"
+    assert not set(UNSUPPORTED) & set(WEIGHTS)
+    assert set(UNSUPPORTED) <= listed, "UNSUPPORTED names a weight timm does not list"
+    assert all(name.split(".")[0] not in MODELS for name in UNSUPPORTED)  # an arch we build gets a spec instead
+
+
+def test_specs_match_timms_pretrained_configs():
+    """Preprocessing, classes, file (timm's url or its hub file) and, for timm's own files, the licence."""
+    timm = pytest.importorskip("timm")
+    wrong = []
+    for name in sorted(set(timm.list_pretrained("convnext*")) & set(WEIGHTS)):
+        spec, cfg = WEIGHTS[name], timm.models.get_pretrained_cfg(name).to_dict()
+        want = _timm_preprocessing(cfg)
+        wrong += [
+            f"{name} {k}: ours {getattr(spec, k)!r}, timm {v!r}" for k, v in want.items() if getattr(spec, k) != v
+        ]
+        hub_file = f"https://huggingface.co/{cfg['hf_hub_id']}/resolve/main/model.safetensors"
+        if spec.url not in (cfg["url"], hub_file):
+            wrong.append(f"{name} url: {spec.url} is neither timm's {cfg['url']!r} nor {hub_file}")
+        if spec.layout == "timm" and spec.license != cfg["license"]:
+            wrong.append(f"{name} license: ours {spec.license}, timm {cfg['license']}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+def test_torchvision_specs_preprocess_as_torchvision_does(size):
+    """timm has no tv_in1k tags: the spec's eval pipeline gives what `weights.transforms()` gives (bilinear,
+    resize 230-236, crop 224), and its url, classes and top-1 are torchvision's."""
+    from torchvision.models import get_weight
+
+    from convnext.infer import Preprocess
+
+    weights = get_weight(f"ConvNeXt_{size.title()}_Weights.IMAGENET1K_V1")
+    spec = WEIGHTS[f"convnext_{size}.tv_in1k"]
+    assert spec.url == weights.url and spec.num_classes == len(weights.meta["categories"])
+    assert spec.top1 == weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+    img = torch.randint(0, 256, (3, 300, 411), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours, theirs = Preprocess.from_spec(spec).transform()(img), weights.transforms()(img)
+    grey_levels = (ours - theirs).abs() * torch.tensor(spec.std)[:, None, None] * 255
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert grey_levels.max() <= 1 + 1e-3  # uint8 rounding inside the resize; bicubic would be ~36 levels off
+
+
+def _randomized(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # layer scale and norms far from their identity-like init, so a wrong mapping shows
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.squeeze().ndim > 1 else 0.5))
+    return model.eval()
+
+
+# The heads timm's hub specs add on small archs (test_convert checks 1000-class timm models): ImageNet-12k's 11821
+# classes on nano's 1x1-conv MLP, and a backbone without a head (DINOv3; EUPE's are the same shape). The larger
+# archs (small, base CLIP with its 640-wide projection, large, xxlarge) load through the same rules but build slowly.
+TIMM_HUB_CASES = ["convnext_nano.in12k", "convnext_tiny.dinov3_lvd1689m"]
+
+
+@pytest.mark.parametrize("name", TIMM_HUB_CASES)
+def test_timm_hub_weights_load_into_the_specs_model(name):
+    """A random state dict of timm's model for `name` loads into ours, built from the spec, with the same outputs."""
+    timm = pytest.importorskip("timm")
+    peer = _randomized(timm.create_model(name, pretrained=False))
+    ours = create_model(name).eval()  # a tagged name: the spec's classes, random weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no head dropped, no stem adapted
+        load_checkpoint(ours, peer.state_dict())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = peer(x), ours(x)
+    assert got.shape == (2, WEIGHTS[name].num_classes or ours.num_features) and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- loading, adapting

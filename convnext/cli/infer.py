@@ -216,7 +216,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from convnext.registry import split_name
 
     model = args.model
-    if model and not (args.checkpoint or args.pretrained or is_run_dir(model) or Path(model).exists()):
+    named = model and not (args.checkpoint or args.pretrained or is_run_dir(model) or Path(model).exists())
+    if named and not model.startswith("hf-hub:"):
         model = split_name(model)[0]  # timing needs no weights: do not download a tag's
     loaded = _load(argparse.Namespace(**{**vars(args), "model": model, "img_size": None}))
     r = benchmark(

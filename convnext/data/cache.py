@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from convnext.data.datasets import collate_skip
+from convnext.data.transforms import interpolation_mode
 
 CROPS = ("rrc", "pad", "resize")
 
@@ -50,12 +51,13 @@ def cache_size(img_size: int, crop: str, source_short_side: int | None) -> int:
     return max(img_size, min(source_short_side, round(img_size / 0.875)))
 
 
-def decode_transform(size: int, crop_pct: float = 1.0) -> v2.Transform:
-    """PIL image -> uint8 tensor (3, size, size): the short side resized to size / crop_pct, then center-cropped."""
+def decode_transform(size: int, crop_pct: float = 1.0, interpolation: str = "bicubic") -> v2.Transform:
+    """PIL image -> uint8 tensor (3, size, size): the short side resized to size / crop_pct (with `interpolation`,
+    a name `transforms.interpolation_mode` takes), then center-cropped."""
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(round(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(round(size / crop_pct), interpolation=interpolation_mode(interpolation), antialias=True),
             v2.CenterCrop(size),
         ]
     )

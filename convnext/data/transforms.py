@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD  # one definition: the weights' table
+from convnext.weights.specs import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS  # defined with the weights
 
 # timm's _RAND_INCREASING_TRANSFORMS, by timm's names
 RAND_INCREASING_OPS = (
@@ -191,19 +191,39 @@ def eval_transform(
     crop_pct: float = 0.875,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bicubic",
+    crop_mode: str = "center",
 ) -> v2.Transform:
     """PIL image (or uint8 tensor) -> normalized float tensor: resize the short side to img_size / crop_pct,
-    then center-crop img_size (224 / 0.875 = 256 -> 224, the paper's eval)."""
+    then center-crop img_size (224 / 0.875 = 256 -> 224, the paper's eval).
+
+    interpolation: the resize filter, "bicubic", "bilinear" (torchvision's weights) or "nearest".
+    crop_mode: "center" as above, or "squash": resize both sides to img_size / crop_pct, aspect not kept, then
+        center-crop (with crop_pct 1 the whole image is warped to img_size, the official >= 384 px eval).
+    """
     resize = int(round(img_size / crop_pct))
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {CROP_MODES}, not {crop_mode!r}")
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(
+                resize if crop_mode == "center" else (resize, resize),
+                interpolation=interpolation_mode(interpolation),
+                antialias=True,
+            ),
             v2.CenterCrop(img_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),
         ]
     )
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """torchvision's mode for a filter name: "bicubic", "bilinear" or "nearest" (the names specs and timm use)."""
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, not {name!r}")
+    return v2.InterpolationMode(name)
 
 
 def mix_transform(

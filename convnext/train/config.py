@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from convnext.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from convnext.weights.specs import resolve_spec
 
 
 @dataclass
@@ -47,8 +48,11 @@ class DataConfig:
     val_split: float = 0.1  # fraction held out when an image folder has no val folder
     img_size: int = 224
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, center-crop img_size
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    # None below = the published weights' when the run starts from them (model.pretrained), else ImageNet's / bicubic;
+    # `resolve_preprocessing` fills them in when the run starts, so config.json holds the values used
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None  # eval resize filter: bicubic | bilinear | nearest
     crop: str = "rrc"  # train crop: rrc (RandomResizedCrop) | pad (pad + random crop) | resize
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     hflip: float = 0.5
@@ -291,6 +295,34 @@ def get_preset(name: str, model: str | None = None) -> TrainConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]() if model is None else PRESETS[name](model)
+
+
+def resolve_preprocessing(cfg: TrainConfig) -> list[str]:
+    """Fill `cfg.data`'s mean, std and interpolation left None: from the spec of the published weights the run
+    starts from (`model.pretrained` and a name with weights: `convnext_base.clip_laion2b_augreg_ft_in1k` gets
+    CLIP's mean/std), else ImageNet's mean/std and bicubic. Values given explicitly are kept. Modifies `cfg`;
+    returns a line per choice the weights made or contradict, for `cfg.recipe`."""
+    d, spec = cfg.data, None
+    if cfg.model.pretrained and not cfg.resume:  # a resumed run keeps its own (runs before data.interpolation: bicubic)
+        arch, _, tag = cfg.model.name.partition(".")
+        try:
+            spec = resolve_spec(arch, tag or None)
+        except KeyError:
+            pass  # not a published weight (a Hub repo, say): building the model reports a bad name
+    d.mean, d.std = (tuple(v) if v is not None else None for v in (d.mean, d.std))
+    default = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic"}
+    weights = {"mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation} if spec else default
+    taken = [k for k in weights if getattr(d, k) is None]
+    other = [k for k, v in weights.items() if getattr(d, k) not in (None, v)]
+    why = []
+    if spec is not None and taken:
+        why.append(f"data: {', '.join(taken)} of {spec.name}, the weights the run starts from (mean "
+                   f"{list(spec.mean)}, std {list(spec.std)}, eval resize {spec.interpolation})")  # fmt: skip
+    if spec is not None and other:
+        why.append(f"data: {', '.join(other)} as given, not as {spec.name} was trained")
+    for k in taken:
+        setattr(d, k, weights[k])
+    return why
 
 
 # ---------------------------------------------------------------- plain data <-> typed config, overrides

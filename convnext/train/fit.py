@@ -37,7 +37,7 @@ from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_
 from convnext.fast import usable as fast_usable
 from convnext.model import ConvNeXt
 from convnext.train import checkpoint as ckpt
-from convnext.train.config import TrainConfig
+from convnext.train.config import TrainConfig, resolve_preprocessing
 from convnext.train.distributed import (
     DistInfo,
     ResumableSampler,
@@ -96,6 +96,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     if cfg.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     _check_config(cfg)
+    cfg.recipe += resolve_preprocessing(cfg)  # mean, std and eval resize of the weights the run starts from
     run_dir = Path(cfg.resume or cfg.output)
     cfg.output = str(run_dir)
     old_files = check_run_dir(run_dir, bool(cfg.resume), cfg.overwrite)
@@ -131,7 +132,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             mean=d.mean,
             std=d.std,
         ))  # fmt: skip
-        _set_transform(val_ds, eval_transform(d.img_size, d.crop_pct, d.mean, d.std))
+        _set_transform(val_ds, eval_transform(d.img_size, d.crop_pct, d.mean, d.std, d.interpolation))
     per_rank = _per_rank_batch(cfg, info, len(train_ds))
     train_cache = val_cache = None
     if cache is not None:
@@ -569,7 +570,7 @@ def _cache_plan(cfg: TrainConfig, train_ds: Any, val_ds: Any, info: DistInfo) ->
         log.info("data: not cached in memory (%s); decoding per image with %d workers", figures, d.num_workers)
         return None
     _set_transform(train_ds, decode_transform(size))
-    _set_transform(val_ds, decode_transform(d.img_size, d.crop_pct))
+    _set_transform(val_ds, decode_transform(d.img_size, d.crop_pct, d.interpolation))
     return size
 
 

@@ -1,6 +1,6 @@
 """Weights as data, the download cache, and conversion between the published state-dict layouts.
 
-specs    `WeightSpec`, the `WEIGHTS` table keyed `arch.tag`, `resolve_spec`
+specs    `WeightSpec`, the `WEIGHTS` table keyed `arch.tag`, `resolve_spec`; `UNSUPPORTED`: timm weights not built here
 layouts  `detect_layout`, `to_ours`, `from_ours` (official V1/V2, timm, torchvision, HF transformers)
 io       `read_state_dict`, `load_checkpoint` (safe, validated, head/stem adaptation), `save_weights`
 hub      `download`, `fetch`, `load_pretrained` (cache with sha256 check and atomic rename)
@@ -9,10 +9,11 @@ hub      `download`, `fetch`, `load_pretrained` (cache with sha256 check and ato
 from convnext.weights.hub import default_cache_dir, download, fetch, load_pretrained
 from convnext.weights.io import adapt_in_chans, load_checkpoint, read_file, read_state_dict, save_weights, unwrap
 from convnext.weights.layouts import LAYOUTS, detect_layout, from_ours, to_ours
-from convnext.weights.specs import WEIGHTS, WeightSpec, resolve_spec, tags
+from convnext.weights.specs import UNSUPPORTED, WEIGHTS, WeightSpec, resolve_spec, tags
 
 __all__ = [
     "LAYOUTS",
+    "UNSUPPORTED",
     "WEIGHTS",
     "WeightSpec",
     "adapt_in_chans",

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from convnext.weights.layouts import detect_layout, to_ours
+from convnext.weights.layouts import FCMAE_ENCODER, detect_layout, to_ours
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,12 @@ HF_FILES = ("model.safetensors", "pytorch_model.bin")  # inside a `save_pretrain
 
 
 def read_file(path: str | Path) -> object:
-    """The object stored in a .safetensors / .pth / .pt / .bin file (or a Hugging Face model folder)."""
+    """The object stored in a .safetensors / .pth / .pt / .bin file (or a Hugging Face model folder, or the weight
+    file of a Hub repo named `hf-hub:org/name[@revision]`, fetched through the HF cache)."""
+    if isinstance(path, str) and path.startswith("hf-hub:"):  # every --checkpoint reads through here (weights/hf.py)
+        from convnext.weights.hf import hub_weights
+
+        path = hub_weights(path)
     path = Path(path)
     if path.is_dir():
         inside = next((path / f for f in HF_FILES if (path / f).is_file()), None)
@@ -129,6 +134,11 @@ def load_checkpoint(
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         ours = to_ours(sd, layout)
+    if layout == "fcmae":  # a pre-training checkpoint: the encoder is the model's, the decoder has no place in it
+        dropped = [k for k in sd if not k.startswith(FCMAE_ENCODER)]
+        parts = sorted({k.split(".")[0] for k in dropped})
+        log.info("%s: an FCMAE checkpoint: loading its encoder; dropped the decoder (%d tensors: %s)", name,
+                 len(dropped), ", ".join(parts) or "none")  # fmt: skip
     final, problems, notes = _match(ours, target, strict)
     if problems:
         raise ValueError(f"{name} ({layout} layout) does not fit {type(model).__name__}: " + "; ".join(problems))

@@ -8,11 +8,17 @@ layer scale, 1x1 convolutions stored as 4-D) are reshaped on the way.
 
 Our layout (model.py): `stem.0` conv, `stem.1` LN, `stages.i.downsample.{0,1}` (LN, conv; none in stage 0),
 `stages.i.blocks.j.{dwconv,norm,pwconv1,pwconv2,gamma,grn.weight,grn.bias}`, `norm`, `head`.
+
+FCMAE pre-training checkpoints (read only, detected as "fcmae") hold an encoder under `encoder.` beside the
+decoder (`proj`, `mask_token`, `decoder`, `pred`): the official `*_fcmae.pt` files, whose encoder is a
+MinkowskiEngine SparseConvNeXtV2, and `convnext pretrain` runs (our layout under `encoder.`). `split_fcmae` keeps
+the encoder, as a dense state dict in its own layout, and names what it drops.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 from torch import Tensor
@@ -131,6 +137,13 @@ def detect_layout(sd: dict[str, Tensor]) -> str:
         return "torchvision"
     if has(lambda k: "embeddings.patch_embeddings." in k):
         return "hf"
+    if has(lambda k: k.startswith(FCMAE_ENCODER)):
+        inner = {k[len(FCMAE_ENCODER) :]: v for k, v in sd.items() if k.startswith(FCMAE_ENCODER)}
+        try:
+            detect_layout(inner)
+            return "fcmae"
+        except ValueError:
+            pass
     if has(lambda k: k.startswith("downsample_layers.")) or (
         "stem.weight" in sd and has(lambda k: k.startswith("blocks."))
     ):
@@ -145,6 +158,9 @@ def detect_layout(sd: dict[str, Tensor]) -> str:
 
 def to_ours(sd: dict[str, Tensor], layout: str) -> dict[str, Tensor]:
     """Rename (and reshape) a state dict from `layout` into ours. Unknown keys pass through unchanged."""
+    if layout == "fcmae":
+        encoder, _ = split_fcmae(sd)
+        return to_ours(encoder, detect_layout(encoder))
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     if layout == "ours":
@@ -157,6 +173,43 @@ def to_ours(sd: dict[str, Tensor], layout: str) -> dict[str, Tensor]:
         new = _rename(key, rules, forward=False) or key
         out[new] = _squeeze(new, value)
     return out
+
+
+FCMAE_ENCODER = "encoder."
+_SPARSE_WRAPPERS = ("ln", "linear")  # MinkowskiLayerNorm.ln, MinkowskiLinear.linear
+
+
+def split_fcmae(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """An FCMAE checkpoint -> (its encoder as a dense state dict in its own layout, the keys dropped: the decoder's).
+
+    The official sparse encoder is converted as the official fine-tuning code does (`remap_checkpoint_keys`):
+    MinkowskiEngine kernels `*.kernel` of shape (k*k, C) (depthwise) or (k*k, C_in, C_out) become (C, 1, k, k) and
+    (C_out, C_in, k, k) weights, (1, C) biases become (C,), `norm.ln.*` and `pwconv1.linear.*` lose the wrapper's
+    name; GRN's (1, C) gamma/beta are left to `to_ours`, which flattens every GRN shape.
+    """
+    encoder, dropped = {}, []
+    for key, value in sd.items():
+        if not key.startswith(FCMAE_ENCODER):
+            dropped.append(key)
+            continue
+        parts = [p for p in key[len(FCMAE_ENCODER) :].split(".") if p not in _SPARSE_WRAPPERS]
+        if parts[-1] == "kernel":
+            parts[-1], value = "weight", _dense_kernel(value)
+        elif parts[-1] == "bias" and value.ndim > 1:
+            value = value.reshape(-1)
+        encoder[".".join(parts)] = value
+    return encoder, dropped
+
+
+def _dense_kernel(v: Tensor) -> Tensor:
+    """A MinkowskiEngine convolution kernel -> a dense Conv2d weight (the official remap, axes included)."""
+    if v.ndim == 3:  # (k*k, C_in, C_out): a strided convolution (the downsampling layers)
+        kv, c_in, c_out = v.shape
+        k = math.isqrt(kv)
+        return v.permute(2, 1, 0).reshape(c_out, c_in, k, k).transpose(3, 2).contiguous()
+    kv, c = v.shape  # (k*k, C): depthwise
+    k = math.isqrt(kv)
+    return v.permute(1, 0).reshape(c, 1, k, k).transpose(3, 2).contiguous()
 
 
 def from_ours(sd: dict[str, Tensor], layout: str, conv_mlp: bool | None = None) -> dict[str, Tensor]:

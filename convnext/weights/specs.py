@@ -3,7 +3,9 @@
 Sources: the facebookresearch/ConvNeXt and ConvNeXt-V2 READMEs (urls, top-1; no hashes published),
 torchvision's `convnext.py` (urls whose names carry a sha256 prefix, top-1, resize 232-236 -> crop 224,
 bilinear), timm's `convnext.py` default configs (crop_pct, test sizes, its own atto..nano and ImageNet-12k
-weights on GitHub releases and the Hugging Face hub). The first spec listed for an arch is its default.
+weights on GitHub releases and the Hugging Face hub, the OpenCLIP, DINOv3 and EUPE ConvNeXts timm hosts there).
+The first spec listed for an arch is its default. `UNSUPPORTED` names the weights timm lists whose architecture
+model.py does not build, each with what it has that ours lacks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NON_COMMERCIAL = ("cc-by-nc-4.0",)
+NON_COMMERCIAL = ("cc-by-nc-4.0", "fair-noncommercial-research-license")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # the eval resize filter
+CROP_MODES = ("center", "squash")  # center: short side to size / crop_pct; squash: both sides (aspect not kept)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class WeightSpec:
     test_crop_pct: float | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
+    interpolation: str = "bicubic"  # one of INTERPOLATIONS
+    crop_mode: str = "center"  # one of CROP_MODES; the official >= 384 px evals squash (warp) the image
     top1: float | None = None  # ImageNet-1k top-1 (%) as published, at input_size
     license: str = "mit"
     recipe: str = ""  # how the weights were trained, in a line
@@ -43,6 +48,9 @@ class WeightSpec:
     def __post_init__(self) -> None:
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{8,64}", self.sha256):
             raise ValueError(f"{self.name}: sha256 must be 8 to 64 lowercase hex digits, got {self.sha256!r}")
+        if self.interpolation not in INTERPOLATIONS or self.crop_mode not in CROP_MODES:
+            raise ValueError(f"{self.name}: interpolation must be one of {INTERPOLATIONS} and crop_mode one of "
+                             f"{CROP_MODES}, got {self.interpolation!r}, {self.crop_mode!r}")  # fmt: skip
         if not self.filename:
             ext = re.search(r"(\.[A-Za-z]+)$", self.url.rsplit("/", 1)[-1])
             object.__setattr__(self, "filename", f"{self.name}{ext.group(1) if ext else '.pth'}")
@@ -60,6 +68,7 @@ FB = "https://dl.fbaipublicfiles.com/convnext/"
 TV = "https://download.pytorch.org/models/"
 RSB = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
 AT288 = {"test_input_size": 288, "test_crop_pct": 1.0}  # timm: these score best when evaluated at 288
+SQUASH = "squash"  # the official repos evaluate at >= 384 px by resizing both sides: no crop, aspect not kept
 
 
 def _w(name: str, url: str, sha256: str | None = None, layout: str = "official", **kw: Any) -> WeightSpec:
@@ -67,8 +76,8 @@ def _w(name: str, url: str, sha256: str | None = None, layout: str = "official",
     return WeightSpec(arch, tag, url, sha256, layout, **kw)
 
 
-def _at(size: int) -> dict[str, Any]:
-    return {"input_size": size, "crop_pct": 1.0}
+def _at(size: int, crop_mode: str = "center") -> dict[str, Any]:
+    return {"input_size": size, "crop_pct": 1.0, "crop_mode": crop_mode}
 
 
 def _hf(name: str) -> str:
@@ -90,10 +99,10 @@ def _official_v1() -> list[WeightSpec]:
             specs.append(_w(f"{a}.fb_in1k", f"{FB}{a}_1k_224_ema.pth", top1=in1k[s], recipe=r1k + "; EMA", **AT288))
         specs.append(_w(f"{a}.fb_in22k_ft_in1k", f"{FB}{a}_22k_1k_224{ema}.pth", top1=t224, recipe=ft22k, **AT288))
         specs.append(_w(f"{a}.fb_in22k_ft_in1k_384", f"{FB}{a}_22k_1k_384{ema}.pth", top1=t384,
-                        recipe=ft22k + " at 384px", **_at(384)))  # fmt: skip
+                        recipe=ft22k + " at 384px", **_at(384, SQUASH)))  # fmt: skip
         if s in in1k_384:
             specs.append(_w(f"{a}.fb_in1k_384", f"{FB}{a}_1k_384.pth", top1=in1k_384[s],
-                            recipe=r1k + ", fine-tuned at 384px", **_at(384)))  # fmt: skip
+                            recipe=r1k + ", fine-tuned at 384px", **_at(384, SQUASH)))  # fmt: skip
         specs.append(_w(f"{a}.fb_in22k", f"{FB}{a}_22k_224.pth", num_classes=21841, recipe=r22k + " (21841 classes)"))
     for s, t in {"small": 78.7, "base": 82.0, "large": 82.6}.items():  # isotropic; L was trained with layer scale
         kw = {"model_kwargs": (("layer_scale_init", 1e-6),)} if s == "large" else {}
@@ -119,7 +128,7 @@ def _official_v2() -> list[WeightSpec]:
         a, suffix = f"convnextv2_{s}", "" if size == 224 else f"_{size}"
         specs.append(_w(f"{a}.fcmae_ft_in22k_in1k{suffix}", f"{FB}convnextv2/im22k/{a}_22k_{size}_ema.pt", top1=t,
                         recipe=f"FCMAE, fine-tuned on ImageNet-22k then ImageNet-1k at {size}px",
-                        **(AT288 if size == 224 else _at(size)), **nc))  # fmt: skip
+                        **(AT288 if size == 224 else _at(size, SQUASH)), **nc))  # fmt: skip
     for s in in1k:  # the bare FCMAE encoders as timm converted them (the official files hold sparse-conv weights)
         specs.append(_w(f"convnextv2_{s}.fcmae", _hf(f"convnextv2_{s}.fcmae"), None, "timm", num_classes=0,
                         recipe="FCMAE self-supervised pre-training on ImageNet-1k; no classifier", **nc))  # fmt: skip
@@ -171,8 +180,71 @@ def _timm() -> list[WeightSpec]:
     ]  # fmt: skip
 
 
+def _timm_hub() -> list[WeightSpec]:
+    """More of timm's Hugging Face hub weights (as timm's `convnext.py` configs give them): its ImageNet-12k runs
+    (11821 classes) and their fine-tunes; OpenCLIP image towers trained on LAION-2B or LAION-Aesthetics ("laiona"),
+    whose 640 / 1024 outputs are the CLIP projection (timm stores it as the head, with a zero bias), and their
+    fine-tunes; the DINOv3 and EUPE self-supervised backbones (LVD-1689M images; no head)."""
+    r12k, ft1k, proj = "timm: ImageNet-12k (11821 classes)", ", fine-tuned on ImageNet-1k", "; CLIP projection head"
+    eps = "; trained with LayerNorm eps 1e-5 (ours is 1e-6: outputs differ slightly)"
+    in12k = {"license": "apache-2.0"}
+    clip = {"mean": CLIP_MEAN, "std": CLIP_STD, "license": "apache-2.0"}
+    b2, ba = "OpenCLIP on LAION-2B", "OpenCLIP on LAION-Aesthetics"
+    rows: dict[str, tuple[int, dict[str, Any], str]] = {  # name: (classes, preprocessing and license, recipe)
+        "convnext_nano.in12k": (11821, {**in12k, "crop_pct": 0.95}, r12k),
+        "convnext_nano.r384_in12k": (11821, {**in12k, **_at(384)}, r12k + " at 384px"),
+        "convnext_nano.r384_ad_in12k": (11821, {**in12k, **_at(384)}, r12k + " at 384px (timm's 'ad' run)"),
+        "convnext_nano.r384_in12k_ft_in1k": (1000, {**in12k, **_at(384)}, r12k + ft1k + " at 384px"),
+        "convnext_tiny.in12k": (11821, {**in12k, "crop_pct": 0.95}, r12k),
+        "convnext_tiny.in12k_ft_in1k_384": (1000, {**in12k, **_at(384, SQUASH)}, r12k + ft1k + " at 384px"),
+        "convnext_small.in12k": (11821, {**in12k, "crop_pct": 0.95}, r12k),
+        "convnext_small.in12k_ft_in1k_384": (1000, {**in12k, **_at(384, SQUASH)}, r12k + ft1k + " at 384px"),
+        "convnext_base.clip_laion2b": (640, {**clip, **_at(256)}, b2 + proj),
+        "convnext_base.clip_laion2b_augreg": (640, {**clip, **_at(256)}, b2 + " (augreg)" + proj),
+        "convnext_base.clip_laion2b_augreg_ft_in1k": (1000, {**clip, **_at(256)}, b2 + " (augreg)" + ft1k),
+        "convnext_base.clip_laion2b_augreg_ft_in12k": (11821, {**clip, **_at(256)}, b2 + " (augreg), then IN-12k"),
+        "convnext_base.clip_laion2b_augreg_ft_in12k_in1k": (1000, {**clip, **_at(256)},
+                                                            b2 + " (augreg), then IN-12k" + ft1k),
+        "convnext_base.clip_laion2b_augreg_ft_in12k_in1k_384": (1000, {**clip, **_at(384, SQUASH)},
+                                                                b2 + " (augreg), then IN-12k" + ft1k + " at 384px"),
+        "convnext_base.clip_laiona": (640, {**clip, **_at(256)}, ba + proj),
+        "convnext_base.clip_laiona_320": (640, {**clip, **_at(320)}, ba + " at 320px" + proj),
+        "convnext_base.clip_laiona_augreg_320": (640, {**clip, **_at(320)}, ba + " (augreg) at 320px" + proj),
+        "convnext_base.clip_laiona_augreg_ft_in1k_384": (1000, {**clip, **_at(384)},
+                                                         ba + " (augreg)" + ft1k + " at 384px"),
+        "convnext_xxlarge.clip_laion2b_soup": (1024, {**clip, **_at(256)}, b2 + " (soup)" + proj + eps),
+        "convnext_xxlarge.clip_laion2b_rewind": (1024, {**clip, **_at(256)}, b2 + " (rewind)" + proj + eps),
+        "convnext_xxlarge.clip_laion2b_soup_ft_in12k": (11821, {**clip, **_at(256)}, b2 + " (soup), then IN-12k" + eps),
+        **{f"convnext_{s}.dinov3_lvd1689m": (0, {"crop_pct": 1.0, "license": "dinov3-license"},
+                                             "DINOv3, distilled from its self-supervised ViT-7B; no head")
+           for s in ("tiny", "small", "base", "large")},
+        **{f"convnext_{s}.eupe_lvd1689m": (0, {**_at(256), "license": "fair-noncommercial-research-license"},
+                                           "EUPE distillation on LVD-1689M images; no head")
+           for s in ("tiny", "small", "base")},
+    }  # fmt: skip
+    return [_w(n, _hf(n), None, "timm", num_classes=c, recipe=r, **kw) for n, (c, kw, r) in rows.items()]
+
+
+# timm's weights whose architecture model.py does not build: name -> what that architecture has that ours lacks.
+_OLS = "overlapping stem (two 3x3 stride-2 convs) where ours patchifies with one 4x4 conv"
+_MLP_HEAD = "MLP head (Linear 1536 -> 1536 + GELU before the classifier); ours is norm -> Linear"
+UNSUPPORTED: dict[str, str] = {
+    **{f"convnext_{s}_ols.{t}": _OLS for s, t in (("atto", "a2_in1k"), ("femto", "d1_in1k"), ("pico", "d1_in1k"),
+                                                    ("nano", "d1h_in1k"))},
+    "convnext_tiny_hnf.a2h_in1k": "head norm first: LayerNorm on the final map before pooling (ours pools, then norms)",
+    "convnext_zepto_rms.ra4_e3600_r224_in1k": "SimpleNorm (RMS, no centring, no bias) in place of every LayerNorm",
+    "convnext_zepto_rms_ols.ra4_e3600_r224_in1k": "SimpleNorm in place of every LayerNorm, and an overlapping stem "
+    "with a GELU between its two 3x3 stride-2 convs",
+    **{f"convnext_large_mlp.{t}": _MLP_HEAD for t in (
+        "clip_laion2b_augreg", "clip_laion2b_augreg_ft_in1k", "clip_laion2b_augreg_ft_in1k_384",
+        "clip_laion2b_augreg_ft_in12k_384", "clip_laion2b_ft_320", "clip_laion2b_ft_soup_320",
+        "clip_laion2b_soup_ft_in12k_320", "clip_laion2b_soup_ft_in12k_384", "clip_laion2b_soup_ft_in12k_in1k_320",
+        "clip_laion2b_soup_ft_in12k_in1k_384")},
+}  # fmt: skip
+
+
 def _table() -> dict[str, WeightSpec]:
-    specs = _official_v1() + _official_v2() + _torchvision() + _timm()
+    specs = _official_v1() + _official_v2() + _torchvision() + _timm() + _timm_hub()
     table: dict[str, WeightSpec] = {}
     for spec in specs:
         if spec.name in table:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from convnext.cli import main
 from convnext.registry import MODELS
 from convnext.train import PRESETS, TrainConfig, apply_overrides, from_dict, get_preset
+from convnext.train.config import resolve_preprocessing
 from convnext.train.optim import scaled_lr
+from convnext.weights.specs import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN
 
 
 @pytest.mark.parametrize("size,dp", [("tiny", 0.1), ("small", 0.4), ("base", 0.5), ("large", 0.5)])
@@ -142,3 +145,63 @@ def test_bad_config_file_is_one_line_naming_file_and_field(tmp_path, capsys, tex
     assert message in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.json"), "--print-config"]) == 2
     assert "missing.json: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the weights' preprocessing when fine-tuning
+
+
+def test_fine_tuning_takes_the_weights_mean_std_and_resize_unless_given():
+    clip = get_preset("finetune", "convnext_base.clip_laion2b_augreg_ft_in1k")
+    assert clip.data.mean is None  # not chosen yet: the weights decide when the run starts
+    (why,) = resolve_preprocessing(clip)
+    assert (clip.data.mean, clip.data.std, clip.data.interpolation) == (CLIP_MEAN, CLIP_STD, "bicubic")
+    assert why.startswith("data: mean, std, interpolation of convnext_base.clip_laion2b_augreg_ft_in1k")
+    tv = get_preset("finetune", "convnext_tiny.tv_in1k")
+    resolve_preprocessing(tv)
+    assert tv.data.interpolation == "bilinear" and tv.data.mean == IMAGENET_MEAN  # torchvision's eval resize
+    given = apply_overrides(
+        get_preset("finetune", "convnext_base.clip_laion2b_augreg_ft_in1k"), ["--data.mean", "0.5,0.5,0.5"]
+    )
+    why = resolve_preprocessing(given)
+    assert given.data.mean == (0.5, 0.5, 0.5) and given.data.std == CLIP_STD
+    assert why[-1] == "data: mean as given, not as convnext_base.clip_laion2b_augreg_ft_in1k was trained"
+    scratch = get_preset("in1k_tiny")  # from scratch: ImageNet's statistics, bicubic, nothing to report
+    assert resolve_preprocessing(scratch) == []
+    assert (scratch.data.mean, scratch.data.interpolation) == (IMAGENET_MEAN, "bicubic")
+    own = get_preset("cifar10")  # a preset's own statistics stay
+    resolve_preprocessing(own)
+    assert own.data.mean == (0.4914, 0.4822, 0.4465)
+
+
+def test_fine_tuning_run_normalises_and_evaluates_as_its_weights(image_folder, tiny_config, tmp_path, monkeypatch):
+    """`--model NAME.TAG` with pretrained weights (here already in the download cache): config.json and the recipe
+    lines record the weights' mean, std and eval resize, and evaluation uses them."""
+    from convnext.infer import load_model
+    from convnext.registry import create_model
+    from convnext.train import fit
+    from convnext.weights import WEIGHTS, WeightSpec
+
+    shape = {"depths": (1, 1, 2, 1), "dims": (8, 16, 32, 64), "patch_size": 2}
+    spec = WeightSpec("convnext_atto", "local_test", "https://example.invalid/w.pth", None, "ours", num_classes=3,
+                      mean=(0.3, 0.4, 0.5), std=(0.2, 0.2, 0.2), interpolation="bilinear",
+                      model_kwargs=tuple(shape.items()))  # fmt: skip
+    monkeypatch.setitem(WEIGHTS, spec.name, spec)
+    monkeypatch.setenv("CONVNEXT_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "weights").mkdir(parents=True)
+    torch.save(
+        create_model("convnext_atto", num_classes=3, **shape).state_dict(),
+        tmp_path / "home" / "weights" / spec.filename,
+    )
+    cfg = tiny_config(
+        image_folder, tmp_path / "run", **{"model.name": spec.name, "model.pretrained": True, "epochs": 1}
+    )
+    cfg.data.mean = cfg.data.std = None  # the demo preset's own 0.5s would win: leave them to the weights
+    result = fit(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["mean"] == [0.3, 0.4, 0.5] and saved["data"]["std"] == [0.2, 0.2, 0.2]
+    assert saved["data"]["interpolation"] == "bilinear"
+    assert any(
+        line.startswith("data: mean, std, interpolation of convnext_atto.local_test") for line in saved["recipe"]
+    )
+    pre = load_model(str(tmp_path / "run")).preprocess  # the run evaluates as it was trained
+    assert (pre.mean, pre.interpolation) == ((0.3, 0.4, 0.5), "bilinear") and result["n"] > 0
