@@ -11,9 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from convnext.cli import core, dense, infer, roadmap, train, weights
+from convnext.cli import core, dense, infer, pretrain, roadmap, train, weights
 
-FAMILIES = [core, roadmap, train, weights, infer, dense]
+FAMILIES = [core, roadmap, train, pretrain, weights, infer, dense]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         run = getattr(args, "resume", None) or getattr(args, "output", None)
         where = f"; {run} keeps its last checkpoint: continue with --resume {run}" if run and args.command in (
-            "train", "detect", "segment") and (Path(run) / "last.pt").exists() else ""  # fmt: skip
+            "train", "pretrain", "detect", "segment") and (Path(run) / "last.pt").exists() else ""  # fmt: skip
         print(f"convnext {args.command}: interrupted{where}", file=sys.stderr)
         return 130
     except (OSError, ValueError, KeyError, RuntimeError) as e:

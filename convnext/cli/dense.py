@@ -41,7 +41,7 @@ def _add_train(actions: argparse._SubParsersAction, task: str, preset: str) -> N
     p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--checkpoint", default=None, help="backbone weights: a file in any layout convnext reads")
-    p.add_argument("--pretrained-run", default=None, help="backbone weights: a `convnext train` run folder")
+    p.add_argument("--pretrained-run", default=None, help="backbone weights: a train or pretrain run folder")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--seed", type=int, default=None)

@@ -31,6 +31,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
     p.add_argument("--img-size", type=positive_int, default=None)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument(
+        "--pretrained-run", default=None, metavar="RUN_DIR", help="start from the encoder of a `convnext pretrain` "
+        "run (its model, stem, weights and normalisation)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 are (or get downloaded)")
@@ -59,6 +63,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                       ("data_dir", "data.data_dir")):  # fmt: skip
         if getattr(args, flag) is None and from_file.get(key) is not None:
             setattr(args, flag, from_file[key])
+    pre: dict[str, Any] = {}  # what a pre-training run fixes: the architecture, its weights, its normalisation
+    if args.pretrained_run:
+        from convnext.pretrain.runs import finetune_overrides
+
+        if args.resume:
+            raise ValueError("--pretrained-run starts a run, --resume continues one: give one of them")
+        pre = finetune_overrides(args.pretrained_run)
+        if args.model and args.model.split(".")[0] != pre["model.name"]:
+            raise ValueError(f"--pretrained-run {args.pretrained_run} holds a {pre['model.name']}; drop --model")
+        args.model = pre["model.name"]
     if args.resume:
         cfg_path = Path(args.resume) / "config.json"
         if not cfg_path.is_file():
@@ -76,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 budget_min=args.budget_min,
                 epochs=args.epochs,
                 model=args.model or _given(args.overrides, "model.name", str) or _shape_given(args.overrides),
-                patch_size=_given(args.overrides, "model.patch_size", int),
+                patch_size=_given(args.overrides, "model.patch_size", int) or pre.get("model.patch_size"),
                 batch_size=args.batch_size,
                 data_dir=args.data_dir,
                 threads=_given(args.overrides, "threads", int),
@@ -96,6 +110,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if args.resume and (args.model or args.data):
         raise ValueError("--resume continues a run with its own model and data; drop --model/--data")
+    if pre:
+        apply_overrides(cfg, pre)
+        cfg.recipe.append(
+            f"model: the encoder of the pre-training run {args.pretrained_run} ({pre['model.name']}, stem "
+            f"{pre['model.patch_size']}x{pre['model.patch_size']}, its mean/std), not whitened: a fresh head on top"
+        )
     try:
         apply_overrides(cfg, from_file)
     except ValueError as e:

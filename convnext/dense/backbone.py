@@ -166,9 +166,11 @@ def load_model(cfg: BackboneConfig) -> nn.Module:
     from convnext.registry import MODELS, create_model, split_name
 
     if cfg.pretrained_run is not None:
+        from convnext.pretrain.runs import is_pretrain_run, load_encoder
         from convnext.train.runs import load_run
 
-        model, run_cfg = load_run(Path(cfg.pretrained_run))
+        load = load_encoder if is_pretrain_run(cfg.pretrained_run) else load_run  # a pre-training run: its encoder
+        model, run_cfg = load(Path(cfg.pretrained_run))
         if run_cfg["model"]["name"] != cfg.model:
             log.warning("backbone: %s holds a %s; using it", cfg.pretrained_run, run_cfg["model"]["name"])
             cfg.model = run_cfg["model"]["name"]  # so the run's own checkpoints rebuild the right architecture

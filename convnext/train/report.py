@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ COLUMNS = [
 
 
 class MetricsLog:
-    """Appends one row per epoch to metrics.csv and metrics.jsonl; `tensorboard=True` also writes events."""
+    """Appends one row per epoch to metrics.csv (`columns`) and metrics.jsonl (every key); `tensorboard=True` also
+    writes events."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False):
-        self.dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, columns: Sequence[str] = COLUMNS):
+        self.dir, self.columns = Path(run_dir), list(columns)
         self.csv, self.jsonl = self.dir / "metrics.csv", self.dir / "metrics.jsonl"
         self.tb = None
         if tensorboard:
@@ -49,10 +51,10 @@ class MetricsLog:
     def append(self, row: dict[str, Any], tb: bool = True) -> None:
         new = not self.csv.exists()
         with self.csv.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 w.writeheader()
-            w.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+            w.writerow({k: _fmt(row.get(k)) for k in self.columns})
         with self.jsonl.open("a") as f:
             f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
         if self.tb is not None and tb:

@@ -1,0 +1,67 @@
+"""A pre-training run folder read back: its encoder as a model, and the overrides that fine-tune from it.
+
+The folder holds config.json (with an `fcmae` section), metrics.csv/.jsonl, reconstructions/epoch_NNN.png, last.pt
+(model = the FCMAE state dict: `encoder.*`, `proj.*`, `mask_token`, `decoder.*`, `pred.*`) and results.json.
+Any weight loader reads last.pt: `convnext.weights` recognises the FCMAE layout, keeps the encoder and drops the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from convnext.pretrain.config import PretrainConfig, encoder_config
+from convnext.registry import create_model
+from convnext.train.config import from_dict
+from convnext.weights import load_checkpoint
+
+
+def is_pretrain_run(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `convnext pretrain` (its config.json has an `fcmae` section)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "fcmae" in json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_run(run_dir: str | Path) -> tuple[PretrainConfig, Path]:
+    """The run's config and its weight file (last.pt); a clear error for anything else."""
+    run_dir = Path(run_dir)
+    if not is_pretrain_run(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a `convnext pretrain` run folder (no config.json with fcmae)")
+    weights = run_dir / "last.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no weights yet ({weights.name} is missing)")
+    return from_dict(json.loads((run_dir / "config.json").read_text()), PretrainConfig), weights
+
+
+def load_encoder(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The run's encoder as a ConvNeXt without a head (eval mode, CPU), and the run's config as a plain dict."""
+    cfg, weights = read_run(run_dir)
+    model = create_model(cfg.model.name.split(".")[0], **cfg.model.build_kwargs(), num_classes=0)
+    model.norm = nn.Identity()  # as pre-trained: the final norm acts after pooling, which FCMAE never does
+    load_checkpoint(model, weights)
+    return model.eval(), cfg.to_dict()
+
+
+def finetune_overrides(run_dir: str | Path) -> dict[str, Any]:
+    """Dotted `convnext train` overrides that start from the run's encoder: the same architecture (name, stem,
+    layer scale, any builder options), its weights, and the normalisation it was pre-trained with."""
+    cfg, weights = read_run(run_dir)
+    enc = encoder_config(cfg.model)
+    return {
+        "model.name": cfg.model.name.split(".")[0],
+        "model.pretrained": False,
+        "model.checkpoint": str(weights),
+        "model.patch_size": enc.patch_size,
+        "model.layer_scale_init": enc.layer_scale_init,
+        "model.kwargs": dict(cfg.model.kwargs),
+        "data.mean": tuple(cfg.data.mean),
+        "data.std": tuple(cfg.data.std),
+    }
