@@ -67,15 +67,19 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(image_folder, tmp_path, tiny_ar
     out = tmp_path / "run"
     args = ["train", "--data", str(image_folder), "--epochs", "500", "--batch-size", "6", *tiny_args,
             "--output", str(out)]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "convnext", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen(  # -X faulthandler: a run that hangs after Ctrl-C shows where (SIGABRT below)
+        [sys.executable, "-X", "faulthandler", "-m", "convnext", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail(f"no exit 60 s after Ctrl-C; where it was:\n{proc.communicate(timeout=30)[1][-4000:]}")
     assert proc.returncode == 130
     lines = [line for line in err.splitlines() if line.startswith("convnext train:")]
     assert lines == [f"convnext train: interrupted; {out} keeps its last checkpoint: continue with --resume {out}"]
