@@ -32,7 +32,8 @@ def _add_train(actions: argparse._SubParsersAction, task: str, preset: str) -> N
         description=f"Train a {task} run. Presets: {presets}. Any config field can be set as --section.field VALUE "
         "(e.g. --optim.lr 3e-4 --backbone.frozen_stages 1 --data.train_sizes 288,320,352); --print-config shows them.",
     )
-    p.add_argument("--preset", default=preset, help=f"starting config (default: {preset})")
+    p.add_argument("--preset", default=None, help=f"starting config (default: {preset})")
+    p.set_defaults(default_preset=preset)
     p.add_argument("--model", default=None, help="backbone: a registered name (convnext list) or resnet50 (the peer)")
     p.add_argument("--data", default=None, help="dataset root (pennfudan: PennFudanPed/; camvid: CamVid/)")
     p.add_argument("--output", default=None, help="run folder to create")
@@ -42,6 +43,10 @@ def _add_train(actions: argparse._SubParsersAction, task: str, preset: str) -> N
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--checkpoint", default=None, help="backbone weights: a file in any layout convnext reads")
     p.add_argument("--pretrained-run", default=None, help="backbone weights: a train or pretrain run folder")
+    p.add_argument("--pretrained", action="store_true", help="backbone weights: the published ones of --model "
+                   "(a tag like convnext_atto.d2_in1k implies it)")  # fmt: skip
+    p.add_argument("--config", default=None, metavar="FILE", help="config fields from a .json/.yaml file (a run's "
+                   "config.json works); flags given here override it")  # fmt: skip
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--seed", type=int, default=None)
@@ -83,14 +88,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from convnext.dense.config import get_preset
     from convnext.dense.train import load_config, train_detection, train_segmentation
     from convnext.train import apply_overrides
+    from convnext.train.config import read_config_file
 
+    from_file = read_config_file(args.config) if args.config else {}
     if args.resume:
-        if args.model or args.data or args.checkpoint or args.pretrained_run:
-            raise ValueError("--resume continues a run with its own model, data and weights; drop those flags")
+        if args.model or args.data or args.checkpoint or args.pretrained_run or args.pretrained or from_file:
+            raise ValueError("--resume continues a run with its own config, model, data and weights; drop those flags")
         cfg = load_config(args.resume)
         cfg.run.resume = args.resume
     else:
-        cfg = get_preset(args.task, args.preset, args.model)
+        preset = args.preset or from_file.pop("preset", None) or args.default_preset
+        cfg = get_preset(args.task, preset, args.model or from_file.pop("backbone.model", None))
+        apply_overrides(cfg, from_file)
     flags = {
         "data.root": args.data,
         "run.output": args.output,
@@ -103,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "run.threads": args.threads,
         "backbone.checkpoint": args.checkpoint,
         "backbone.pretrained_run": args.pretrained_run,
+        "backbone.pretrained": True if args.pretrained else None,
     }
     apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
     if args.overwrite:

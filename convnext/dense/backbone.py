@@ -186,7 +186,16 @@ def load_model(cfg: BackboneConfig) -> nn.Module:
         model = create_model(cfg.model, num_classes=0, **patch)
         load_checkpoint(model, sd)
     else:
-        model = create_model(cfg.model, checkpoint=cfg.checkpoint, num_classes=0)  # no head: features only
+        arch, tag = split_name(cfg.model)
+        pretrained = cfg.pretrained or (tag is not None and cfg.checkpoint is None)  # a weight tag means its weights
+        model = create_model(cfg.model, pretrained=pretrained, checkpoint=cfg.checkpoint, num_classes=0)  # no head
+        if pretrained:
+            from convnext.weights import resolve_spec
+
+            spec = resolve_spec(arch, tag)
+            if cfg.mean is None:  # normalise as the weights were trained; saved in the dense run's config
+                cfg.mean, cfg.std = tuple(spec.mean), tuple(spec.std)
+            log.info("backbone: the published weights %s (%s)", spec.name, spec.recipe or spec.license)
     if isinstance(model, ConvNeXt) and not model.cfg.isotropic:
         resize_stem(model, cfg.patch_size)
     set_drop_path(model, cfg.drop_path_rate)

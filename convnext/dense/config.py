@@ -24,6 +24,7 @@ from typing import Any
 class BackboneConfig:
     model: str = "convnext_atto"  # any registered name (`convnext list`), or "resnet50" for the torchvision peer
     checkpoint: str | None = None  # weight file in any layout `convnext.create_model(checkpoint=...)` reads
+    pretrained: bool = False  # the published weights of `model` (its tag, or the arch's default); a tag implies it
     pretrained_run: str | None = None  # a `convnext train` run folder (its best/last weights) or a pretrain run's
     drop_path_rate: float = 0.1  # stochastic depth, linear over all blocks (the paper: T 0.4 for COCO/ADE)
     frozen_stages: int = 0  # 0: all trainable; k: stem and the first k stages frozen (weights and eval mode)

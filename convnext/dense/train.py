@@ -455,7 +455,9 @@ def _summary(metrics: dict[str, Any], main: str) -> str:
 def _architecture_only(cfg: DetectConfig | SegmentConfig) -> DetectConfig | SegmentConfig:
     """A copy that builds the run's model without its initial weights (the run's checkpoint replaces them)."""
     out = copy.deepcopy(cfg)
-    out.backbone.checkpoint, out.backbone.pretrained_run = None, None
+    out.backbone.checkpoint, out.backbone.pretrained_run, out.backbone.pretrained = None, None, False
+    if not out.backbone.model.startswith("hf-hub:"):
+        out.backbone.model = out.backbone.model.split(".")[0]  # a weight tag would mean its weights
     return out
 
 

@@ -121,3 +121,46 @@ def test_checkpoint_with_a_patch2_stem_loads_as_a_stride4_backbone(tmp_path):
     assert b.features.stem[0].stride == (4, 4)
     assert torch.equal(b.features.stages[2].blocks[3].pwconv1.weight, cifar.stages[2].blocks[3].pwconv1.weight)
     assert b(torch.rand(1, 3, 64, 64))["0"].shape[-1] == 16
+
+
+def test_a_weight_tag_loads_its_weights_and_normalisation(monkeypatch, tmp_path):
+    """`--model convnext_atto.TAG` starts the backbone from those published weights (here already in the download
+    cache: no network) with their mean/std; the bare name stays random; a resumed run rebuilds the bare arch."""
+    from convnext.dense.backbone import load_model
+    from convnext.dense.train import _architecture_only
+    from convnext.weights import WEIGHTS, WeightSpec
+
+    spec = WeightSpec("convnext_atto", "local_test", "https://example.invalid/w.pth", None, "ours", num_classes=10,
+                      mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))  # fmt: skip
+    monkeypatch.setitem(WEIGHTS, spec.name, spec)
+    monkeypatch.setenv("CONVNEXT_HOME", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    src = create_model("convnext_atto", num_classes=10)
+    torch.save(src.state_dict(), tmp_path / "weights" / spec.filename)
+    cfg = BackboneConfig("convnext_atto.local_test")
+    tagged = load_model(cfg)
+    w = "stages.1.blocks.0.pwconv1.weight"
+    assert torch.equal(tagged.state_dict()[w], src.state_dict()[w])
+    assert cfg.mean == (0.1, 0.2, 0.3) and cfg.std == (0.4, 0.5, 0.6)
+    assert not torch.equal(load_model(BackboneConfig("convnext_atto")).state_dict()[w], src.state_dict()[w])
+    assert torch.equal(load_model(BackboneConfig("convnext_atto.local_test", pretrained=True)).state_dict()[w],
+                       src.state_dict()[w])  # fmt: skip
+    from convnext.dense.config import get_preset
+
+    run_cfg = get_preset("detect", "pennfudan", "convnext_atto.local_test")
+    assert _architecture_only(run_cfg).backbone.model == "convnext_atto"
+
+
+def test_detect_train_reads_a_config_file_and_flags_win(tmp_path, capsys):
+    import json
+
+    from convnext.cli import main
+
+    f = tmp_path / "det.json"
+    f.write_text(json.dumps({"preset": "pennfudan", "optim": {"lr": 5e-4}, "run.epochs": 3}))
+    assert main(["detect", "train", "--config", str(f), "--run.epochs", "7", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 5e-4 and printed["run"]["epochs"] == 7
+    f.write_text(json.dumps({"optim": {"lrr": 1}}))
+    assert main(["segment", "train", "--config", str(f), "--print-config"]) == 2
+    assert "lrr" in capsys.readouterr().err
