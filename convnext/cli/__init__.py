@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from convnext import interrupt
 from convnext.cli import core, dense, infer, pretrain, roadmap, train, weights
 
 FAMILIES = [core, roadmap, train, pretrain, weights, infer, dense]
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
+        with interrupt.catching():  # a Ctrl-C swallowed by a finaliser still stops training at the next step
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         run = getattr(args, "resume", None) or getattr(args, "output", None)
         where = f"; {run} keeps its last checkpoint: continue with --resume {run}" if run and args.command in (

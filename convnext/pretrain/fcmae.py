@@ -5,16 +5,18 @@ Smallest part first: random_mask -> upsample_mask -> patchify -> masked_block ->
 Masking. An image of H x W is cut into patches as large as the encoder's total stride (stem x 2^3: 32 px for the
 4x4 stem, a 7x7 grid at 224 px; 16 px for a 2x2 stem, a 4x4 grid at 64 px); `mask_ratio` of them (0.6) are
 removed at random, the same number in every image. The mask lives on that grid, (B, h, w) bool, True = removed,
-and is repeated (nearest) to each stage's resolution.
+and is repeated (nearest) to each stage's resolution. Any input size the patches tile works (non-square too); any
+other is refused with a ValueError naming the nearest sizes that do (`mask_grid`), never cropped or padded.
 
 The sparse encoder, emulated with dense ops. The official code runs the encoder as a sparse network
 (MinkowskiEngine): removed patches do not exist, so no convolution reads them. Here the maps stay dense, with every
-removed position held at zero: after the stem, after each downsampling layer and after each block, so that a 7x7
-depthwise convolution at a visible position sums over visible neighbours only, exactly as a sparse convolution
-whose absent inputs contribute nothing. The per-position rest of a block (LayerNorm, the MLP, GRN) runs on the
+removed position held at zero (zeroed after the stem and after each downsampling layer, kept zero by every block,
+whose residual add scatters into the visible places only), so that a 7x7 depthwise convolution at a visible
+position sums over visible neighbours only, exactly as a sparse convolution whose absent inputs contribute
+nothing. The per-position rest of a block (LayerNorm, the MLP, GRN) runs on the
 visible positions alone, gathered into rows (B, n_visible, C): GRN's spatial L2 norm is then the visible-only norm
-of the sparse network by construction, the removed positions never become non-zero (the residual add scatters back
-into visible places only), and the MLP, nine tenths of the work, costs the visible share (40%) of a dense one.
+of the sparse network by construction, and the MLP, nine tenths of the work, costs the visible share (40%) of a
+dense one (2.3x faster training than zeroing full dense maps, measured on atto at 64 px on 2 cores).
 One difference from the official sparse GRN is kept on purpose: it pooled the norm over the whole batch (its
 features are one list of points); here it is per image, as the dense ConvNeXt V2 that is fine-tuned afterwards
 computes it.

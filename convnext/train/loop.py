@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from convnext import interrupt
 from convnext.data.transforms import tta_logits
 from convnext.train.distributed import DistInfo, all_reduce_sum
 from convnext.train.optim import set_lr
@@ -143,6 +144,7 @@ def train_one_epoch(
                 last_log = time.perf_counter()
                 where = f"{steps}/{total // accum_steps}" if total else str(steps)
                 log.info("%s  step %s  loss %.4f  lr %.3g  %.0f img/s", desc, where, loss.item(), lr, rate)
+        interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed (convnext/interrupt.py)
         if on_step is not None:
             on_step(step, steps, loss_so_far)
         if should_stop is not None and should_stop():
