@@ -58,8 +58,8 @@ from convnext.train.distributed import (
     init_distributed,
 )
 from convnext.train.fit import shrink_schedule
-from convnext.train.loop import NonFiniteLossError, autocast
-from convnext.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from convnext.train.loop import NonFiniteLossError, autocast, train_one_epoch
+from convnext.train.optim import build_optimizer, lr_at, scaled_lr
 from convnext.train.report import MetricsLog
 from convnext.train.runs import check_run_dir, claim_run_dir
 
@@ -349,108 +349,19 @@ def pretrain_one_epoch(
     optimizer: torch.optim.Optimizer,
     *,
     info: DistInfo,
-    lr_fn: Callable[[int], float],
-    step: int,
     masks: Callable[[int, int], torch.Tensor],
-    accum_steps: int = 1,
     amp: str = "none",
-    scaler: torch.amp.GradScaler | None = None,
-    clip_grad: float | None = None,
-    on_step: Callable[[int, int, Callable[[], tuple[float, int]]], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    carry: tuple[float, int] = (0.0, 0),
-    desc: str = "pretrain",
-    log_every_s: float = 60.0,
+    **loop: Any,
 ) -> dict[str, Any]:
-    """One pass over `loader` (batches of (images, labels, n_skipped); the labels are not used), one optimizer step
-    per `accum_steps` batches; `masks(micro_batch_index, n)` gives each batch's masks (B, h, w).
+    """One pass of the trainer's epoch loop (`train.loop.train_one_epoch`, which takes the other arguments) with
+    the FCMAE loss: `masks(micro_batch_index, n)` gives each batch's masks (B, h, w); the labels are not used."""
 
-    `on_step(step, steps_this_epoch, loss_so_far)` runs after each optimizer step (`loss_so_far()`, a collective,
-    gives the epoch's (sum of per-image losses, images) over all processes, `carry` included: the part of the epoch
-    trained before a resume); `should_stop()` (the same answer on every rank) ends the epoch early.
-    Returns {"loss", "loss_sum", "loss_images", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr",
-    "time", "data_time"}; "images" and "img_per_s" count all processes.
-    """
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    seen, skipped, micro, steps, stopped, lr = 0, 0, 0, 0, False, lr_fn(step)
-    start = last_log = time.perf_counter()
-    data_time = 0.0
-    optimizer.zero_grad(set_to_none=True)
+    def fcmae_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int) -> torch.Tensor:
+        with autocast(info.device, amp):
+            loss, _, _ = model(x, masks(index, len(x)))
+        return loss.float()
 
-    def loss_so_far() -> tuple[float, int]:
-        total = all_reduce_sum(torch.tensor([float(loss_sum), seen], dtype=torch.float64), info)
-        return carry[0] + float(total[0]), carry[1] + int(total[1])
-
-    batches = iter(loader)
-    while True:
-        t_data = time.perf_counter()
-        try:
-            x, _, n_bad = next(batches)
-        except StopIteration:
-            break
-        data_time += time.perf_counter() - t_data
-        skipped += n_bad
-        if len(x) == 0:
-            continue
-        x = x.to(info.device, non_blocking=True)
-        mask = masks(step * accum_steps + micro % accum_steps, len(x))
-        last_micro = (micro + 1) % accum_steps == 0
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with autocast(info.device, amp):
-                loss, _, _ = model(x, mask)
-            check = all_reduce_sum(loss.detach().float().cpu().clone(), info)
-            if not torch.isfinite(check):
-                raise NonFiniteLossError(f"loss is {check.item()} at optimizer step {step} ({desc})")
-            scaled = loss / accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        micro += 1
-        loss_sum += loss.detach().double().cpu() * len(x)
-        seen += len(x)
-        if not last_micro:
-            continue
-        lr = lr_fn(step)
-        set_lr(optimizer, lr)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if clip_grad is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps += 1
-        if info.is_main and time.perf_counter() - last_log >= log_every_s:
-            last_log = time.perf_counter()
-            rate = seen * info.world_size / max(last_log - start, 1e-9)
-            log.info("%s  step %d  loss %.4f  lr %.3g  %.0f img/s", desc, step, loss.item(), lr, rate)
-        if on_step is not None:
-            on_step(step, steps, loss_so_far)
-        if should_stop is not None and should_stop():
-            stopped = True
-            break
-    elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, skipped], dtype=torch.float64), info)
-    n = int(totals[1])
-    loss_total, loss_images = carry[0] + float(totals[0]), carry[1] + n
-    return {
-        "loss": loss_total / max(loss_images, 1),
-        "loss_sum": loss_total,
-        "loss_images": loss_images,
-        "images": n,
-        "img_per_s": n / max(elapsed, 1e-9),
-        "steps": steps,
-        "step": step,
-        "skipped": int(totals[2]),
-        "stopped": stopped,
-        "lr": lr,
-        "time": elapsed,
-        "data_time": data_time,
-    }
+    return train_one_epoch(model, loader, optimizer, info=info, amp=amp, batch_loss=fcmae_loss, **loop)
 
 
 @torch.no_grad()

@@ -65,8 +65,12 @@ def train_one_epoch(
     total: int | None = None,
     log_every_s: float = 60.0,
     carry: tuple[float, int] = (0.0, 0),
+    batch_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train over `loader` (batches of (images, labels, n_skipped)); one optimizer step per `accum_steps` batches.
+
+    The loss of a batch is the classifier's cross-entropy (after `mix`, with `label_smoothing`, under `amp`), or
+    `batch_loss(model, x, y, index)` (a float32 scalar; `index` counts micro-batches over the run: FCMAE's masks).
 
     `step` is the global optimizer step the epoch starts at; `lr_fn(step)` gives each step's lr. After each
     optimizer step `on_step(step, steps_this_epoch, loss_so_far)` runs (checkpointing; `loss_so_far()`, a
@@ -108,9 +112,12 @@ def train_one_epoch(
         last_micro = (micro + 1) % accum_steps == 0
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(device, amp):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            if batch_loss is not None:
+                loss = batch_loss(model, x, y, step * accum_steps + micro % accum_steps)
+            else:
+                with autocast(device, amp):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
             check = all_reduce_sum(loss.detach().clone().cpu(), info)
             if not torch.isfinite(check):
                 raise NonFiniteLossError(f"loss is {check.item()} at optimizer step {step} ({desc})")
