@@ -57,7 +57,7 @@ from convnext.train.distributed import (
     cleanup,
     init_distributed,
 )
-from convnext.train.fit import shrink_schedule
+from convnext.train.fit import per_rank_batch, set_transform, shrink_schedule
 from convnext.train.loop import NonFiniteLossError, autocast, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
 from convnext.train.report import MetricsLog
@@ -121,7 +121,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
         log.warning("the mask grid is %dx%d (the paper's is 7x7): a coarse grid makes a weak task", *grid)
     for line in cfg.recipe:
         log.info("recipe: %s", line)
-    per_rank = _per_rank_batch(cfg, info, len(train_ds))
+    per_rank = per_rank_batch(cfg, info, len(train_ds))
     train_images, per_image = _train_source(cfg, train_ds, info)
     eval_x = _eval_images(cfg, val_ds)
 
@@ -411,7 +411,7 @@ def _train_source(cfg: PretrainConfig, train_ds: Any, info: DistInfo) -> tuple[A
         fits, figures = fits_in_memory(len(train_ds) * 3 * size * size, d.cache_memory_share, local)
         if fits:
             t = time.perf_counter()
-            _set_transform(train_ds, decode_transform(size))
+            set_transform(train_ds, decode_transform(size))
             images = decode_all(train_ds, size, workers=d.num_workers)
             skipped = f"; skipped {images.skipped} unreadable" if images.skipped else ""
             log.info("decoded %d images at %dx%d into memory in %.1fs%s", len(images), size, size,
@@ -422,7 +422,7 @@ def _train_source(cfg: PretrainConfig, train_ds: Any, info: DistInfo) -> tuple[A
         log.info("data: not cached in memory (%s); decoding per image with %d workers", figures, d.num_workers)
     tf = train_transform(d.img_size, crop="rrc", scale=d.scale, hflip=d.hflip, randaugment=False, re_prob=0.0,
                          mean=d.mean, std=d.std)  # fmt: skip
-    _set_transform(train_ds, tf)
+    set_transform(train_ds, tf)
     return SeededDataset(train_ds, cfg.seed), True
 
 
@@ -431,27 +431,11 @@ def _eval_images(cfg: PretrainConfig, val_ds: Any) -> torch.Tensor:
     d = cfg.data
     n = max(min(d.eval_images, len(val_ds)), 1)
     picks = list(range(0, len(val_ds), max(len(val_ds) // n, 1)))[:n]
-    _set_transform(val_ds, decode_transform(d.img_size))
+    set_transform(val_ds, decode_transform(d.img_size))
     images = decode_all(Subset(val_ds, picks), d.img_size)
     if len(images) == 0:
         raise ValueError(f"{d.name}: no readable val image to score the reconstructions on")
     return Normalise(d.mean, d.std)(images.images).contiguous()
-
-
-def _set_transform(ds: Any, transform: Any) -> None:
-    """Give a dataset (or the dataset a Subset selects from) its transform."""
-    while hasattr(ds, "indices") and hasattr(ds, "dataset"):
-        ds = ds.dataset
-    ds.transform = transform
-
-
-def _per_rank_batch(cfg: PretrainConfig, info: DistInfo, n_train: int) -> int:
-    parts = info.world_size * cfg.accum_steps
-    if cfg.batch_size % parts:
-        raise ValueError(f"batch size {cfg.batch_size} must be a multiple of processes x accum_steps ({parts})")
-    if cfg.batch_size > n_train:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({n_train} images)")
-    return cfg.batch_size // parts
 
 
 def _check_config(cfg: PretrainConfig) -> None:

@@ -119,7 +119,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     d.classes = classes
     cache = _cache_plan(cfg, train_ds, val_ds, info)
     if cache is None:
-        _set_transform(train_ds, train_transform(
+        set_transform(train_ds, train_transform(
             d.img_size,
             crop=d.crop,
             scale=d.scale,
@@ -132,8 +132,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             mean=d.mean,
             std=d.std,
         ))  # fmt: skip
-        _set_transform(val_ds, eval_transform(d.img_size, d.crop_pct, d.mean, d.std, d.interpolation))
-    per_rank = _per_rank_batch(cfg, info, len(train_ds))
+        set_transform(val_ds, eval_transform(d.img_size, d.crop_pct, d.mean, d.std, d.interpolation))
+    per_rank = per_rank_batch(cfg, info, len(train_ds))
     train_cache = val_cache = None
     if cache is not None:
         t_cache = time.perf_counter()
@@ -530,7 +530,7 @@ def _check_config(cfg: TrainConfig) -> None:
         require("tensorboard", what="--tensorboard true")
 
 
-def _set_transform(ds: Any, transform: Any) -> None:
+def set_transform(ds: Any, transform: Any) -> None:
     """Give a dataset (or the dataset a Subset selects from) its transform."""
     while hasattr(ds, "indices") and hasattr(ds, "dataset"):
         ds = ds.dataset
@@ -569,12 +569,13 @@ def _cache_plan(cfg: TrainConfig, train_ds: Any, val_ds: Any, info: DistInfo) ->
             raise ValueError(f"data.cache on: the decoded images do not fit ({figures})")
         log.info("data: not cached in memory (%s); decoding per image with %d workers", figures, d.num_workers)
         return None
-    _set_transform(train_ds, decode_transform(size))
-    _set_transform(val_ds, decode_transform(d.img_size, d.crop_pct, d.interpolation))
+    set_transform(train_ds, decode_transform(size))
+    set_transform(val_ds, decode_transform(d.img_size, d.crop_pct, d.interpolation))
     return size
 
 
-def _per_rank_batch(cfg: TrainConfig, info: DistInfo, n_train: int) -> int:
+def per_rank_batch(cfg: Any, info: DistInfo, n_train: int) -> int:
+    """Each process's micro-batch for `cfg.batch_size` images per optimizer step (a train or pretrain config)."""
     parts = info.world_size * cfg.accum_steps
     if cfg.batch_size < 1 or cfg.batch_size % parts:
         raise ValueError(
