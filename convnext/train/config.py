@@ -78,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | sgd | muon (Muon on the blocks' weight matrices, AdamW on the rest)
     lr: float | None = None  # absolute lr; None = base_lr * batch_size / base_batch
     base_lr: float = 4e-3
     base_batch: int = 4096

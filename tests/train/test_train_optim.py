@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -130,5 +131,35 @@ def test_sgd_with_momentum_and_unknown_optimizer():
     model(x).sum().backward()
     opt.step()
     assert math.isfinite(float(model.head.weight.detach().sum()))
-    with pytest.raises(ValueError, match="adamw' or 'sgd"):
+    with pytest.raises(ValueError, match="'adamw', 'sgd' or 'muon'"):
         build_optimizer(model, "lamb", 0.1, 0.0)
+
+
+def test_muon_on_block_matrices_adamw_on_the_rest_and_resume_exact():
+    torch.manual_seed(0)
+    model = create_model("convnext_atto", num_classes=3, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    opt = build_optimizer(model, "muon", 1e-2, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("head.")}
+    assert "head.weight" in {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert len(opt.param_groups) == len(opt.muon.param_groups) + len(opt.adamw.param_groups)
+    set_lr(opt, 2e-2)
+    assert all(g["lr"] == 2e-2 for g in opt.param_groups)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+
+    def step(m, o):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+
+    step(model, opt)
+    twin = create_model("convnext_atto", num_classes=3, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    twin.load_state_dict(model.state_dict())
+    twin_opt = build_optimizer(twin, "muon", 1e-2, 0.05)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as a checkpoint would: no shared tensors
+    set_lr(twin_opt, 2e-2)
+    step(model, opt)
+    step(twin, twin_opt)
+    for (n, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), n
