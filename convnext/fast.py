@@ -529,7 +529,7 @@ def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> to
     if block.gamma is not None:
         w2, b2 = w2 * block.gamma[:, None], b2 * block.gamma
     if train and _fused_mlp(block, y):
-        fuse_shortcut = isinstance(block.drop_path, nn.Identity) or not block.training
+        fuse_shortcut = getattr(block.drop_path, "p", 0.0) == 0.0 or not block.training  # no stochastic depth
         c, hidden = block.pwconv1.weight.shape[::-1]
         ways1, ways2, tiled = _ways(plan, y, c, hidden), _ways(plan, y, hidden, c), _tiled(plan, y, c, hidden)
         shortcut = x if fuse_shortcut else None

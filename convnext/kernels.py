@@ -14,6 +14,8 @@ sources, the flags and the CPU, and loaded with ctypes. OpenMP there is torch's 
 `libgomp.so.1`), so it uses torch's threads. Without a compiler, off Linux, or when the build fails, `available()`
 is False, one warning says why (`status()` keeps it; runs record it in results.json) and each op falls back to aten;
 with CONVNEXT_REQUIRE_KERNELS=1 (CI) that is an error instead. Off-CPU tensors always take aten's path.
+CONVNEXT_KERNELS_OFF=depthwise,gelu,layer_norm,mlp (any of them) sends those ops to aten's path: what
+`benchmarks/kernel_gains.py` times each kernel's gain on the real jobs with, and a way to rule a kernel out.
 """
 
 from __future__ import annotations
@@ -53,13 +55,32 @@ def _cpu_key() -> str:
 REQUIRE = "CONVNEXT_REQUIRE_KERNELS"  # =1: a kernel that cannot be built is an error, not a fallback (CI)
 
 
-def _library() -> ctypes.CDLL | None:
-    return _build()[0]
+KERNELS = ("depthwise", "gelu", "layer_norm", "mlp")
+OFF = "CONVNEXT_KERNELS_OFF"  # a comma-separated subset of KERNELS that runs on aten's path
+
+
+@functools.cache
+def switched_off() -> frozenset[str]:
+    """The kernels CONVNEXT_KERNELS_OFF names (read once per process); an unknown name is an error."""
+    names = frozenset(n.strip() for n in os.environ.get(OFF, "").split(",") if n.strip())
+    if names - set(KERNELS):
+        raise ValueError(f"{OFF}={os.environ[OFF]!r}: unknown kernel {sorted(names - set(KERNELS))}; "
+                         f"choose from {', '.join(KERNELS)}")  # fmt: skip
+    if names:
+        log.warning("C kernels switched off by %s: %s (aten runs instead)", OFF, ", ".join(sorted(names)))
+    return names
+
+
+def _library(kernel: str | None = None) -> ctypes.CDLL | None:
+    """The built library, or None where it is not there or `kernel` is switched off."""
+    return None if kernel is not None and kernel in switched_off() else _build()[0]
 
 
 def status() -> str:
-    """ "built: <library>" or why the C kernels are not there (and aten's kernels run instead)."""
-    return _build()[1]
+    """ "built: <library>" or why the C kernels are not there (and aten's kernels run instead), and which are
+    switched off."""
+    off = switched_off()
+    return _build()[1] + (f" ({', '.join(sorted(off))} switched off by {OFF})" if off else "")
 
 
 @functools.cache
@@ -117,7 +138,7 @@ def available() -> bool:
 
 def tiled_mlp_available() -> bool:
     """True when `mlp_forward` / `mlp_backward` run the C kernel (it needs AVX-512); else they are aten's ops."""
-    lib = _library()
+    lib = _library("mlp")
     return lib is not None and bool(lib.mlp_tiled_available())
 
 
@@ -129,7 +150,7 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int)
     (C, 1, k, k) float32. Without the C kernel (no compiler), for an even k or another dtype, aten computes it.
     """
     b, c, h, w = x.shape
-    lib = _library()
+    lib = _library("depthwise")
     native = x.dtype == grad.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu and grad.is_cpu
     if lib is not None and native and kernel_size % 2 == 1 and kernel_size <= 15:
         xs = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): views when the inputs are channels-last
@@ -159,7 +180,7 @@ def gelu_with_grad(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     dense = h.is_contiguous() or h.is_contiguous(memory_format=torch.channels_last)
     h = h if dense else h.contiguous()
-    lib = _library()
+    lib = _library("gelu")
     if lib is not None and h.dtype == torch.float32 and h.is_cpu and h.numel() > 0:
         a, d = torch.empty_like(h), torch.empty_like(h)
         lib.gelu_with_grad(h.data_ptr(), a.data_ptr(), d.data_ptr(), h.numel())
@@ -186,7 +207,7 @@ def layer_norm(
     """LayerNorm over the last dim of x (..., C): (output, mean, 1 / std), the two per row, shaped (..., 1).
 
     The C kernel takes contiguous float32; anything else, or no compiler, goes to aten (the same numbers)."""
-    lib = _library()
+    lib = _library("layer_norm")
     if lib is None or not _native(x, weight, bias):
         return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
     out, mean, rstd = torch.empty_like(x), x.new_empty(*x.shape[:-1], 1), x.new_empty(*x.shape[:-1], 1)
@@ -207,7 +228,7 @@ def layer_norm_backward(
     grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d(loss)/d(x, weight, bias) of `layer_norm` given d(loss)/d(output) `grad` and its saved mean and 1 / std."""
-    lib = _library()
+    lib = _library("layer_norm")
     if lib is None or not _native(grad, x, mean, rstd, weight):
         args = (grad, x, [x.shape[-1]], mean, rstd, weight, torch.zeros_like(weight), [True, True, True])
         return torch.ops.aten.native_layer_norm_backward(*args)

@@ -136,7 +136,7 @@ def test_gelu_with_grad_without_the_library_is_the_same(monkeypatch):
     torch.manual_seed(0)
     h = torch.randn(3, 8, 4, 4) * 3
     native = kernels.gelu_with_grad(h)
-    monkeypatch.setattr(kernels, "_library", lambda: None)
+    monkeypatch.setattr(kernels, "_library", lambda *kernel: None)
     for got, want in zip(kernels.gelu_with_grad(h), native):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
 
@@ -170,7 +170,7 @@ def test_layer_norm_falls_back_to_aten_alike(monkeypatch):
     torch.testing.assert_close(strided[0], native[0], atol=1e-5, rtol=0)
     bf16 = kernels.layer_norm(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), 1e-6)[0]
     torch.testing.assert_close(bf16.float(), native[0], atol=0.05, rtol=0.02)
-    monkeypatch.setattr(kernels, "_library", lambda: None)
+    monkeypatch.setattr(kernels, "_library", lambda *kernel: None)
     for got, want in zip(kernels.layer_norm(x, weight, bias, 1e-6), native):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for got, want in zip(kernels.layer_norm_backward(grad, x, *native[1:], weight), native_grads):
@@ -219,7 +219,7 @@ def test_tiled_mlp_takes_unaligned_rows_and_falls_back_alike(monkeypatch):
     a_off, d_off = unaligned.copy_(a), torch.empty(rows * 4 * c + 1)[1:].view(rows, 4 * c).copy_(d)
     for got, want in zip(kernels.mlp_backward(grad, y_off, w1, a_off, d_off, w2), native_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-    monkeypatch.setattr(kernels, "_library", lambda: None)
+    monkeypatch.setattr(kernels, "_library", lambda *kernel: None)
     assert not kernels.tiled_mlp_available()
     for got, want in zip(kernels.mlp_forward(y, w1, b1, w2, b2, sc), native):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
@@ -232,3 +232,24 @@ def test_tiled_mlp_traces_under_torch_compile():
     y, w1, b1, w2, b2 = torch.randn(50, 8), torch.randn(32, 8), torch.randn(32), torch.randn(8, 32), torch.randn(8)
     compiled = torch.compile(lambda *t: kernels.mlp_forward(*t, None)[0] * 2, fullgraph=True)
     torch.testing.assert_close(compiled(y, w1, b1, w2, b2), 2 * kernels.mlp_forward(y, w1, b1, w2, b2, None)[0])
+
+
+def test_kernels_off_sends_each_named_op_to_aten_and_an_unknown_name_is_an_error(monkeypatch):
+    """CONVNEXT_KERNELS_OFF (what benchmarks/kernel_gains.py times each kernel's gain with)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 40)
+    w, b = torch.randn(40), torch.randn(40)
+    kernels.switched_off.cache_clear()
+    monkeypatch.setenv(kernels.OFF, "layer_norm, gelu")
+    try:
+        assert kernels.switched_off() == {"layer_norm", "gelu"}
+        assert kernels._library("layer_norm") is None and kernels._library("gelu") is None
+        out = kernels.layer_norm(x, w, b, 1e-6)[0]  # aten's
+        torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (40,), w, b, 1e-6), atol=0, rtol=0)
+        assert "switched off" in kernels.status()
+        kernels.switched_off.cache_clear()
+        monkeypatch.setenv(kernels.OFF, "layernorm")
+        with pytest.raises(ValueError, match="unknown kernel.*layernorm.*choose from depthwise"):
+            kernels.switched_off()
+    finally:
+        kernels.switched_off.cache_clear()
