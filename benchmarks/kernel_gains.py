@@ -1,11 +1,12 @@
 """What each C kernel buys on the real jobs: `convnext train` on an image folder and `convnext bench` (optimize).
 
 Issue 15: a kernel stays only where it gives >= 3% on a real job. All four are float32 CPU training kernels
-(`convnext.optimize`'s inference runs none of them). Each job runs as a user runs it, in a fresh
-process, once with every kernel on and once with each kernel switched off (`CONVNEXT_KERNELS_OFF`, which sends
-that op to aten's path), the variants interleaved over `--rounds` rounds so a slow phase of a shared machine
-falls on all of them alike. Training speed is the median `img_per_s` over the run's epochs in `metrics.csv`;
-the training step of `convnext bench --train --json` its images/s. Nothing else may run on the machine meanwhile.
+(`convnext.optimize`'s inference runs none of them). Each job runs as a user runs it, in a fresh process, once with
+every kernel on and once with each kernel switched off (`CONVNEXT_KERNELS_OFF`, which sends that op to aten's path),
+the variants interleaved over `--rounds` rounds, each round starting at the next variant, so a slow phase of a
+shared machine falls on all of them alike. Training speed is the median `img_per_s` over the run's epochs in
+`metrics.csv`; the training step of `convnext bench --train --json` its images/s. Nothing else may run on the
+machine meanwhile.
 
     python benchmarks/kernel_gains.py --data /tmp/data/cifar10-images --threads 2 --rounds 2 --out FILE.md
 
@@ -83,8 +84,8 @@ def main() -> None:
     rows = []
     for name in args.jobs.split(","):
         rates: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(args.rounds):
-            for v in variants:
+        for r in range(args.rounds):
+            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # each round starts elsewhere
                 if name in TRAIN_JOBS:
                     r = train_rate(data, TRAIN_JOBS[name], v, args.threads, args.epochs)
                 else:
