@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from convnext import interrupt
 from convnext.data import SeededDataset
 from convnext.dense.backbone import backbone_of, build_backbone, detector
 from convnext.dense.config import DetectConfig, SegmentConfig
@@ -260,9 +261,17 @@ def train_segmentation(cfg: SegmentConfig) -> dict[str, Any]:
     return _fit(cfg, build_segmentation_model, train_ds, None, loss_fn, evaluate, "mIoU")
 
 
-def _fit(*args: Any) -> dict[str, Any]:
+def _fit(
+    cfg: DetectConfig | SegmentConfig,
+    build: Callable,
+    train_ds: Dataset,
+    collate: Callable | None,
+    loss_fn: Callable,
+    evaluate: Callable,
+    main_metric: str,
+) -> dict[str, Any]:
     with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
-        return _fit_held(*args, held=held)
+        return _fit_held(cfg, build, train_ds, collate, loss_fn, evaluate, main_metric, held=held)
 
 
 def _fit_held(
@@ -377,6 +386,7 @@ def _fit_held(
                     sums[k] = sums.get(k, 0.0) + v.item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed (convnext/interrupt.py)
                 if budget_s is not None and step - step0 == CALIBRATION_STEPS + 1:
                     sched["total_steps"] = _fit_to_budget(step, step0, train_s(), budget_s, planned)
                     bar.total = sched["total_steps"]
