@@ -240,7 +240,8 @@ def train_detection(cfg: DetectConfig) -> dict[str, Any]:
         return evaluate_detection(model, val_ds, device, cfg.masks, cfg.run.num_workers)
 
     main = "mask_AP" if cfg.masks else "box_AP"
-    return _fit(cfg, build_detection_model, train_ds, collate_lists, loss_fn, evaluate, main)
+    with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
+        return _fit(cfg, build_detection_model, train_ds, collate_lists, loss_fn, evaluate, main, held)
 
 
 def train_segmentation(cfg: SegmentConfig) -> dict[str, Any]:
@@ -258,7 +259,8 @@ def train_segmentation(cfg: SegmentConfig) -> dict[str, Any]:
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, Any]:
         return evaluate_segmentation(model, val_ds, cfg, device, cfg.run.num_workers)
 
-    return _fit(cfg, build_segmentation_model, train_ds, None, loss_fn, evaluate, "mIoU")
+    with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
+        return _fit(cfg, build_segmentation_model, train_ds, None, loss_fn, evaluate, "mIoU", held)
 
 
 def _fit(
@@ -269,20 +271,6 @@ def _fit(
     loss_fn: Callable,
     evaluate: Callable,
     main_metric: str,
-) -> dict[str, Any]:
-    with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
-        return _fit_held(cfg, build, train_ds, collate, loss_fn, evaluate, main_metric, held=held)
-
-
-def _fit_held(
-    cfg: DetectConfig | SegmentConfig,
-    build: Callable,
-    train_ds: Dataset,
-    collate: Callable | None,
-    loss_fn: Callable,
-    evaluate: Callable,
-    main_metric: str,
-    *,
     held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     r = cfg.run

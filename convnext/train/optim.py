@@ -163,10 +163,6 @@ class MuonAdamW:
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for o in self.optimizers for g in o.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {k: v for o in self.optimizers for k, v in o.state.items()}
-
     def step(self, closure: Any = None) -> None:
         for o in self.optimizers:
             o.step()
