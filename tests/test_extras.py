@@ -67,7 +67,7 @@ def test_packaged_digits_are_scikit_learns_with_its_split():
 
 
 def test_fast_path_turns_itself_off_on_an_untested_torch(monkeypatch):
-    monkeypatch.setattr(fast, "TESTED_TORCH", ((99, 0), (99, 0)))
+    monkeypatch.setattr(fast.compiler, "TESTED_TORCH", ((99, 0), (99, 0)))  # read by usable() in its module
     monkeypatch.delenv("CONVNEXT_FAST_ANY_TORCH", raising=False)
     fast.usable.cache_clear()
     try:

@@ -111,12 +111,12 @@ def test_train_with_example_input_keeps_the_faster_path_and_leaves_the_model_as_
 def test_every_1x1_product_as_a_matmul_gives_the_same_gradients(grn, tiled, monkeypatch):
     """`plan_pointwise` measures oneDNN against a matmul per shape (and the tiled MLP against both); whichever it
     picks, the math is the same."""
-    from convnext import fast
     from convnext.fast import FastConvNeXt, plan_pointwise
 
     model, ref_model = _model(grn=grn).train(), _model(grn=grn).train()
     x = torch.randn(2, 3, 32, 32)
-    monkeypatch.setattr(fast, "TILED_MIN_BYTES", 0)  # this small model's hidden tensors fit in cache
+    # this small model's hidden tensors fit in cache; plan_pointwise reads the bound in its own module
+    monkeypatch.setattr("convnext.fast.plan.TILED_MIN_BYTES", 0)
     plan = plan_pointwise(model, x, torch.float32, runs=1)
     # two 1x1 shapes per stage: each its conv, grad-weight (two ways), pwconv2's forward + shortcut, grad-input x GELU'
     # and, where the C kernel runs, the whole MLP tiled

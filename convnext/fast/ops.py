@@ -1,41 +1,28 @@
-"""`optimize()`: the fastest path this machine offers for a ConvNeXt, called like the original model.
+"""The fast path's ops: a ConvNeXt block on channels-last NCHW, with custom backwards for CPU training.
 
-What makes it fast (measured in `benchmarks/NOTES.md`):
 - The MLP's two "1x1 convolutions" run as real 1x1 convolutions on channels-last NCHW, using the Linear layers'
   own weights as views. PyTorch sends fp32 `nn.Linear` to MKL's sgemm, which on AMD CPUs takes a slower code path;
   oneDNN's convolution uses the full AVX-512 width, and under `torch.compile` it fuses GELU and the residual add
   into the convolution and prepacks the weights.
 - Channels-last end to end: LayerNorm over channels is then a free view (no permute copies).
-- Inference: layer scale folded into the last 1x1 conv, weights frozen and prepacked by inductor's `freezing`,
-  static shapes, bf16 weights when asked for (LayerNorm accumulates in fp32; GRN computes its norm in fp32).
-- Training: the same forward on the model's own parameters, bf16 autocast, `torch.compile(dynamic=False)` or eager
-  (whichever times faster on the example input), with custom backwards: each 1x1 product on oneDNN or as a matmul,
-  as measured per shape (`plan_pointwise`); in float32 the block's MLP as one op (`InvertedMlp`) that saves GELU's
-  derivative instead of its input and applies it as a oneDNN post-op (or, where the plan measures it faster, runs
-  the whole MLP over tiles of rows in cache in a C kernel), and LayerNorm at small C in a C kernel
+- Training: the same forward on the model's own parameters, with custom backwards: each 1x1 product on oneDNN or as
+  a matmul, as a `Plan` says (`convnext.fast.plan` measures one per shape; without one, oneDNN's convolutions and
+  the grad-weight by `_weight_grad_by_onednn`); in float32 the block's MLP as one op (`InvertedMlp`) that saves
+  GELU's derivative instead of its input and applies it as a oneDNN post-op (or, where the plan measured it faster,
+  runs the whole MLP over tiles of rows in cache in a C kernel), and LayerNorm at small C in a C kernel
   (`ChannelsLayerNorm`); depthwise grad-input as a flipped forward convolution and depthwise grad-weight in a C
   kernel (`convnext.kernels`).
-- The process's allocator keeps freed activation buffers (`keep_freed_memory`): no page faults per step.
-Models other than `ConvNeXt` (the roadmap's ResNet steps, say) get the generic part: channels-last, dtype, compile.
+Measured in `benchmarks/NOTES.md`. A `Plan` is only read here (`_ways`, `_tiled`): this module imports neither the
+plan's measuring nor the compiler, both of which build on it.
 """
 
 from __future__ import annotations
 
-import copy
-import ctypes
-import ctypes.util
 import functools
-import os
-import tempfile
-import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
-import torch._dynamo.config
-import torch._inductor.config
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -43,59 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from convnext import kernels
 from convnext.model import Block, ConvNeXt, LayerNorm2d
 
-TESTED_TORCH = ((2, 14), (2, 14))  # the torch releases whose private ops (oneDNN pointwise conv, aten backward
-# entry points) the fast path is tested on; on others it turns itself off unless CONVNEXT_FAST_ANY_TORCH=1
-
-
-@functools.cache
-def usable() -> bool:
-    """Whether the fast path may run on this torch; where it may not, says once why and what runs instead."""
-    major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    (lo, hi), reason = TESTED_TORCH, None
-    if not lo <= (major, minor) <= hi and os.environ.get("CONVNEXT_FAST_ANY_TORCH") != "1":
-        reason = (f"torch {torch.__version__} is outside the releases the fast path is tested on "
-                  f"({lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}; CONVNEXT_FAST_ANY_TORCH=1 tries it anyway)")  # fmt: skip
-    elif not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
-        reason = f"torch {torch.__version__} has no mkldnn._convolution_pointwise op"
-    if reason:
-        warnings.warn(f"{reason}: the plain PyTorch model runs instead of the fast path", stacklevel=2)
-    return reason is None
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed activation buffers instead of returning them to the OS after every step.
-
-    By default glibc serves every block over 128 KiB-32 MiB with its own mmap and unmaps it when freed, so each
-    step page-faults its activations in again: a 38 MB 1x1-conv output took 12.5 ms instead of 4.1 ms, and atto
-    128 batch 64 trains 1.2x faster without it (benchmarks/NOTES.md). Here big blocks come from the heap
-    (M_MMAP_MAX = 0) and the heap is trimmed only past 1 GiB free at its top: the process keeps its peak memory.
-    It is process-wide: `optimize` calls it for CPU models, so every model in the process gets it (peers timed in
-    the same process alike). Returns False where the C library is not glibc. The same as the environment
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**30))
-
-
-def fold_layer_scale(model: nn.Module) -> nn.Module:
-    """gamma * (W x + b) == (gamma W) x + gamma b: fold each block's layer scale into pwconv2 (inference only)."""
-    for block in model.modules():
-        if isinstance(block, Block) and block.gamma is not None:
-            with torch.no_grad():
-                block.pwconv2.weight.mul_(block.gamma[:, None])
-                block.pwconv2.bias.mul_(block.gamma)
-            block.gamma = None
-    return model
-
-
 _ZERO, _ONE = [0, 0], [1, 1]
-RECOMPILE_LIMIT = 64  # compiled graphs kept per code object (torch's default 8 was hit by compare.py)
 
 
 class PointwiseConv(torch.autograd.Function):
@@ -155,87 +90,11 @@ def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
     )
 
 
-TILED_MIN_BYTES = 8 * 2**20  # the tiled MLP is timed where the 4C-wide hidden tensor is larger than this (cache)
-
-
-def plan_to_rows(plan: Plan) -> list[list]:
-    """The plan as plain data (for a checkpoint): [product, rows, K, N, dtype name, choice] per entry."""
-    return [[*key[:4], str(key[4]).removeprefix("torch."), choice] for key, choice in plan.items()]
-
-
-def plan_from_rows(rows: list[list]) -> Plan:
-    """`plan_to_rows` undone."""
-    return {(product, r, k, n, getattr(torch, dtype)): bool(choice) for product, r, k, n, dtype, choice in rows}
-
-
 def _tiled(plan: Plan | None, y: torch.Tensor, c: int, hidden: int) -> bool:
     """Whether the plan measured `InvertedMlp`'s tiled C kernel faster than its separate products for this stage
     (it times it only where the kernel runs; and reading the plan alone keeps compiled graphs whole)."""
     rows = y.shape[0] * y.shape[2] * y.shape[3]
     return (plan or {}).get(("mlp_tiled", rows, c, hidden, y.dtype), False)
-
-
-def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dtype, runs: int = 3) -> Plan:
-    """Time oneDNN's convolution against a matmul for every 1x1 product a training step of `model` makes at this
-    input's batch and size, in `dtype` (with pwconv2's fused add / multiply, and the grad-weight both ways round),
-    and note the faster of each (the `Ways` of each conv). Which wins depends on the CPU and the shape
-    (oneDNN by up to 2x on an AMD core where MKL's fp32 path is narrow; the matmul by up to 1.6x on the late
-    stages of an Intel core: benchmarks/NOTES.md), so it is measured, not assumed."""
-    plan: Plan = {}
-    b, _, height, width = example_input.shape
-    gen = torch.Generator().manual_seed(0)  # the caller's RNG stream is left alone
-    for i, c in enumerate(model.cfg.dims):
-        stride = model.cfg.patch_size * 2 ** (i if len(model.cfg.dims) > 1 else 0)
-        h, w = height // stride, width // stride
-        if h * w == 0:
-            continue
-        for k, n in ((c, 4 * c), (4 * c, c)):
-            x = torch.randn(b, k, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-            g = torch.randn(b, n, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-            weight, bias = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype), torch.zeros(n, dtype=dtype)
-            if k > n:  # 4C -> C: in training mostly pwconv1's grad-input, on a transposed view of its weight
-                weight = weight.t().contiguous().t()
-            conv = functools.partial(_conv1x1, x, weight, bias)
-            plan[("conv", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=conv: f(matmul=m), runs)
-            grad = functools.partial(_weight_and_bias_grad, g, x, weight)
-            t = _true_is_faster(lambda t, f=grad: f(True, t), runs)
-            plan[("grad_weight_t", b * h * w, k, n, dtype)] = t
-            plan[("grad_weight", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=grad, t=t: f(m, t), runs)
-            # pwconv2's forward (4C -> C, + shortcut) and its grad-input (C -> 4C on the transposed weight, x GELU')
-            post, other = ("add", g) if k > n else ("mul", g)
-            weight = weight.contiguous() if k > n else weight.t().contiguous().t()
-            fused = functools.partial(_conv1x1, x, weight, bias, post, other)
-            plan[(f"conv_{post}", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=fused: f(matmul=m), runs)
-        hidden_bytes = b * h * w * 4 * c * 4
-        if dtype == torch.float32 and hidden_bytes >= TILED_MIN_BYTES and kernels.tiled_mlp_available():
-            # the whole MLP, tiled, against the above
-            plan[("mlp_tiled", b * h * w, c, 4 * c, dtype)] = _true_is_faster(_mlp_step(plan, b, c, h, w, gen), runs)
-    return plan
-
-
-def _mlp_step(plan: Plan, b: int, c: int, h: int, w: int, gen: torch.Generator) -> Callable[[bool], object]:
-    """run(tiled): a float32 forward + backward of `InvertedMlp` at one stage's shape, with the plan's ways."""
-    y, shortcut, grad = (
-        torch.randn(b, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(3)
-    )
-    w1, b1 = torch.randn(4 * c, c, generator=gen) / c**0.5, torch.zeros(4 * c)
-    w2, b2 = torch.randn(c, 4 * c, generator=gen) / (4 * c) ** 0.5, torch.zeros(c)
-    ways = _ways(plan, y, c, 4 * c), _ways(plan, y, 4 * c, c)
-
-    def run(tiled: bool) -> object:
-        _, saved = _mlp_forward(y, w1, b1, w2, b2, shortcut, *ways, tiled)
-        return _mlp_backward(grad, *saved, *ways, tiled)
-
-    return run
-
-
-def _true_is_faster(run: Callable[[bool], object], runs: int) -> bool:
-    """Whether run(True) (a matmul, say) takes less time than run(False) (oneDNN), median of `runs` each, timed
-    in turns: the first large products of a process run slow for a while (oneDNN 28.9 vs 16.6 ms at T's stage 1),
-    and timing one way after the other had picked the wrong one there."""
-    with torch.no_grad():
-        first, second = _median_seconds([lambda: run(True), lambda: run(False)], runs)
-    return first < second
 
 
 @functools.cache
@@ -586,158 +445,3 @@ class FastConvNeXt(nn.Module):
                 else:
                     x = block_forward(block, x, self.plan)
         return m.forward_head(x)
-
-
-class Optimized(nn.Module):
-    """Takes plain NCHW float input, converts it to what the inner module wants, returns float32 output."""
-
-    def __init__(self, inner: nn.Module, dtype: torch.dtype, autocast: bool, device_type: str, freeze: bool = False):
-        super().__init__()
-        self.inner = inner
-        self.dtype = dtype
-        self.autocast = autocast
-        self.device_type = device_type
-        self.freeze = freeze
-        self.aot: dict[tuple[int, ...], object] = {}  # input shape -> AOTInductor runner (see `aot_compile`)
-        self._aot_dir: tempfile.TemporaryDirectory | None = None
-
-    def aot_compile(self, example: torch.Tensor, eager: nn.Module) -> None:
-        """Ahead-of-time compile `eager` for this input shape with AOTInductor (frozen weights, C++ wrapper).
-
-        Calling it skips dynamo's guards and the Python kernel launcher: at batch 1 on a small model those are
-        a third of the time. Other shapes keep going through the `torch.compile` path.
-        """
-        x = example.to(memory_format=torch.channels_last).to(self.dtype)
-        self._aot_dir = self._aot_dir or tempfile.TemporaryDirectory(prefix="convnext-aot-")
-        path = f"{self._aot_dir.name}/{'x'.join(map(str, x.shape))}.pt2"
-        with torch.no_grad():
-            program = torch.export.export(eager, (x,))
-            with torch._inductor.config.patch(freezing=True):
-                package = torch._inductor.aoti_compile_and_package(program, package_path=path)
-        self.aot[tuple(x.shape)] = torch._inductor.aoti_load_package(package)
-
-    def keep_aot_if_faster(self, x: torch.Tensor, runs: int = 5) -> None:
-        """Time both paths on `x` and drop the AOT runner unless it wins (it does at batch 1, not always at 64)."""
-        shape = tuple(x.shape)
-        runner = self.aot.pop(shape)
-        with torch.inference_mode():
-            [compiled] = _median_seconds([lambda: self(x)], runs)
-            self.aot[shape] = runner
-            if _median_seconds([lambda: self(x)], runs)[0] >= compiled:
-                del self.aot[shape]
-
-    def keep_eager_if_faster(self, x: torch.Tensor, runs: int = 3) -> None:
-        """Time a training forward + backward through the compiled module and through the module it compiled, and
-        keep the faster (float32 CPU training runs eager faster on some machines: benchmarks/NOTES.md).
-
-        The runs accumulate gradients and draw drop-path masks: `optimize` clears and restores those afterwards.
-        """
-        compiled, eager = self.inner, self.inner._orig_mod
-        seconds = {}
-        for module in (compiled, eager):
-            self.inner = module
-            [seconds[module]] = _median_seconds([lambda: self(x).float().sum().backward()], runs)
-        self.inner = eager if seconds[eager] < seconds[compiled] else compiled
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(memory_format=torch.channels_last)
-        runner = self.aot.get(tuple(x.shape))
-        if runner is not None and not torch.is_grad_enabled():
-            return runner(x.to(self.dtype)).float()
-        # Inductor reads `freezing` when it compiles, i.e. inside the first call for each input shape, and freezes
-        # only under no_grad. A scoped patch rather than torch.compile(options=...): that option is read before the
-        # options apply, so passing it there silently compiles an unfrozen graph.
-        # Dynamo keeps at most `recompile_limit` (8) compiled graphs per code object and then silently runs eager:
-        # every optimize()d model, shape and dtype in a process shares FastConvNeXt.forward's code object.
-        limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
-        with (
-            limits,
-            torch._inductor.config.patch(freezing=self.freeze),
-            torch.no_grad() if self.freeze else nullcontext(),
-        ):
-            if self.autocast:
-                with torch.autocast(self.device_type, dtype=self.dtype):
-                    out = self.inner(x)
-            else:
-                out = self.inner(x.to(self.dtype))
-        return out.float()
-
-
-def _median_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
-    """Median wall time of `runs` calls of each of `calls`, after one untimed call of each (warm-up), taken in turns
-    (drift in the machine's speed then falls on all alike)."""
-    for call in calls:
-        call()
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(runs):
-        for call, took in zip(calls, times):
-            t0 = time.perf_counter()
-            call()
-            took.append(time.perf_counter() - t0)
-    return [sorted(took)[runs // 2] for took in times]
-
-
-def optimize(
-    model: nn.Module,
-    mode: str = "inference",
-    dtype: torch.dtype = torch.float32,
-    example_input: torch.Tensor | None = None,
-    compile: bool = True,
-    aot: bool = True,
-) -> nn.Module:
-    """Return a module called like `model` on NCHW float input, holding the fastest path found.
-
-    mode: "inference" works on a frozen copy (the original is untouched); "train" runs the model's own parameters,
-        so an optimizer built on `model.parameters()` trains it.
-    dtype: torch.float32 or torch.bfloat16 (bf16 weights for CPU inference, autocast otherwise); float16 on CUDA.
-    example_input: if given, the path is run once on it, so compilation happens here rather than on first use; for
-        CPU training the compiled and the eager path are then timed on it and the faster is kept.
-    compile: torch.compile the result (static shapes); False gives the eager channels-last path.
-    aot: for CPU inference with an `example_input`, also compile that shape ahead of time with AOTInductor.
-    On CPU it also calls `keep_freed_memory()` (process-wide: glibc keeps freed activation buffers).
-    """
-    if mode not in ("inference", "train"):
-        raise ValueError(f"mode must be 'inference' or 'train', got {mode!r}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    device_type = next(model.parameters()).device.type
-    if device_type == "cpu":
-        keep_freed_memory()
-    if mode == "inference":
-        inner = fold_layer_scale(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
-        for p in inner.parameters():
-            p.requires_grad_(False)
-        use_autocast = dtype != torch.float32 and device_type == "cuda"
-        if dtype != torch.float32 and not use_autocast:
-            inner = inner.to(dtype)
-        eager = FastConvNeXt(inner) if isinstance(inner, ConvNeXt) and usable() else inner
-        wrapped = Optimized(torch.compile(eager, dynamic=False) if compile else eager, dtype, use_autocast,
-                            device_type, freeze=compile).eval()  # fmt: skip
-        if example_input is not None:
-            with torch.inference_mode():
-                wrapped(example_input)
-            if compile and aot and device_type == "cpu":
-                wrapped.aot_compile(example_input, eager)
-                wrapped.keep_aot_if_faster(example_input)
-        return wrapped
-
-    model.to(memory_format=torch.channels_last).train()
-    if isinstance(model, ConvNeXt) and usable():
-        # float32 only: measured op by op, the bf16 choices did not carry over into the compiled bf16 graph (T step
-        # 18.1 -> 13.0 img/s with them), where the rule of `_weight_grad_by_onednn` stays
-        measure = example_input is not None and device_type == "cpu" and dtype == torch.float32
-        plan = plan_pointwise(model, example_input, dtype) if measure else None
-        inner = FastConvNeXt(model, plan)
-    else:
-        inner = model
-    if compile:
-        inner = torch.compile(inner, dynamic=False)
-    wrapped = Optimized(inner, dtype, dtype != torch.float32, device_type).train()
-    if example_input is not None:  # compile now; the model's gradients and the RNG (drop path) are left as they were
-        rng = torch.get_rng_state()
-        wrapped(example_input).sum().backward()
-        if compile and device_type == "cpu":
-            wrapped.keep_eager_if_faster(example_input)
-        model.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng)
-    return wrapped

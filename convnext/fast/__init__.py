@@ -1,0 +1,50 @@
+"""`optimize()`: the fastest path this machine offers for a ConvNeXt, called like the original model.
+
+Three modules, arrows one way (`compiler -> plan -> ops`, `compiler -> ops`):
+- `ops`: the custom ops and their backwards (1x1 convolutions on oneDNN, depthwise, GELU, the fused MLP, LayerNorm)
+  and `FastConvNeXt`, which runs a ConvNeXt's own parameters through them on channels-last NCHW.
+- `plan`: times each 1x1 product of a training step both ways on this machine and keeps the faster (a `Plan`).
+- `compiler`: `optimize()` folds, freezes and compiles (torch.compile, AOTInductor), keeps whichever path times
+  faster, and turns the fast path off on an untested torch (`usable`).
+Why each piece is there, with the numbers, is in `benchmarks/NOTES.md`. The tuning constants (`TESTED_TORCH`,
+`TILED_MIN_BYTES`, `LAYER_NORM_MAX_C`, `RECOMPILE_LIMIT`) are not re-exported: they are read where they are
+defined, so set or patch them there (`convnext.fast.plan.TILED_MIN_BYTES`).
+"""
+
+from convnext.fast.compiler import Optimized, fold_layer_scale, keep_freed_memory, optimize, usable
+from convnext.fast.ops import (
+    ChannelsLayerNorm,
+    DepthwiseConv,
+    FastConvNeXt,
+    InvertedMlp,
+    LowPrecisionGelu,
+    Plan,
+    PointwiseConv,
+    Ways,
+    block_forward,
+    depthwise_conv,
+    onednn_conv1x1,
+)
+from convnext.fast.plan import plan_from_rows, plan_pointwise, plan_to_rows
+
+__all__ = [
+    "ChannelsLayerNorm",
+    "DepthwiseConv",
+    "FastConvNeXt",
+    "InvertedMlp",
+    "LowPrecisionGelu",
+    "Optimized",
+    "Plan",
+    "PointwiseConv",
+    "Ways",
+    "block_forward",
+    "depthwise_conv",
+    "fold_layer_scale",
+    "keep_freed_memory",
+    "onednn_conv1x1",
+    "optimize",
+    "plan_from_rows",
+    "plan_pointwise",
+    "plan_to_rows",
+    "usable",
+]

@@ -1,0 +1,109 @@
+"""How each 1x1 product of a training step runs on this machine, measured: `plan_pointwise` makes a `Plan`.
+
+oneDNN's convolution or a matmul, the grad-weight either way round, pwconv2's fused add / multiply, and in float32
+the whole MLP tiled in a C kernel: which wins depends on the CPU and the shape (benchmarks/NOTES.md), so each is
+timed at the run's batch and input size. `convnext.fast.ops` reads the plan; `plan_to_rows` / `plan_from_rows`
+keep it as plain data in a checkpoint, so a resumed run takes the paths it was saved with (a product run the other
+way round differs in the last bits).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+
+from convnext import kernels
+from convnext.fast.ops import Plan, _conv1x1, _mlp_backward, _mlp_forward, _ways, _weight_and_bias_grad
+from convnext.model import ConvNeXt
+
+TILED_MIN_BYTES = 8 * 2**20  # the tiled MLP is timed where the 4C-wide hidden tensor is larger than this (cache)
+
+
+def plan_to_rows(plan: Plan) -> list[list]:
+    """The plan as plain data (for a checkpoint): [product, rows, K, N, dtype name, choice] per entry."""
+    return [[*key[:4], str(key[4]).removeprefix("torch."), choice] for key, choice in plan.items()]
+
+
+def plan_from_rows(rows: list[list]) -> Plan:
+    """`plan_to_rows` undone."""
+    return {(product, r, k, n, getattr(torch, dtype)): bool(choice) for product, r, k, n, dtype, choice in rows}
+
+
+def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dtype, runs: int = 3) -> Plan:
+    """Time oneDNN's convolution against a matmul for every 1x1 product a training step of `model` makes at this
+    input's batch and size, in `dtype` (with pwconv2's fused add / multiply, and the grad-weight both ways round),
+    and note the faster of each (the `Ways` of each conv). Which wins depends on the CPU and the shape
+    (oneDNN by up to 2x on an AMD core where MKL's fp32 path is narrow; the matmul by up to 1.6x on the late
+    stages of an Intel core: benchmarks/NOTES.md), so it is measured, not assumed."""
+    plan: Plan = {}
+    b, _, height, width = example_input.shape
+    gen = torch.Generator().manual_seed(0)  # the caller's RNG stream is left alone
+    for i, c in enumerate(model.cfg.dims):
+        stride = model.cfg.patch_size * 2 ** (i if len(model.cfg.dims) > 1 else 0)
+        h, w = height // stride, width // stride
+        if h * w == 0:
+            continue
+        for k, n in ((c, 4 * c), (4 * c, c)):
+            x = torch.randn(b, k, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+            g = torch.randn(b, n, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+            weight, bias = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype), torch.zeros(n, dtype=dtype)
+            if k > n:  # 4C -> C: in training mostly pwconv1's grad-input, on a transposed view of its weight
+                weight = weight.t().contiguous().t()
+            conv = functools.partial(_conv1x1, x, weight, bias)
+            plan[("conv", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=conv: f(matmul=m), runs)
+            grad = functools.partial(_weight_and_bias_grad, g, x, weight)
+            t = _true_is_faster(lambda t, f=grad: f(True, t), runs)
+            plan[("grad_weight_t", b * h * w, k, n, dtype)] = t
+            plan[("grad_weight", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=grad, t=t: f(m, t), runs)
+            # pwconv2's forward (4C -> C, + shortcut) and its grad-input (C -> 4C on the transposed weight, x GELU')
+            post, other = ("add", g) if k > n else ("mul", g)
+            weight = weight.contiguous() if k > n else weight.t().contiguous().t()
+            fused = functools.partial(_conv1x1, x, weight, bias, post, other)
+            plan[(f"conv_{post}", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=fused: f(matmul=m), runs)
+        hidden_bytes = b * h * w * 4 * c * 4
+        if dtype == torch.float32 and hidden_bytes >= TILED_MIN_BYTES and kernels.tiled_mlp_available():
+            # the whole MLP, tiled, against the above
+            plan[("mlp_tiled", b * h * w, c, 4 * c, dtype)] = _true_is_faster(_mlp_step(plan, b, c, h, w, gen), runs)
+    return plan
+
+
+def _mlp_step(plan: Plan, b: int, c: int, h: int, w: int, gen: torch.Generator) -> Callable[[bool], object]:
+    """run(tiled): a float32 forward + backward of `InvertedMlp` at one stage's shape, with the plan's ways."""
+    y, shortcut, grad = (
+        torch.randn(b, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(3)
+    )
+    w1, b1 = torch.randn(4 * c, c, generator=gen) / c**0.5, torch.zeros(4 * c)
+    w2, b2 = torch.randn(c, 4 * c, generator=gen) / (4 * c) ** 0.5, torch.zeros(c)
+    ways = _ways(plan, y, c, 4 * c), _ways(plan, y, 4 * c, c)
+
+    def run(tiled: bool) -> object:
+        _, saved = _mlp_forward(y, w1, b1, w2, b2, shortcut, *ways, tiled)
+        return _mlp_backward(grad, *saved, *ways, tiled)
+
+    return run
+
+
+def _true_is_faster(run: Callable[[bool], object], runs: int) -> bool:
+    """Whether run(True) (a matmul, say) takes less time than run(False) (oneDNN), median of `runs` each, timed
+    in turns: the first large products of a process run slow for a while (oneDNN 28.9 vs 16.6 ms at T's stage 1),
+    and timing one way after the other had picked the wrong one there."""
+    with torch.no_grad():
+        first, second = _median_seconds([lambda: run(True), lambda: run(False)], runs)
+    return first < second
+
+
+def _median_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
+    """Median wall time of `runs` calls of each of `calls`, after one untimed call of each (warm-up), taken in turns
+    (drift in the machine's speed then falls on all alike)."""
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for call, took in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            took.append(time.perf_counter() - t0)
+    return [sorted(took)[runs // 2] for took in times]
