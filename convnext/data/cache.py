@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from convnext.data.datasets import collate_skip
-from convnext.data.transforms import interpolation_mode
+from convnext.data.transforms import interpolation_mode, pad_pixels
 
 CROPS = ("rrc", "pad", "resize")
 
@@ -137,7 +137,7 @@ class BatchAugment:
     """uint8 (B, 3, S, S) -> normalised float32 (B, 3, img_size, img_size): crop, horizontal flip, normalise.
 
     crop: "rrc" = a random-resized crop per image (area share `scale`, aspect `ratio`, bilinear); "pad" = reflect-pad
-    by img_size / 8 and a random crop (a translation of up to 1/8 of the side); "resize" = no crop augmentation.
+    by `translate` pixels (default 1/8 of the side) and a random crop; "resize" = no crop augmentation.
     `positions` are the images' places in the epoch's global order; with `key` they fix every random draw.
     """
 
@@ -149,12 +149,14 @@ class BatchAugment:
         scale: Sequence[float] = (0.08, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
+        translate: int | None = None,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
     ):
         if crop not in CROPS:
             raise ValueError(f"data.crop must be one of {', '.join(CROPS)}, not {crop!r}")
         self.img_size, self.crop, self.scale, self.ratio, self.hflip = img_size, crop, tuple(scale), tuple(ratio), hflip
+        self.pad = pad_pixels(img_size, translate)
         self.normalise = Normalise(mean, std)
 
     def __call__(self, x: torch.Tensor, key: int, positions: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,7 @@ class BatchAugment:
 
     def _translate(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        p = max(self.img_size // 8, 1)
+        p = self.pad
         padded = F.pad(x.float(), (p, p, p, p), mode="reflect")
         dy, dx = (u * (2 * p + 1)).long().clamp(max=2 * p).T
         rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)

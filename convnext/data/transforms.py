@@ -135,6 +135,15 @@ class RandAugmentMstd(v2.Transform):
         )
 
 
+def pad_pixels(img_size: int, translate: int | None) -> int:
+    """The reflect padding (= the largest translation) of the "pad" crop: `translate`, or 1/8 of the side."""
+    if translate is None:
+        return max(img_size // 8, 1)
+    if translate < 0:
+        raise ValueError(f"data.translate must be >= 0 pixels, got {translate}")
+    return translate
+
+
 def train_transform(
     img_size: int,
     *,
@@ -142,6 +151,7 @@ def train_transform(
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
+    translate: int | None = None,
     randaugment: bool = True,
     ra_num_ops: int = 2,
     ra_magnitude: float = 9.0,
@@ -152,8 +162,8 @@ def train_transform(
 ) -> v2.Transform:
     """PIL image -> normalized float tensor (3, img_size, img_size), augmented.
 
-    crop: "rrc" = RandomResizedCrop(scale, ratio); "pad" = pad by img_size/8 (reflect) then a random crop
-    (the usual choice for 32x32 CIFAR); "resize" = plain resize (no crop augmentation).
+    crop: "rrc" = RandomResizedCrop(scale, ratio); "pad" = pad by `translate` pixels (reflect; default img_size/8)
+    then a random crop (the usual choice for 32x32 CIFAR); "resize" = plain resize (no crop augmentation).
     """
     ops: list[v2.Transform] = [v2.ToImage()]
     if crop == "rrc":
@@ -169,7 +179,7 @@ def train_transform(
     elif crop == "pad":
         ops += [
             v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomCrop(img_size, padding=max(img_size // 8, 1), padding_mode="reflect"),
+            v2.RandomCrop(img_size, padding=pad_pixels(img_size, translate), padding_mode="reflect"),
         ]
     elif crop == "resize":
         ops.append(v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True))

@@ -55,6 +55,7 @@ class DataConfig:
     interpolation: str | None = None  # eval resize filter: bicubic | bilinear | nearest
     crop: str = "rrc"  # train crop: rrc (RandomResizedCrop) | pad (pad + random crop) | resize
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    translate: int | None = None  # crop "pad": the most pixels an image moves each way; None = img_size // 8
     hflip: float = 0.5
     randaugment: bool = True  # rand-m9-mstd0.5 (2 ops)
     ra_magnitude: float = 9.0
@@ -118,6 +119,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     fast: bool = True  # CPU: ConvNeXt blocks through convnext.fast's training path (oneDNN 1x1 convs, C depthwise grad)
+    # timed: each 1x1 product of the fast path runs the way measured faster at the start (near-ties can go either
+    # way between two fresh runs); default: the untimed defaults, so two fresh runs make the same products
+    fast_plan: str = "timed"
     grad_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads on CPU

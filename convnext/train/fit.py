@@ -124,6 +124,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             crop=d.crop,
             scale=d.scale,
             hflip=d.hflip,
+            translate=d.translate,
             randaugment=d.randaugment,
             ra_num_ops=d.ra_num_ops,
             ra_magnitude=d.ra_magnitude,
@@ -188,7 +189,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
 
     if cache is not None:
         sampler = ResumableSampler(train_cache, info, cfg.seed, shuffle=True, drop_last=True)
-        augment = BatchAugment(d.img_size, crop=d.crop, scale=d.scale, hflip=d.hflip, mean=d.mean, std=d.std)
+        augment = BatchAugment(
+            d.img_size, crop=d.crop, scale=d.scale, hflip=d.hflip, translate=d.translate, mean=d.mean, std=d.std
+        )
         train_loader: Any = CachedLoader(
             train_cache, sampler, per_rank, augment=augment, drop_last=True, seed=cfg.seed, rank=info.rank,
             world=info.world_size,
@@ -261,13 +264,13 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     elif wants_fast:
         fast_path = "on"
         keep_freed_memory()  # process-wide; this process is a training run
-        # the same parameters and math, faster kernels (convnext/fast.py); in float32 each 1x1 product is timed
+        # the same parameters and math, faster kernels (convnext/fast/); in float32 each 1x1 product is timed
         # both ways at this run's micro-batch and image size, as optimize() does. A resumed run keeps the plan it
         # was saved with: products run another way round differ in the last bits, and resume is exact.
         shape = (per_rank, model.cfg.in_chans, cfg.data.img_size, cfg.data.img_size)
         if state is not None and state.get("plan"):
             plan = plan_from_rows(state["plan"])
-        elif cfg.amp == "none":
+        elif cfg.amp == "none" and cfg.fast_plan == "timed":
             if info.is_main:  # timed once, on rank 0, and handed to every rank: all run the same products
                 plan = plan_pointwise(model, torch.empty(shape), torch.float32)
             plan = plan_from_rows(broadcast_object(plan_to_rows(plan) if info.is_main else None, info))
@@ -524,6 +527,10 @@ def _check_config(cfg: TrainConfig) -> None:
         bad.append(f"data.img_size must be >= 1, got {cfg.data.img_size}")
     if cfg.batch_size < 1:
         bad.append(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.fast_plan not in ("timed", "default"):
+        bad.append(f"fast_plan must be timed or default, got {cfg.fast_plan!r}")
+    if cfg.data.translate is not None and cfg.data.translate < 0:
+        bad.append(f"data.translate must be >= 0 pixels, got {cfg.data.translate}")
     if bad:
         raise ValueError("; ".join(bad))
     if cfg.tensorboard:

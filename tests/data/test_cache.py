@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +70,19 @@ def test_translation_is_a_crop_of_the_reflect_padded_image():
         assert found, f"image {i} is no crop of its padded self"
         shifts.add(found[0])
     assert len(shifts) > 1
+
+
+def test_translate_bounds_the_shift_and_zero_keeps_the_image():
+    x = _images(16, 16)
+    moved = BatchAugment(16, crop="pad", hflip=0.0, translate=1)(x, 5, torch.arange(16))
+    padded = F.pad(_normalised(x), (1, 1, 1, 1), mode="reflect")
+    for i in range(16):  # each image is one of the 9 crops within 1 px
+        crops = [padded[i, :, dy : dy + 16, dx : dx + 16] for dy in range(3) for dx in range(3)]
+        assert any(torch.allclose(c, moved[i], atol=1e-5) for c in crops), f"image {i} moved more than 1 px"
+    still = BatchAugment(16, crop="pad", hflip=0.0, translate=0)(x, 5, torch.arange(16))
+    torch.testing.assert_close(still, _normalised(x))
+    with pytest.raises(ValueError, match="data.translate"):
+        BatchAugment(16, crop="pad", translate=-1)
 
 
 def test_an_images_augmentation_does_not_depend_on_its_batch():

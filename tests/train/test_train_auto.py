@@ -40,6 +40,7 @@ def test_auto_recipe_fits_the_data_and_says_why(image_folder, tmp_path):
     same = auto_recipe(str(image_folder), img_size=24)  # no budget: the paper's 4x4 stem needs 32 px for 8x8
     assert same.model.patch_size == 2
     assert same.data.crop == "pad"  # sources at the training size: translate, no resized crop
+    assert same.data.translate == 1 and cfg.data.translate is None  # by up to 1/16 of 24 px; rrc has no translate
     assert same.data.tta_shift == 1 and cfg.data.tta_shift == 0  # translated views at eval for padded crops only
     assert same.epochs == 30 and same.data.mixup == 0 and not same.data.randaugment  # 30 passes: crops and flips
 

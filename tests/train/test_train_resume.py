@@ -23,6 +23,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder, tmp_p
         "--model.drop_path_rate", "0.2", "--data.mixup", "0.8", "--data.cutmix", "1.0", "--data.randaugment", "true",
         "--data.re_prob", "0.25", "--data.hflip", "0.5", "--ema", "true", "--ema_decay", "0.9",
         "--ckpt_every_steps", "1", "--threads", "2",  # 2 threads: every reduction has a fixed order
+        "--fast_plan", "default",  # both runs make the same 1x1 products (timed, near-ties flip on a busy machine)
     ]  # fmt: skip
     full = tmp_path / "full"
     r = run_cli(*args, "--output", str(full))
@@ -50,7 +51,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder, tmp_p
     for key in ("model", "ema"):
         for name, t in a[key].items():
             assert torch.equal(t, b[key][name]), f"{key} {name} differs after resume"
-    assert b["plan"] and plan_from_rows(b["plan"]) == plan_from_rows(state["plan"])  # kept, not measured again
+    assert a["plan"] is None and b["plan"] is None  # fast_plan default: no timing, the same products in both runs
     for i, s in a["optimizer"]["state"].items():
         assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
     rows_a = (full / "metrics.csv").read_text().splitlines()
@@ -60,6 +61,24 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder, tmp_p
     assert float(rows_b[1].split(",")[3]) == pytest.approx(float(rows_a[1].split(",")[3]), rel=2e-6)
     # epoch 2 (the one after the resume) evaluates to the same numbers
     assert rows_a[2].split(",")[4:7] == rows_b[2].split(",")[4:7]
+
+
+def test_resume_keeps_the_timed_plan_it_was_saved_with(image_folder, tmp_path, run_cli, tiny_args):
+    """A resumed run takes the 1x1 products its checkpoint names instead of timing them again: the plan in last.pt
+    is set to the opposite of every timed choice, and after the resume it is still that plan."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_folder), "--batch-size", "6", *tiny_args, "--output", str(out)]
+    r = run_cli(*args, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    state = load(out / "last.pt")
+    assert state["plan"], "the default fast_plan times the products"
+    flipped = [[*row[:5], not row[5]] for row in state["plan"]]
+    torch.save({**state, "plan": flipped}, out / "last.pt")
+    r = run_cli("train", "--resume", str(out), "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    after = load(out / "last.pt")
+    assert after["step"] > state["step"]
+    assert plan_from_rows(after["plan"]) == plan_from_rows(flipped)
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(image_folder, tmp_path, tiny_args):
