@@ -24,6 +24,7 @@ COLUMNS = [
     "epoch_time_s",
     "elapsed_s",
     "skipped_images",
+    "data_wait_pct",
 ]
 
 

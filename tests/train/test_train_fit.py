@@ -30,6 +30,7 @@ def test_run_folder_contents_and_load_run(image_folder, tiny_config, tmp_path):
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(r["val_top1"] and r["ema_top1"] and r["lr"] and r["img_per_s"] for r in rows)
+    assert all(0 <= float(r["data_wait_pct"]) <= 100 for r in rows)  # the share of step time spent waiting for data
 
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["classes"] == ["circle", "square", "stripe"]
