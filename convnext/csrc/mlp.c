@@ -3,7 +3,7 @@
 
    1. `gelu_with_grad`: a = GELU(h) = h * Phi(h) and d = GELU'(h) = Phi(h) + h * phi(h) in one pass. Training saves
       d instead of h: the backward of GELU is then one multiply, which the next 1x1 convolution's grad-input
-      applies as a oneDNN post-op (convnext/fast.py, `InvertedMlp`), so no erf is evaluated in the backward and the
+      applies as a oneDNN post-op (convnext/fast/ops.py, `InvertedMlp`), so no erf is evaluated in the backward and the
       pre-activation is never read again.
    2. `mlp_forward` / `mlp_backward`: the whole MLP, forward and backward, over tiles of 96 rows that stay in cache.
       For the early stages' small C (40 channels at 32x32 for atto) the products alone are cheap and the separate
@@ -347,7 +347,7 @@ int mlp_backward(const float *g, const float *y, const float *w1, const float *a
     return 0;
 }
 #else
-int mlp_tiled_available(void) { return 0; } /* no AVX-512: fast.py keeps the separate ops */
+int mlp_tiled_available(void) { return 0; } /* no AVX-512: convnext.fast keeps the separate ops */
 int mlp_forward(const float *y, const float *w1, const float *b1, const float *w2, const float *b2,
                 const float *shortcut, float *out, float *a, float *d, long rows, long c, long h) {
     return -1;
