@@ -164,12 +164,13 @@ def auto_recipe(
         patch, label, shape, rate = tried[-1] if affordable else tried[len(shapes) - 1]
         measured = ", ".join(f"{p}x{p} {lab} {r:.0f} img/s = {r * budget_min * 60 / n:.1f} epochs"
                              for p, lab, _, r in tried)  # fmt: skip
-        rule = (
-            f"the larger model that buys >= {LARGE_MIN_EPOCHS} epochs with the given stem, else the smaller"
-            if patch_size is not None
-            else f"the finest grid up to {MAX_GRID}x{MAX_GRID} that buys >= {MIN_EPOCHS} epochs in the budget, "
-            f"the larger model first where it buys >= {LARGE_MIN_EPOCHS}, else the finest grid on the smaller model"
-        )
+        sizes = f"the larger model where it buys >= {LARGE_MIN_EPOCHS} epochs, else the smaller"
+        if patch_size is not None:
+            rule = f"the given stem; {sizes}" if len(shapes) > 1 else "the given model and stem"
+        else:
+            rule = f"the finest grid up to {MAX_GRID}x{MAX_GRID} that buys >= {MIN_EPOCHS} epochs in the budget" + (
+                f"; at each grid {sizes}; else the finest grid on the smaller model" if len(shapes) > 1 else ""
+            )
         why_patch = f"model {label}, stem {patch}x{patch} ({size // patch}x{size // patch} tokens): {rule} ({measured})"
     why.append(why_patch)
 
