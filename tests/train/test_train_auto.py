@@ -32,6 +32,7 @@ def test_auto_recipe_fits_the_data_and_says_why(image_folder, tmp_path):
     assert cfg.data.img_size == 16 and cfg.data.crop == "rrc"  # 24px sources >= 1.25 x 16: a crop margin
     assert cfg.model.patch_size == 2  # 16 px: only the 2x2 stem keeps an 8x8 token grid
     assert cfg.sched.name == "linear" and cfg.sched.min_lr == 0 and cfg.data.tta_flip
+    assert cfg.optim.name == "muon" and any(line.startswith("Muon on the blocks' matrices") for line in cfg.recipe)
     assert cfg.data.mixup == 0.8 and cfg.model.drop_path_rate == 0.1  # 36 images, 5 min: thousands of passes
     assert all(0 < m < 1 for m in cfg.data.mean) and cfg.data.mean != (0.485, 0.456, 0.406)
     assert any(line.startswith("model convnext_atto, stem 2x2") and "img/s" in line for line in cfg.recipe)
