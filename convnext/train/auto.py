@@ -18,8 +18,8 @@ when the run starts and saved in config.json):
 - the normalisation: the data's own channel mean and std;
 - the optimizer: Muon (momentum orthogonalised by Newton-Schulz, with AdamW's lr and weight decay through
   Moonshot's RMS matching) on the blocks' weight matrices and AdamW on the rest (`optim.MuonAdamW`): at equal
-  epochs it beat AdamW by 3.3 points on CIFAR-10 (15 epochs) and 3.1 on a photo stand-in (33), at a few percent
-  of step time (benchmarks/NOTES.md);
+  epochs it beat AdamW by 3.3 points on CIFAR-10 (15 epochs) and 3.1 on a photo stand-in (33), for ~20% more
+  step time at CIFAR's 2x2 stem on the AMD CPU (benchmarks/NOTES.md), and at equal time 80.7 vs 77.7%;
 - the schedule: a short warmup and a straight line to zero at the budget ("Budgeted Training", Li et al.
   2020), lr and batch as measured in benchmarks/NOTES.md; label smoothing 0.1; no EMA (with the lr at zero at
   the end the last weights beat a lagging average);
