@@ -52,8 +52,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder, tmp_p
         for name, t in a[key].items():
             assert torch.equal(t, b[key][name]), f"{key} {name} differs after resume"
     assert a["plan"] is None and b["plan"] is None  # fast_plan default: no timing, the same products in both runs
-    for i, s in a["optimizer"]["state"].items():
-        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    opt_a, opt_b = a["optimizer"], b["optimizer"]  # the auto recipe's Muon + AdamW: {"muon": ..., "adamw": ...}
+    assert set(opt_a) == {"muon", "adamw"}
+    for part in ("muon", "adamw"):
+        states = opt_a[part]["state"]
+        assert states and states.keys() == opt_b[part]["state"].keys()
+        for i, s in states.items():
+            for k, t in s.items():  # momentum_buffer (Muon); exp_avg, exp_avg_sq, step (AdamW)
+                assert torch.equal(t, opt_b[part]["state"][i][k]), f"optimizer {part} {i} {k} differs after resume"
     rows_a = (full / "metrics.csv").read_text().splitlines()
     rows_b = (killed / "metrics.csv").read_text().splitlines()
     assert len(rows_a) == len(rows_b) == 3
