@@ -94,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 data_dir=args.data_dir,
                 threads=_given(args.overrides, "threads", int),
+                device=args.device or _given(args.overrides, "device", str),
             )
         else:
             cfg = get_preset(preset, args.model)

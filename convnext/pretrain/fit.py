@@ -49,6 +49,7 @@ from convnext.pretrain.fcmae import FCMAE, FCMAEConfig, default_decoder_dim, mas
 from convnext.pretrain.report import save_reconstructions
 from convnext.registry import create_model
 from convnext.train import checkpoint as ckpt
+from convnext.train.budget import BudgetClock
 from convnext.train.distributed import (
     DistInfo,
     ResumableSampler,
@@ -243,23 +244,18 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
     eval_masks = random_mask(len(eval_x), grid, cfg.fcmae.mask_ratio, generator=torch.Generator().manual_seed(cfg.seed))
     shown = torch.arange(0, len(eval_x), max(len(eval_x) // SHOWN, 1))[:SHOWN]  # spread over the (sorted) classes
 
-    t0, step0 = time.perf_counter(), step
-    trained = {"images": 0, "time": 0.0, "paused": 0.0}
+    trained = {"images": 0, "time": 0.0}
     planned = dict(sched)
-    budget_s = cfg.budget_min * 60 if cfg.budget_min is not None else None
-
-    def train_clock() -> float:
-        return time.perf_counter() - t0 - trained["paused"]
+    budget = BudgetClock(cfg.budget_min * 60 if cfg.budget_min is not None else None, planned["total_steps"], step)
+    t0 = budget.t0
 
     def fit_schedule_to_budget(s: int) -> None:
         """Shorten the schedule to the steps that fit in the budget at the speed measured so far."""
-        elapsed = train_clock()
-        est = s + int(max(budget_s - elapsed, 0) / (elapsed / max(s - step0, 1)))
-        total = int(broadcast_object(min(planned["total_steps"], max(est, s + 1)), info))
+        total = int(broadcast_object(budget.total_steps(s), info))
         sched.update(shrink_schedule(planned, total))
 
     def out_of_time() -> bool:
-        return bool(all_reduce_sum(torch.tensor(float(train_clock() >= budget_s)), info) > 0)
+        return bool(all_reduce_sum(torch.tensor(float(budget.out_of_time())), info) > 0)
 
     row: dict[str, Any] = {}
     epoch = start_epoch
@@ -269,7 +265,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
             (train_loader.dataset if per_image else train_loader).set_epoch(epoch)
 
             def on_step(s: int, n: int, loss_so_far: Callable, epoch: int = epoch, offset: int = epoch_step) -> None:
-                if budget_s is not None and s - step0 in (3, 10):  # a first guess early, then one past the warm-up
+                if budget.step_done(s):
                     fit_schedule_to_budget(s)
                 if cfg.ckpt_every_steps and s % cfg.ckpt_every_steps == 0 and offset + n < steps_per_epoch:
                     save(epoch, offset + n, s, list(loss_so_far()))
@@ -277,7 +273,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
             r = pretrain_one_epoch(
                 model, train_loader, optimizer, info=info, lr_fn=lr_fn, step=step, masks=masks,
                 accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=scaler, clip_grad=o.clip_grad, on_step=on_step,
-                should_stop=out_of_time if budget_s is not None else None, carry=carry,
+                should_stop=out_of_time if budget.seconds is not None else None, carry=carry,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
             )  # fmt: skip
             carry = (0.0, 0)
@@ -307,8 +303,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
                 pictures = run_dir / PICTURES / f"epoch_{epoch + 1:03d}.png"
                 save_reconstructions(raw_model, eval_x[shown], eval_masks[shown], d.mean, d.std, pictures)
                 log.info(_epoch_line(row, cfg.epochs))
-            trained["paused"] += time.perf_counter() - t_end
-            if budget_s is not None and not r["stopped"]:
+            budget.paused += time.perf_counter() - t_end
+            if budget.seconds is not None and not r["stopped"]:
                 fit_schedule_to_budget(step)
             if r["stopped"]:
                 log.info("time budget of %.1f min spent after %d steps", cfg.budget_min, step)
@@ -332,7 +328,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
         "grid": list(grid),
         "visible_patches": visible_count(grid, cfg.fcmae.mask_ratio),
         "time_s": time.perf_counter() - t0,
-        "train_s": train_clock(),
+        "train_s": budget.clock(),
         "setup_s": t0 - t_setup,
         "fast_path": "on" if fast else "not used" if not (cfg.fast and info.device.type == "cpu") else "off",
         "c_kernels": kernels.status() if fast else "not used",

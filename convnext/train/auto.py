@@ -34,6 +34,7 @@ Explicit flags are applied after this and always win.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from convnext.data import build_dataset
 from convnext.data.cache import decode_transform, typical_short_side
 from convnext.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+from convnext.train.distributed import resolve_device
 from convnext.train.optim import build_optimizer
 
 log = logging.getLogger("convnext.train")
@@ -87,31 +89,56 @@ def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dic
 
 
 def images_per_second(
-    model_name: str, patch: int, img_size: int, classes: int, batch: int = 128, at_least: float = 0.0, **kwargs: Any
+    model_name: str,
+    patch: int,
+    img_size: int,
+    classes: int,
+    batch: int = 128,
+    at_least: float = 0.0,
+    *,
+    device: torch.device | None = None,
+    **kwargs: Any,
 ) -> float:
-    """Training images/s of `model_name` with a `patch` stem on this machine, as the run trains (the fast path
-    with its timed 1x1 plan, the recipe's optimizer): the median of 4 steps after an untimed first one; the first timed
+    """Training images/s of `model_name` with a `patch` stem on `device` (default the CPU), as the run trains: on
+    the CPU the fast path with its timed 1x1 plan, on a GPU the eager model in channels-last with bf16 autocast
+    (`gpu_amp`), both with the recipe's optimizer. The median of 4 steps after an untimed first one; the first timed
     step's rate alone when it is under half of `at_least`."""
-    from convnext.fast import FastConvNeXt, plan_pointwise
     from convnext.registry import create_model
 
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=classes, patch_size=patch, **kwargs)
-    x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
-    fast = FastConvNeXt(model, plan_pointwise(model, x, torch.float32))
+    model = create_model(model_name, num_classes=classes, patch_size=patch, **kwargs).to(device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        from convnext.fast import FastConvNeXt, plan_pointwise
+
+        net: torch.nn.Module = FastConvNeXt(model, plan_pointwise(model, x, torch.float32))
+    else:
+        net = model.to(memory_format=torch.channels_last)
+    amp = gpu_amp(device)
     opt = build_optimizer(model, OPTIMIZER, 1e-3, 0.05)
-    y = torch.randint(0, classes, (batch,))
+    y = torch.randint(0, classes, (batch,), device=device)
     rates = []
     for i in range(5):  # the first step builds kernels and plans: not timed
         t = time.perf_counter()
-        F.cross_entropy(fast(x), y).backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp == "bf16"):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if i > 0:
             rates.append(batch / (time.perf_counter() - t))
         if len(rates) == 1 and rates[0] * 2 < at_least:  # far too slow: no need for a median
             return rates[0]
     return sorted(rates)[len(rates) // 2]
+
+
+def gpu_amp(device: torch.device) -> str:
+    """The mixed precision the recipe trains with: bf16 autocast on a GPU that has it, none on the CPU (where
+    the fast path's float32 kernels train faster than bf16 autocast through aten, benchmarks/NOTES.md)."""
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
 
 
 def auto_recipe(
@@ -125,9 +152,10 @@ def auto_recipe(
     batch_size: int | None = None,
     data_dir: str | None = None,
     threads: int | None = None,
+    device: str | None = None,
 ) -> TrainConfig:
     """A TrainConfig for training `model` (default convnext_atto) from scratch on `data` (see the module doc);
-    the stem is timed on `threads` threads (the run's)."""
+    the stem is timed where the run trains: on `device` (auto: a GPU when there is one), on `threads` threads."""
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     if budget_min is not None and not budget_min > 0:
@@ -136,6 +164,7 @@ def auto_recipe(
         raise ValueError(f"--img-size must be >= 1, got {img_size}")
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
     stats = data_stats(data, data_dir)
     name = model or "convnext_atto"
     why: list[str] = []
@@ -165,7 +194,7 @@ def auto_recipe(
         tried = []
         for p, label, kw in order:
             need = bar(kw) * n / (budget_min * 60)  # images/s
-            r = images_per_second(name, p, size, stats["classes"], min(batch, 128), at_least=need, **kw)
+            r = images_per_second(name, p, size, stats["classes"], min(batch, 128), at_least=need, device=dev, **kw)
             tried.append((p, label, kw, r))
             if r >= need:
                 break
@@ -210,6 +239,9 @@ def auto_recipe(
         "the steps, then linear to 0; EMA off"
     )
     why.append(f"stem initialised as patch whitening of the training images; layer scale starts at {LAYER_SCALE}")
+    amp = gpu_amp(dev)
+    if dev.type == "cuda":
+        why.append(f"on the GPU: channels-last, mixed precision {amp} (speeds above timed there)")
 
     cfg = TrainConfig(
         model=ModelConfig(
@@ -247,6 +279,9 @@ def auto_recipe(
         batch_size=batch,
         budget_min=budget_min,
         ema=False,
+        amp=amp,
+        channels_last=dev.type == "cuda",
+        device=device or "auto",
         eval_every=max(1, round(expected / 5)),  # about 5 evaluations a run, and always one at the end
         recipe=why,
     )

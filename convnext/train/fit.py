@@ -37,6 +37,7 @@ from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_
 from convnext.fast import usable as fast_usable
 from convnext.model import ConvNeXt
 from convnext.train import checkpoint as ckpt
+from convnext.train.budget import BudgetClock
 from convnext.train.config import TrainConfig, resolve_preprocessing
 from convnext.train.distributed import (
     DistInfo,
@@ -345,27 +346,18 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         }
         ckpt.save_atomic(payload, path)
 
-    t0, step0 = time.perf_counter(), step
-    trained = {"images": 0, "time": 0.0, "paused": 0.0}  # paused: evaluation and checkpoints at epoch ends
-
-    def train_clock() -> float:
-        """Seconds of training so far: the budget counts training steps, not evaluation and epoch-end saves."""
-        return time.perf_counter() - t0 - trained["paused"]
-
+    trained = {"images": 0, "time": 0.0}
     planned = dict(sched)
-    budget_s = cfg.budget_min * 60 if cfg.budget_min is not None else None
+    budget = BudgetClock(cfg.budget_min * 60 if cfg.budget_min is not None else None, planned["total_steps"], step)
+    t0 = budget.t0
 
     def fit_schedule_to_budget(s: int) -> None:
         """Shorten the schedule to the steps that fit in the budget at the speed measured so far."""
-        elapsed = train_clock()
-        per_step = elapsed / max(s - step0, 1)
-        est = s + int(max(budget_s - elapsed, 0) / per_step)
-        total = int(broadcast_object(min(planned["total_steps"], max(est, s + 1)), info))
+        total = int(broadcast_object(budget.total_steps(s), info))
         sched.update(shrink_schedule(planned, total))
 
     def out_of_time() -> bool:
-        flag = torch.tensor(float(train_clock() >= budget_s))
-        return bool(all_reduce_sum(flag, info) > 0)
+        return bool(all_reduce_sum(torch.tensor(float(budget.out_of_time())), info) > 0)
 
     last_row: dict[str, Any] = {}
     epoch = start_epoch
@@ -375,7 +367,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
             (train_loader if cache is not None else train_loader.dataset).set_epoch(epoch)
 
             def on_step(s: int, n: int, loss_so_far: Any, epoch: int = epoch, offset: int = epoch_step) -> None:
-                if budget_s is not None and s - step0 == 10:
+                if budget.step_done(s):
                     fit_schedule_to_budget(s)
                 if cfg.ckpt_every_steps and s % cfg.ckpt_every_steps == 0 and offset + n < steps_per_epoch:
                     save(run_dir / "last.pt", epoch, offset + n, s, {"epoch_loss": list(loss_so_far())})
@@ -396,7 +388,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
                 ema=ema,
                 channels_last=cfg.channels_last,
                 on_step=on_step,
-                should_stop=out_of_time if budget_s is not None else None,
+                should_stop=out_of_time if budget.seconds is not None else None,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 total=(steps_per_epoch - epoch_step) * cfg.accum_steps,
                 carry=carry,
@@ -435,8 +427,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
                 metrics.append(last_row)
                 plot_curves(metrics.rows(), run_dir / "curves.png")
                 log.info(_epoch_line(last_row, cfg.epochs))
-            trained["paused"] += time.perf_counter() - t_epoch_end
-            if budget_s is not None and not stopped:
+            budget.paused += time.perf_counter() - t_epoch_end
+            if budget.seconds is not None and not stopped:
                 fit_schedule_to_budget(step)
             if stopped:
                 log.info("time budget of %.1f min spent after %d steps", cfg.budget_min, step)
@@ -464,7 +456,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         "epochs": epoch + 1 if last_row else start_epoch,
         "steps": step,
         "time_s": time.perf_counter() - t0,
-        "train_s": train_clock(),  # what the budget counts
+        "train_s": budget.clock(),  # what the budget counts
         "setup_s": t0 - t_setup,  # data scan and decoding, model, plan: before the budget's clock starts
         # what the CPU fast path ran on: the C kernels, or aten's where they could not be built (said once)
         "fast_path": fast_path,

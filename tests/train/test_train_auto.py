@@ -54,7 +54,7 @@ def test_auto_recipe_takes_the_finest_grid_the_budget_affords(image_folder, monk
     speeds: dict[tuple[int, bool], float] = {}
     timed: list[tuple[int, bool]] = []
 
-    def fake_speed(name, patch, size, classes, batch=128, at_least=0.0, **kwargs):
+    def fake_speed(name, patch, size, classes, batch=128, at_least=0.0, *, device=None, **kwargs):
         timed.append((patch, bool(kwargs)))
         return speeds[(patch, bool(kwargs))]
 
