@@ -223,3 +223,32 @@ def test_depthwise_on_grids_smaller_than_the_kernel_matches_the_full_kernel(side
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if side < 4:
         assert gw[:, :, 0].abs().max() == 0  # outer taps never meet a pixel
+
+
+def test_response_norm_gradients_are_grn_s():
+    """`ResponseNorm` (GRN with its backward written out) passes gradcheck in float64, matches model.GRN's output
+    and gradients in float32, and gives a channel of zeros a zero gradient (no NaN from its zero norm)."""
+    from convnext.fast import ResponseNorm
+    from convnext.fast.ops import response_norm
+    from convnext.model import GRN
+
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 5, 6), (6,), (6,)))
+    assert torch.autograd.gradcheck(lambda x, w, b: ResponseNorm.apply(x, w, b, 1e-6), (x, w, b))
+
+    grn = GRN(24)
+    torch.nn.init.normal_(grn.weight)
+    torch.nn.init.normal_(grn.bias)
+    y = torch.randn(4, 24, 5, 5)
+    y[1, 3] = 0
+    y = y.contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref = grn(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    out = response_norm(grn, y)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (y, grn.weight, grn.bias), grad),
+                         torch.autograd.grad(ref, (y, grn.weight, grn.bias), grad)):  # fmt: skip
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(response_norm(grn, y), ref, rtol=1e-5, atol=1e-5)

@@ -115,7 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         apply_overrides(cfg, pre)
         cfg.recipe.append(
             f"model: the encoder of the pre-training run {args.pretrained_run} ({pre['model.name']}, stem "
-            f"{pre['model.patch_size']}x{pre['model.patch_size']}, its mean/std), not whitened: a fresh head on top"
+            f"{pre['model.patch_size']}x{pre['model.patch_size']}, its mean/std), not whitened: a fresh head on top; "
+            f"layer-wise lr decay {pre['optim.layer_decay']} from the head down"
         )
     try:
         apply_overrides(cfg, from_file)

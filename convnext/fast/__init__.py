@@ -1,7 +1,7 @@
 """`optimize()`: the fastest path this machine offers for a ConvNeXt, called like the original model.
 
 Three modules, arrows one way (`compiler -> plan -> ops`, `compiler -> ops`):
-- `ops`: the custom ops and their backwards (1x1 convolutions on oneDNN, depthwise, GELU, the fused MLP, LayerNorm)
+- `ops`: the custom ops and their backwards (1x1 convolutions on oneDNN, depthwise, GELU, the fused MLP, LayerNorm, GRN)
   and `FastConvNeXt`, which runs a ConvNeXt's own parameters through them on channels-last NCHW.
 - `plan`: times each 1x1 product of a training step both ways on this machine and keeps the faster (a `Plan`).
 - `compiler`: `optimize()` folds, freezes and compiles (torch.compile, AOTInductor), keeps whichever path times
@@ -20,6 +20,7 @@ from convnext.fast.ops import (
     LowPrecisionGelu,
     Plan,
     PointwiseConv,
+    ResponseNorm,
     Ways,
     block_forward,
     depthwise_conv,
@@ -36,6 +37,7 @@ __all__ = [
     "Optimized",
     "Plan",
     "PointwiseConv",
+    "ResponseNorm",
     "Ways",
     "block_forward",
     "depthwise_conv",

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from convnext.fast import DepthwiseConv
+from convnext.fast import DepthwiseConv, ResponseNorm
 from convnext.model import Block, ConvNeXt, ConvNeXtConfig, _init_weights
 
 
@@ -99,7 +99,7 @@ def masked_block(block: Block, x: torch.Tensor, rows: torch.Tensor, fast: bool =
 
     rows: (B, n) the flat indices (i * W + j) of each image's visible positions, the same count n in every image.
     fast: the depthwise convolution through `convnext.fast.DepthwiseConv` (its C-kernel weight gradient) when
-    training in float32 on the CPU.
+    training in float32 on the CPU, and GRN through `convnext.fast.ResponseNorm` on the CPU.
     """
     b, c, h, w = x.shape
     cpu_fp32_training = torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
@@ -110,7 +110,10 @@ def masked_block(block: Block, x: torch.Tensor, rows: torch.Tensor, fast: bool =
     index = rows[:, :, None].expand(-1, -1, c)  # (B, n, C)
     y = y.permute(0, 2, 3, 1).reshape(b, h * w, c).gather(1, index)  # (B, n, C): the visible positions only
     y = block.act(block.pwconv1(block.norm(y)))  # (B, n, 4C)
-    y = block.grn(y[:, :, None]).squeeze(2)  # GRN's norm over (n, 1): over the visible positions
+    if fast and x.device.type == "cpu" and not isinstance(block.grn, nn.Identity):  # GRN over the visible rows
+        y = ResponseNorm.apply(y, block.grn.weight, block.grn.bias, block.grn.eps)
+    else:
+        y = block.grn(y[:, :, None]).squeeze(2)  # GRN's norm over (n, 1): over the visible positions
     y = block.pwconv2(y)
     if block.gamma is not None:
         y = y * block.gamma

@@ -18,6 +18,10 @@ from convnext.registry import create_model
 from convnext.train.config import from_dict
 from convnext.weights import load_checkpoint
 
+# fine-tuning a pre-trained encoder: each layer's lr 0.7x the next one's (the head at the full lr); on CIFAR-10 with
+# 5,000 labels, 8 epochs from a 1.4-epoch FCMAE run: 54.27 / 54.91% (seeds 0 / 1) against 53.19 without
+FINETUNE_LAYER_DECAY = 0.7
+
 
 def is_pretrain_run(path: str | Path) -> bool:
     """Whether `path` is a folder written by `convnext pretrain` (its config.json has an `fcmae` section)."""
@@ -52,7 +56,8 @@ def load_encoder(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def finetune_overrides(run_dir: str | Path) -> dict[str, Any]:
     """Dotted `convnext train` overrides that start from the run's encoder: the same architecture (name, stem,
-    layer scale, any builder options), its weights, and the normalisation it was pre-trained with."""
+    layer scale, any builder options), its weights, the normalisation it was pre-trained with, and layer-wise lr
+    decay (`FINETUNE_LAYER_DECAY`) so the early layers keep more of what they learnt."""
     cfg, weights = read_run(run_dir)
     enc = encoder_config(cfg.model)
     return {
@@ -64,4 +69,5 @@ def finetune_overrides(run_dir: str | Path) -> dict[str, Any]:
         "model.kwargs": dict(cfg.model.kwargs),
         "data.mean": tuple(cfg.data.mean),
         "data.std": tuple(cfg.data.std),
+        "optim.layer_decay": FINETUNE_LAYER_DECAY,
     }

@@ -141,6 +141,7 @@ def test_pretrain_run_starts_train_and_a_detection_backbone(folder, tmp_path, ti
     assert saved["model"]["kwargs"]["dims"] == [8, 16, 32, 64] and saved["model"]["layer_scale_init"] == 0.0
     pre_cfg = json.loads((run / "config.json").read_text())
     assert saved["data"]["mean"] == pre_cfg["data"]["mean"]
+    assert saved["optim"]["layer_decay"] == over["optim.layer_decay"] == 0.7  # the encoder's layers at lower lr
     assert main(["train", "--data", str(folder), "--pretrained-run", str(run), "--model", "convnext_tiny"]) == 2
 
     from convnext.dense.backbone import load_model
