@@ -70,6 +70,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "budget_min": args.budget_min,
     }
     apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    if not args.resume:
+        from convnext.train.auto import gpu_amp
+        from convnext.train.distributed import resolve_device
+
+        cfg.amp = gpu_amp(resolve_device(cfg.device))
+        if cfg.amp != "none":
+            cfg.recipe.append(f"on the GPU: mixed precision {cfg.amp} (`--amp none` for float32)")
     if args.skip_bad_images:
         cfg.data.skip_bad_images = True
     if args.overwrite:

@@ -122,6 +122,21 @@ def test_cli_one_line_errors_and_print_config(folder, tmp_path, tiny_args, capsy
     assert cfg["fcmae"]["mask_ratio"] == 0.75 and cfg["batch_size"] == 8 and cfg["optim"]["betas"] == [0.9, 0.95]
 
 
+def test_a_gpu_run_defaults_to_bf16_and_a_flag_wins(folder, tiny_args, capsys, monkeypatch):
+    """On a GPU with bf16, pre-training takes bf16 autocast as `convnext train`'s recipe does; `--amp` overrides it
+    (only the config is resolved here: no GPU is touched)."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: True)
+    base = ["pretrain", "--data", str(folder), "--print-config", *tiny_args]
+    assert main([*base, "--device", "cuda"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["amp"] == "bf16" and any("mixed precision bf16" in line for line in cfg["recipe"])
+    assert main([*base, "--device", "cuda", "--amp", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["amp"] == "none"
+    assert main([*base, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["amp"] == "none"
+
+
 def test_pretrain_run_starts_train_and_a_detection_backbone(folder, tmp_path, tiny_args, caplog):
     run = tmp_path / "pre"
     assert main(["pretrain", "--data", str(folder), "--output", str(run), "--epochs", "1", *tiny_args]) == 0
