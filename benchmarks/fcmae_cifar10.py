@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from convnext.cli.core import system_info
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# FCMAE on CIFAR-10 with {labels:,} labels ({args.per_class} per class, seed {args.seed})",
         "",
-        f"{args.model} with a 2x2 stem, {t} threads, {platform.processor() or platform.machine()}, "
+        f"{args.model} with a 2x2 stem, {t} threads, {system_info()['cpu']}, "
         f"python {platform.python_version()}; pre-training at 64 px (16 px patches, 4x4 grid, 60% masked, "
         f"val loss {r_pre['loss']:.4f}), training at 32 px; top-1 of the final weights on the 10,000 test images.",
         "",
