@@ -155,3 +155,30 @@ def test_folder_vs_resnet18_stand_in_and_peer_loop(tmp_path):
     row = bench.resnet18_loop(out, size=32, minutes=0.01, threads=1)
     assert row["top1"] in (0.0, 50.0, 100.0)  # 2 val images
     assert row["img_per_s"] > 0
+
+
+def test_dense_transfer_counts_pretraining_core_minutes_down_the_chain(tmp_path):
+    """`--same-total` gives scratch rows the pre-training they lack: a fine-tuning run's core-minutes include the
+    run its weights started from; a folder that is not a finished run is named."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_transfer.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_dense_transfer", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(name: str, train_s: float, threads: int | None, checkpoint: str | None = None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model": {"checkpoint": checkpoint}, "threads": threads}))
+        (d / "results.json").write_text(json.dumps({"train_s": train_s}))
+        return d
+
+    pre = run("fcmae", 600.0, 2)
+    ft = run("finetune", 300.0, 2, checkpoint=str(pre / "last.pt"))
+    assert bench.core_minutes(pre) == 20.0
+    assert bench.core_minutes(ft) == 30.0
+    assert bench.core_minutes(run("default_threads", 120.0, None)) == 2.0
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(FileNotFoundError, match="unfinished: not a finished run"):
+        bench.core_minutes(tmp_path / "unfinished")
+    names = [name for name, _, _ in bench.rows("convnextv2_atto", [str(pre)], resnet=False)]
+    assert names == ["convnextv2_atto from scratch", "convnextv2_atto pre-trained (fcmae)"]
