@@ -58,8 +58,9 @@ def dataset_root(data: Path, cache: Path, tar_name: str, folder: str) -> Path:
 
 
 def core_minutes(run: Path) -> float:
-    """Core-minutes that went into a run's weights: its training seconds x its threads, plus those of the run its
-    weights started from (a fine-tuning run's `model.checkpoint` inside another run folder), all the way down."""
+    """Core-minutes that went into a run's weights: its training seconds x its threads (this machine's cores if the
+    run left torch's default), plus those of the run its weights started from (a fine-tuning run's
+    `model.checkpoint` inside another run folder), all the way down."""
     results, config = run / "results.json", run / "config.json"
     if not results.is_file() or not config.is_file():
         raise FileNotFoundError(f"{run}: not a finished run (needs results.json and config.json)")
@@ -67,7 +68,11 @@ def core_minutes(run: Path) -> float:
     r = json.loads(results.read_text())
     if "train_s" not in r:
         raise ValueError(f"{results}: no train_s (the run's training seconds)")
-    minutes = r["train_s"] / 60 * (cfg.get("threads") or 1)
+    threads = cfg.get("threads")
+    if not threads:  # the run took torch's default: one thread per core, on the machine it ran on
+        threads = os.cpu_count() or 1
+        log.warning("%s: threads not recorded (torch's default); counting this machine's %d cores", config, threads)
+    minutes = r["train_s"] / 60 * threads
     start = (cfg.get("model") or {}).get("checkpoint")
     if start and (Path(start).parent / "results.json").is_file():
         minutes += core_minutes(Path(start).parent)
