@@ -183,3 +183,33 @@ def test_dense_transfer_counts_pretraining_core_minutes_down_the_chain(tmp_path)
         bench.core_minutes(tmp_path / "unfinished")
     names = [name for name, _, _ in bench.rows("convnextv2_atto", [str(pre)], resnet=False)]
     assert names == ["convnextv2_atto from scratch", "convnextv2_atto pre-trained (fcmae)"]
+
+
+def _benchmark_module(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_step_sorts_a_real_step_into_kinds():
+    """benchmarks/profile_step.py: a fast-path training step (eager, tiny, float32) profiled and summed by kind;
+    the 1x1 products, the depthwise work and the optimizer are each found, and the kinds hold the step's ops."""
+    prof = _benchmark_module("profile_step")
+    r = prof.profile_step("convnext_atto", batch=2, img_size=32, dtype=torch.float32, steps=1, compile=False)
+    kinds = r["kinds_ms"]
+    assert kinds["1x1 products"] > 0 and kinds["optimizer"] > 0 and kinds["stem and downsampling convolutions"] > 0
+    assert any(k.startswith("depthwise") for k in kinds)
+    assert 0 < r["pointwise_train_flops"] < r["train_flops"] and r["train_flops"] == pytest.approx(
+        3 * 2e9 * count_gmacs(create_model("convnext_atto"), 32) * 2
+    )
+    # a binary post-op's shapes are (input, other, weight, ...): its weight decides the kind, not `other`
+    binary = [[16, 1536, 14, 14], [16, 384, 14, 14], [384, 1536, 1, 1], [384]]
+    assert prof.kind("mkldnn::_convolution_pointwise_", binary) == "1x1 products"
+    assert prof.kind("aten::convolution_backward", [[16, 96, 56, 56], [16, 384, 56, 56], [96, 384, 1, 1]]) == (
+        "1x1 grad-weight (oneDNN)"
+    )
+    assert prof.kind("aten::mkldnn_convolution", [[16, 96, 56, 56], [96, 1, 7, 7], [96]]) == (
+        "depthwise convolution (oneDNN)"
+    )
