@@ -39,6 +39,8 @@ def kind(name: str, shapes: list) -> str:
         return f"generated: {part}"
     if "depthwise" in name:
         return "depthwise weight gradient (C kernel)"
+    if name.startswith("convnext::"):  # the float32 path's other C kernels (LayerNorm, the tiled MLP)
+        return f"C kernel: {name.split('::')[1]}"
     if name == "mkldnn::_convolution_pointwise_":  # in place: a binary post-op writing into its other operand
         name = name[:-1]
     # the weight's shape: (input, weight, ...), (input, other, weight, ...) for a binary post-op, or

@@ -210,6 +210,7 @@ def test_profile_step_sorts_a_real_step_into_kinds():
     assert prof.kind("aten::convolution_backward", [[16, 96, 56, 56], [16, 384, 56, 56], [96, 384, 1, 1]]) == (
         "1x1 grad-weight (oneDNN)"
     )
+    assert prof.kind("convnext::layer_norm", [[16, 56, 56, 96]]) == "C kernel: layer_norm"
     assert prof.kind("aten::mkldnn_convolution", [[16, 96, 56, 56], [96, 1, 7, 7], [96]]) == (
         "depthwise convolution (oneDNN)"
     )
