@@ -87,9 +87,10 @@ def test_cli_bench_json(capsys):
     assert d["gmacs"] == pytest.approx(count_gmacs(create_model("convnext_atto"), 32))
 
 
-def _compare_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_compare", path)
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py, imported (the folder is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
     spec.loader.exec_module(mod)
@@ -98,7 +99,7 @@ def _compare_module():
 
 def test_compare_peers_compute_the_same_function():
     """timm and torchvision models built by compare.py hold our weights: same outputs on the same input."""
-    compare = _compare_module()
+    compare = _benchmark_module("compare")
     case = compare.QUICK["tiny"]
     torch.manual_seed(0)
     ours = create_model(case.arch).eval()
@@ -113,7 +114,7 @@ def test_compare_peers_compute_the_same_function():
 
 
 def test_compare_table_ratios():
-    compare = _compare_module()
+    compare = _benchmark_module("compare")
     results = {
         "convnext_tiny": {
             "infer_fp32": {"batch": 16, "img_per_s": {"ours": 20.0, "timm_eager": 10.0, "onnxruntime": 16.0},
@@ -137,10 +138,7 @@ def test_folder_vs_resnet18_stand_in_and_peer_loop(tmp_path):
     and its ResNet-18 peer trains and scores on it."""
     from PIL import Image
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "folder_vs_resnet18.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_folder_vs_resnet18", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module("folder_vs_resnet18")
     cifar = tmp_path / "cifar"
     for split in ("train", "test"):
         for c, cls in enumerate(("cat", "dog")):
@@ -161,10 +159,7 @@ def test_folder_vs_resnet18_stand_in_and_peer_loop(tmp_path):
 def test_dense_transfer_counts_pretraining_core_minutes_down_the_chain(tmp_path):
     """`--same-total` gives scratch rows the pre-training they lack: a fine-tuning run's core-minutes include the
     run its weights started from; a folder that is not a finished run is named."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_transfer.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_dense_transfer", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module("dense_transfer")
 
     def run(name: str, train_s: float, threads: int | None, checkpoint: str | None = None) -> Path:
         d = tmp_path / name
@@ -183,14 +178,6 @@ def test_dense_transfer_counts_pretraining_core_minutes_down_the_chain(tmp_path)
         bench.core_minutes(tmp_path / "unfinished")
     names = [name for name, _, _ in bench.rows("convnextv2_atto", [str(pre)], resnet=False)]
     assert names == ["convnextv2_atto from scratch", "convnextv2_atto pre-trained (fcmae)"]
-
-
-def _benchmark_module(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_profile_step_sorts_a_real_step_into_kinds():
