@@ -104,10 +104,14 @@ def pointwise_macs(net: torch.nn.Module, img_size: int) -> int:
         macs.append(inputs[0].numel() // inputs[0].shape[-1] * layer.weight.numel())
 
     hooks = [m.register_forward_hook(count) for n, m in net.named_modules() if n.endswith(("pwconv1", "pwconv2"))]
-    with torch.no_grad():
-        net.eval()(torch.zeros(1, 3, img_size, img_size))
-    for hook in hooks:
-        hook.remove()
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        net.train(was_training)
+        for hook in hooks:
+            hook.remove()
     return sum(macs)
 
 
