@@ -89,9 +89,17 @@ def rows(model: str, runs: list[str], resnet: bool) -> list[tuple[str, str, str 
 
 
 def run_row(
-    task: str, name: str, model: str, pretrained: str | None, root: Path, args: argparse.Namespace, extra_min: float
+    task: str,
+    name: str,
+    model: str,
+    pretrained: str | None,
+    root: Path,
+    args: argparse.Namespace,
+    extra_min: float,
+    pre_core_min: float,
 ) -> dict:
-    """Train and score one row: `args.budget_min` + `extra_min` minutes (or `args.max_steps` steps)."""
+    """Train and score one row: `args.budget_min` + `extra_min` minutes (or `args.max_steps` steps);
+    `pre_core_min`: the core-minutes its starting weights cost (`core_minutes`), for the table."""
     cfg = pennfudan(model) if task == "detect" else camvid(model)
     cfg.backbone.pretrained_run = pretrained
     cfg.data.root = str(root)
@@ -119,7 +127,7 @@ def run_row(
         row = (train_detection if task == "detect" else train_segmentation)(cfg)
     row["params_m"] = row["params"] / 1e6
     row["images_seen"] = row["steps"] * r.batch_size
-    row["pre_core_min"] = core_minutes(Path(pretrained)) if pretrained else 0.0
+    row["pre_core_min"] = pre_core_min
     config = json.loads((Path(r.output) / "config.json").read_text())  # as resolved by the run
     return {"row": name, "task": task, **row, "config": config}
 
@@ -190,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     longest = max(pre_min.values(), default=0.0)
 
-    def extra(run: str | None, model: str) -> float:
+    def extra(run: str | None) -> float:
         if not args.same_total:
             return 0.0
-        return (longest - (pre_min[run] if run else 0.0)) / args.threads
+        return (longest - pre_min.get(run, 0.0)) / args.threads
 
     results = [
-        run_row(task, name, m, run, roots[task], args, extra(run, m))
+        run_row(task, name, m, run, roots[task], args, extra(run), pre_min.get(run, 0.0))
         for task in tasks
         for name, m, run in rows(model, args.pretrained_run, not args.no_resnet)
     ]
