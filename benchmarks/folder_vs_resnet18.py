@@ -9,10 +9,17 @@ S/0.875 and a centre crop. The folder holds train/<class>/ and val/<class>/ (or 
 
 With no photo set at hand, `--from-cifar DIR` builds a stand-in first: 500 training images per class (not the
 first 1,000) and 200 test images per class of the unpacked CIFAR-10 JPEGs, upscaled to 96 px (so the recipe
-takes its photo path: random-resized crops from a margin).
+takes its photo path: random-resized crops from a margin). Two stand-ins of real photos come from the other shared
+data: `--from-camvid DIR` cuts CamVid's road scenes into square patches labelled by the class covering 60% of them
+(sky, building, road, pavement, tree, car; training patches from the train and val sequences, scored ones from the
+test sequences), and `--from-pennfudan DIR` crops Penn-Fudan's pedestrians and as many background windows of the
+same shapes, scaled down where no window that large is free (120 images for training, the last 50 scored).
 
     python benchmarks/folder_vs_resnet18.py --data /tmp/c96 --from-cifar /tmp/data/cifar10-images
     python benchmarks/folder_vs_resnet18.py --data /tmp/c96_1k --from-cifar /tmp/data/cifar10-images --per-class 1000
+    python benchmarks/folder_vs_resnet18.py --data /tmp/camvid64 --from-camvid runs/data/CamVid --budget-min 5
+    python benchmarks/folder_vs_resnet18.py --data /tmp/camvid128 --from-camvid runs/data/CamVid --patch 128
+    python benchmarks/folder_vs_resnet18.py --data /tmp/peds --from-pennfudan runs/data/PennFudanPed --budget-min 3
     python benchmarks/folder_vs_resnet18.py --data PHOTOS --img-size 64 --budget-min 10 --json
 """
 
@@ -48,6 +55,77 @@ def make_stand_in(
             for f in sorted(cls.iterdir())[first : first + per]:
                 with Image.open(f) as im:
                     im.convert("RGB").resize((side, side), Image.BICUBIC).save(d / f.name, quality=92)
+
+
+CAMVID_CLASSES = {0: "sky", 1: "building", 3: "road", 4: "pavement", 5: "tree", 8: "car"}
+
+
+def make_camvid_patches(
+    camvid: Path, out: Path, side: int = 64, per_train: int = 1000, per_val: int = 300, seed: int = 0
+) -> None:
+    """Square `side` px windows (stride side/2) of CamVid's images whose label map is 60% one class of
+    `CAMVID_CLASSES` (void counted as not that class), as `out`/train (up to `per_train` a class, from the train and
+    val sequences) and `out`/val (up to `per_val` a class, from the test sequences), chosen at random with `seed`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for splits, dst, per in ((("train", "val"), "train", per_train), (("test",), "val", per_val)):
+        found: dict[int, list[tuple[Path, int, int]]] = {c: [] for c in CAMVID_CLASSES}
+        for split in splits:
+            labels = sorted((camvid / f"{split}annot").glob("*.png"))
+            if not labels:
+                raise FileNotFoundError(f"{camvid}/{split}annot: no label maps (pass the unpacked CamVid folder)")
+            for f in labels:
+                a = np.asarray(Image.open(f))
+                for y in range(0, a.shape[0] - side + 1, side // 2):
+                    for x in range(0, a.shape[1] - side + 1, side // 2):
+                        counts = np.bincount(a[y : y + side, x : x + side].ravel(), minlength=12)
+                        c = int(counts[:11].argmax())
+                        if c in found and counts[c] >= 0.6 * side * side:
+                            found[c].append((camvid / split / f.name.replace(".png", ".jpg"), x, y))
+        for c, windows in found.items():
+            d = out / dst / CAMVID_CLASSES[c]
+            d.mkdir(parents=True, exist_ok=True)
+            for i in sorted(rng.permutation(len(windows))[:per]):
+                path, x, y = windows[i]
+                with Image.open(path) as im:
+                    im.convert("RGB").crop((x, y, x + side, y + side)).save(d / f"{path.stem}_{x}_{y}.jpg", quality=92)
+
+
+def make_pedestrian_crops(pennfudan: Path, out: Path, n_train_images: int = 120, seed: int = 0) -> None:
+    """Penn-Fudan's pedestrians (their mask's box plus 10% each side) as `pedestrian`, and for each one a window of
+    the same size at a random place that overlaps no pedestrian's box as `background`: the first `n_train_images`
+    images (sorted by name) as `out`/train, the rest as `out`/val."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = sorted((pennfudan / "PNGImages").glob("*.png"))
+    if not images:
+        raise FileNotFoundError(f"{pennfudan / 'PNGImages'}: no images (pass the unpacked PennFudanPed folder)")
+    for n, path in enumerate(images):
+        split = "train" if n < n_train_images else "val"
+        for cls in ("pedestrian", "background"):
+            (out / split / cls).mkdir(parents=True, exist_ok=True)
+        mask = np.asarray(Image.open(pennfudan / "PedMasks" / f"{path.stem}_mask.png"))
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            boxes = []
+            for k in range(1, int(mask.max()) + 1):
+                ys, xs = np.nonzero(mask == k)
+                if len(xs):
+                    boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+            for k, (x0, y0, x1, y1) in enumerate(boxes):
+                mx, my = (x1 - x0) // 10, (y1 - y0) // 10
+                box = (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, im.width), min(y1 + my, im.height))
+                im.crop(box).save(out / split / "pedestrian" / f"{path.stem}_{k}.jpg", quality=92)
+                for scale in np.repeat((1.0, 0.75, 0.5, 0.35), 50):  # a free window of this shape, as large as fits
+                    bw, bh = int((box[2] - box[0]) * scale), int((box[3] - box[1]) * scale)
+                    bx, by = int(rng.integers(0, im.width - bw + 1)), int(rng.integers(0, im.height - bh + 1))
+                    if all(bx + bw <= a or a2 <= bx or by + bh <= b or b2 <= by for a, b, a2, b2 in boxes):
+                        im.crop((bx, by, bx + bw, by + bh)).save(out / split / "background" / f"{path.stem}_{k}.jpg")
+                        break
 
 
 def ours(data: Path, out: Path, size: int, minutes: float, threads: int, seed: int = 0) -> dict:
@@ -119,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="image folder with train/ and val/ (or test/)")
     p.add_argument("--from-cifar", type=Path, help="build the stand-in at --data from this unpacked CIFAR-10 folder")
+    p.add_argument("--from-camvid", type=Path, help="build CamVid patches at --data from this unpacked CamVid folder")
+    p.add_argument("--patch", type=int, default=64, help="CamVid patch side in px")
+    p.add_argument("--from-pennfudan", type=Path, help="build pedestrian crops at --data from unpacked PennFudanPed")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--budget-min", type=float, default=10.0, help="training minutes per model")
     p.add_argument("--threads", type=int, default=2)
@@ -130,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.from_cifar is not None and not (args.data / "train").is_dir():
         make_stand_in(args.from_cifar, args.data, per_train=args.per_class)
+    if args.from_camvid is not None and not (args.data / "train").is_dir():
+        make_camvid_patches(args.from_camvid, args.data, side=args.patch)
+    if args.from_pennfudan is not None and not (args.data / "train").is_dir():
+        make_pedestrian_crops(args.from_pennfudan, args.data)
     if not (args.data / "train").is_dir():
         p.error(f"--data {args.data}: no train/ folder")
     runs = {
