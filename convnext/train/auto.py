@@ -26,7 +26,8 @@ when the run starts and saved in config.json):
 - the stem initialised to whiten the training images' patches (`whiten.py`, airbench's trick) and layer scale
   starting at 0.1 instead of 1e-6, both for a faster start;
 - regularisation scaled to the passes the run will make: none beyond crops and flips for short runs, Mixup/CutMix
-  and stochastic depth only for long ones.
+  and stochastic depth for long ones (from 25 passes with padded crops, which overfit sooner; from 100 with
+  random-resized crops, which regularise already).
 
 Explicit flags are applied after this and always win.
 """
@@ -55,7 +56,11 @@ MIN_EPOCHS = 10  # the fewest passes over the data a finer stem may leave the bu
 # 5 min: 59.8 vs 68.3) and 22 (the same stand-in at 10 min, Muon: 70.45 vs 72.2)
 LARGE_MIN_EPOCHS = 40
 DEFAULT_EPOCHS = 30  # without a budget
-LONG_RUN_EPOCHS = 100  # from here on, Mixup/CutMix and stochastic depth
+# the passes from which Mixup/CutMix and drop path are added, by crop. Padded crops of images at the training size
+# are mild augmentation, and such runs overfit by ~30 passes: CIFAR-10's 5,000-image subset at 29 passes 64.64 vs
+# 63.09, CamVid 64 px patches at 52 passes 92.06/91.67 vs 90.22/88.94 (two seeds). Random-resized crops regularise
+# already: on the 10,000-image photo stand-in at 34 passes Mixup/CutMix lost (69.35 vs 71.55). benchmarks/NOTES.md
+REGULARISE_FROM = {"pad": 25, "rrc": 100}
 MIN_SIZE = 16  # the smallest training size chosen without --img-size
 BATCH = 128  # more steps for the same images; 128 beat 256 at equal time (benchmarks/NOTES.md)
 # Muon on the blocks' matrices, AdamW on the rest: at equal epochs +3.3 on CIFAR-10 (15) and +3.1 on the photo
@@ -219,9 +224,9 @@ def auto_recipe(
         planned = epochs or max(int(expected * 3) + 2, 100)  # a bound only: the budget fits the schedule
     else:
         expected = planned = epochs or DEFAULT_EPOCHS
-    long_run = expected >= LONG_RUN_EPOCHS
     photos = side >= size * 1.25
     crop = "rrc" if photos else "pad"
+    long_run = expected >= REGULARISE_FROM[crop]
     translate = max(size // TRANSLATE_DIV, 1)
     why.append(
         "crop: random-resized (area 35-100%) from a margin, as the images are larger than the training size"
@@ -230,9 +235,10 @@ def auto_recipe(
         "training size; evaluation averages 6 views (flips x 1-pixel translations)"
     )
     why.append(
-        "Mixup 0.8 / CutMix 1.0 and drop path 0.1: the run makes >= 100 passes"
+        f"Mixup 0.8 / CutMix 1.0 and drop path 0.1: the run makes >= {REGULARISE_FROM[crop]} passes with {crop} crops"
         if long_run
-        else "no Mixup/CutMix, RandAugment or drop path: too few passes for them to pay back"
+        else f"no Mixup/CutMix, RandAugment or drop path: under {REGULARISE_FROM[crop]} passes with {crop} crops, too "
+        "few for them to pay back"
     )
     why.append(
         f"Muon on the blocks' matrices and AdamW on the rest, lr {lr:.3g} at batch {batch}, wd 0.05, warmup 3% of "

@@ -43,7 +43,13 @@ def test_auto_recipe_fits_the_data_and_says_why(image_folder, tmp_path):
     assert same.data.crop == "pad"  # sources at the training size: translate, no resized crop
     assert same.data.translate == 1 and cfg.data.translate is None  # by up to 1/16 of 24 px; rrc has no translate
     assert same.data.tta_shift == 1 and cfg.data.tta_shift == 0  # translated views at eval for padded crops only
-    assert same.epochs == 30 and same.data.mixup == 0 and not same.data.randaugment  # 30 passes: crops and flips
+    # Mixup/CutMix and drop path from 25 passes with padded crops, from 100 with random-resized ones
+    assert same.epochs == 30 and same.data.mixup == 0.8 and same.model.drop_path_rate == 0.1
+    short = auto_recipe(str(image_folder), img_size=24, epochs=24)
+    assert short.data.mixup == short.data.cutmix == short.model.drop_path_rate == 0 and not short.data.randaugment
+    photos = auto_recipe(str(image_folder), img_size=16, epochs=99)
+    assert photos.data.crop == "rrc" and photos.data.mixup == 0 and photos.model.drop_path_rate == 0
+    assert any("under 100 passes with rrc crops" in line for line in photos.recipe)
 
 
 def test_auto_recipe_takes_the_finest_grid_the_budget_affords(image_folder, monkeypatch):
