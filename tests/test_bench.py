@@ -156,6 +156,54 @@ def test_folder_vs_resnet18_stand_in_and_peer_loop(tmp_path):
     assert row["img_per_s"] > 0
 
 
+def test_folder_vs_resnet18_real_photo_folders(tmp_path):
+    """The CamVid patches are labelled by the class covering 60% of the window (training windows from the train and
+    val sequences, scored ones from test); the Penn-Fudan crops are the pedestrians' boxes plus 10% and background
+    windows of the same shape that overlap no pedestrian."""
+    import numpy as np
+    from PIL import Image
+
+    bench = _benchmark_module("folder_vs_resnet18")
+    camvid = tmp_path / "CamVid"
+    for split in ("train", "val", "test"):
+        (camvid / split).mkdir(parents=True)
+        (camvid / f"{split}annot").mkdir()
+        labels = np.full((32, 64), 3, np.uint8)  # road below ...
+        labels[:16, :32] = 0  # ... sky top left ...
+        labels[:16, 32:] = 11  # ... void top right
+        Image.fromarray(labels).save(camvid / f"{split}annot" / f"{split}_0.png")
+        Image.new("RGB", (64, 32), (90, 90, 90)).save(camvid / split / f"{split}_0.jpg")
+    out = tmp_path / "patches"
+    bench.make_camvid_patches(camvid, out, side=16, per_train=100, per_val=100)
+    train = {c: {p.name for p in (out / "train" / c).iterdir()} for c in ("sky", "road", "car")}
+    # windows every 8 px; at x 24 half the window is void, at y 8 half is road: neither is 60% sky
+    assert train["sky"] == {f"{s}_0_{x}_0.jpg" for s in ("train", "val") for x in (0, 8, 16)}
+    assert len(train["road"]) == 2 * 7 and not train["car"]  # x 0, 8, ..., 48 at y 16, from train and val
+    assert {p.name for p in (out / "val" / "sky").iterdir()} == {f"test_0_{x}_0.jpg" for x in (0, 8, 16)}
+    with Image.open(out / "val" / "road" / "test_0_48_16.jpg") as im:
+        assert im.size == (16, 16)
+
+    peds = tmp_path / "PennFudanPed"
+    (peds / "PNGImages").mkdir(parents=True)
+    (peds / "PedMasks").mkdir()
+    for i in range(3):
+        mask = np.zeros((100, 200), np.uint8)
+        mask[20:70, 10:30] = 1  # one pedestrian: box (10, 20)-(30, 70), 20x50
+        Image.fromarray(mask).save(peds / "PedMasks" / f"P{i}_mask.png")
+        img = np.zeros((100, 200, 3), np.uint8)
+        img[..., 1] = 120
+        img[20:70, 10:30] = (250, 0, 0)  # the pedestrian is red, the rest green
+        Image.fromarray(img).save(peds / "PNGImages" / f"P{i}.png")
+    crops = tmp_path / "crops"
+    bench.make_pedestrian_crops(peds, crops, n_train_images=2)
+    assert sorted(p.name for p in (crops / "train" / "pedestrian").iterdir()) == ["P0_0.jpg", "P1_0.jpg"]
+    assert [p.name for p in (crops / "val" / "background").iterdir()] == ["P2_0.jpg"]
+    with Image.open(crops / "val" / "pedestrian" / "P2_0.jpg") as im:
+        assert im.size == (24, 60)  # 10% of the box on each side
+    with Image.open(crops / "val" / "background" / "P2_0.jpg") as im:
+        assert im.size == (24, 60) and np.asarray(im)[..., 0].max() < 60  # no red: off the pedestrian's box
+
+
 def test_dense_transfer_counts_pretraining_core_minutes_down_the_chain(tmp_path):
     """`--same-total` gives scratch rows the pre-training they lack: a fine-tuning run's core-minutes include the
     run its weights started from; a folder that is not a finished run is named."""
