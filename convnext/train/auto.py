@@ -226,7 +226,7 @@ def auto_recipe(
         expected = planned = epochs or DEFAULT_EPOCHS
     photos = side >= size * 1.25
     crop = "rrc" if photos else "pad"
-    long_run = expected >= REGULARISE_FROM[crop]
+    regularise = expected >= REGULARISE_FROM[crop]
     translate = max(size // TRANSLATE_DIV, 1)
     why.append(
         "crop: random-resized (area 35-100%) from a margin, as the images are larger than the training size"
@@ -236,7 +236,7 @@ def auto_recipe(
     )
     why.append(
         f"Mixup 0.8 / CutMix 1.0 and drop path 0.1: the run makes >= {REGULARISE_FROM[crop]} passes with {crop} crops"
-        if long_run
+        if regularise
         else f"no Mixup/CutMix, RandAugment or drop path: under {REGULARISE_FROM[crop]} passes with {crop} crops, too "
         "few for them to pay back"
     )
@@ -253,7 +253,7 @@ def auto_recipe(
         model=ModelConfig(
             name=name,
             patch_size=patch,
-            drop_path_rate=0.1 if long_run else 0.0,
+            drop_path_rate=0.1 if regularise else 0.0,
             layer_scale_init=LAYER_SCALE,
             stem_init="whiten",
             kwargs=dict(shape),
@@ -271,8 +271,8 @@ def auto_recipe(
             hflip=0.5,
             randaugment=False,
             re_prob=0.0,
-            mixup=0.8 if long_run else 0.0,
-            cutmix=1.0 if long_run else 0.0,
+            mixup=0.8 if regularise else 0.0,
+            cutmix=1.0 if regularise else 0.0,
             label_smoothing=0.1,
             num_workers=2,
             tta_flip=True,
