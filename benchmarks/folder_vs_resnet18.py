@@ -77,7 +77,8 @@ def make_camvid_patches(
             if not labels:
                 raise FileNotFoundError(f"{camvid}/{split}annot: no label maps (pass the unpacked CamVid folder)")
             for f in labels:
-                a = np.asarray(Image.open(f))
+                with Image.open(f) as im:
+                    a = np.asarray(im)
                 for y in range(0, a.shape[0] - side + 1, side // 2):
                     for x in range(0, a.shape[1] - side + 1, side // 2):
                         counts = np.bincount(a[y : y + side, x : x + side].ravel(), minlength=12)
@@ -108,7 +109,8 @@ def make_pedestrian_crops(pennfudan: Path, out: Path, n_train_images: int = 120,
         split = "train" if n < n_train_images else "val"
         for cls in ("pedestrian", "background"):
             (out / split / cls).mkdir(parents=True, exist_ok=True)
-        mask = np.asarray(Image.open(pennfudan / "PedMasks" / f"{path.stem}_mask.png"))
+        with Image.open(pennfudan / "PedMasks" / f"{path.stem}_mask.png") as im:
+            mask = np.asarray(im)
         with Image.open(path) as im:
             im = im.convert("RGB")
             boxes = []
@@ -209,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="ours,resnet18", help="comma-separated: ours, resnet18")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.from_cifar is not None and not (args.data / "train").is_dir():
-        make_stand_in(args.from_cifar, args.data, per_train=args.per_class)
-    if args.from_camvid is not None and not (args.data / "train").is_dir():
-        make_camvid_patches(args.from_camvid, args.data, side=args.patch)
-    if args.from_pennfudan is not None and not (args.data / "train").is_dir():
-        make_pedestrian_crops(args.from_pennfudan, args.data)
+    if not (args.data / "train").is_dir():  # build the stand-in asked for
+        if args.from_cifar is not None:
+            make_stand_in(args.from_cifar, args.data, per_train=args.per_class)
+        elif args.from_camvid is not None:
+            make_camvid_patches(args.from_camvid, args.data, side=args.patch)
+        elif args.from_pennfudan is not None:
+            make_pedestrian_crops(args.from_pennfudan, args.data)
     if not (args.data / "train").is_dir():
         p.error(f"--data {args.data}: no train/ folder")
     runs = {
