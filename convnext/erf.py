@@ -30,6 +30,7 @@ def load_images(
     centre-cropped to img_size, normalised with mean/std. Returns (N, 3, img_size, img_size) float32."""
     from convnext.data import eval_transform, load_image
     from convnext.data.datasets import IMG_EXTENSIONS
+    from convnext.data.transforms import first_resize_side
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -39,7 +40,7 @@ def load_images(
     if not files:
         raise FileNotFoundError(f"--images: no image files ({', '.join(IMG_EXTENSIONS)}) under {folder}")
     tf = eval_transform(img_size, 1.0, mean, std)  # crop_pct 1: the whole short side, centre-cropped square
-    return torch.stack([tf(load_image(f)) for f in files])
+    return torch.stack([tf(load_image(f, first_resize_side(tf))) for f in files])
 
 
 def random_images(n: int, img_size: int, in_chans: int = 3, seed: int = 0) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from convnext.data.decode import BadImageError, load_image
 from convnext.data.decode import to_rgb as to_rgb  # re-exported: convnext.infer.to_rgb predates the shared decoder
+from convnext.data.transforms import first_resize_side
 from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD, WeightSpec
 
 log = logging.getLogger(__name__)
@@ -424,7 +425,8 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.transform(center_crop_aspect(load_image(self.paths[i]))), None
+            img = load_image(self.paths[i], first_resize_side(self.transform))
+            return i, self.transform(center_crop_aspect(img)), None
         except BadImageError as e:
             return i, None, str(e)
         except Exception as e:  # a transform failing on a strange image is still one file's problem

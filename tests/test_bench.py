@@ -249,3 +249,31 @@ def test_profile_step_sorts_a_real_step_into_kinds():
     assert prof.kind("aten::mkldnn_convolution", [[16, 96, 56, 56], [96, 1, 7, 7], [96]]) == (
         "depthwise convolution (oneDNN)"
     )
+
+
+def test_large_photos_builds_a_phone_size_folder_by_sequence(tmp_path):
+    """Every frame of train/val/test, sorted by name, resized; every 4th in val; the class is the sequence prefix."""
+    from PIL import Image
+
+    bench = _benchmark_module("large_photos")
+    camvid = tmp_path / "CamVid"
+    names = {"train": ["0001TP_000", "0001TP_030", "0006R0_000"], "val": ["0016E5_000"], "test": ["Seq05VD_f0"]}
+    for split, stems in names.items():
+        (camvid / split).mkdir(parents=True)
+        for s in stems:
+            Image.new("RGB", (48, 36), (10, 20, 30)).save(camvid / split / f"{s}.jpg")
+    out = tmp_path / "phones"
+    assert bench.make_phone_folder(camvid, out, size=(96, 72)) == 5
+    # sorted: 0001TP_000 (val), 0001TP_030, 0006R0_000, 0016E5_000, Seq05VD_f0 (val)
+    got = {str(p.relative_to(out)) for p in out.rglob("*.jpg")}
+    assert got == {
+        "val/0001TP/0001TP_000.jpg",
+        "train/0001TP/0001TP_030.jpg",
+        "train/0006R0/0006R0_000.jpg",
+        "train/0016E5/0016E5_000.jpg",
+        "val/Seq05V/Seq05VD_f0.jpg",
+    }
+    with Image.open(out / "val" / "Seq05V" / "Seq05VD_f0.jpg") as im:
+        assert im.size == (96, 72) and im.format == "JPEG"
+    with pytest.raises(FileNotFoundError, match="no frames"):
+        bench.make_phone_folder(tmp_path / "empty", tmp_path / "x")

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from convnext.data.decode import BadImageError, load_image
+from convnext.data.transforms import first_resize_side
 
 # the kinds predict reads (infer.IMAGE_EXTENSIONS)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -78,7 +79,7 @@ class ImageFolder(datasets.ImageFolder):
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
         try:
-            img = load_image(path)
+            img = load_image(path, first_resize_side(self.transform))  # a large JPEG decodes at reduced scale
         except BadImageError:
             if self.skip_bad:
                 return None
@@ -127,6 +128,13 @@ class Subset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[self.indices[index]]
+
+
+def set_transform(ds: Any, transform: Any) -> None:
+    """Give a dataset (or the dataset a Subset selects from) its transform."""
+    while hasattr(ds, "indices") and hasattr(ds, "dataset"):
+        ds = ds.dataset
+    ds.transform = transform
 
 
 def split_indices(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

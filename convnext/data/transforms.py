@@ -229,6 +229,19 @@ def eval_transform(
     )
 
 
+def first_resize_side(transform: Any) -> int | None:
+    """The short side `transform` resizes an image to before anything else looks at its pixels (a v2.Resize,
+    alone or first in a v2.Compose after v2.ToImage), or None: what `load_image(path, min_side)` may decode at."""
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    for step in steps:
+        if isinstance(step, v2.ToImage):
+            continue
+        if isinstance(step, v2.Resize) and step.max_size is None:
+            return min(step.size) if step.size else None
+        return None
+    return None
+
+
 def interpolation_mode(name: str) -> v2.InterpolationMode:
     """torchvision's mode for a filter name: "bicubic", "bilinear" or "nearest" (the names specs and timm use)."""
     if name not in INTERPOLATIONS:

@@ -41,6 +41,7 @@ from convnext.data.cache import (
     fits_in_memory,
     typical_short_side,
 )
+from convnext.data.datasets import set_transform
 from convnext.extras import require
 from convnext.fast import keep_freed_memory
 from convnext.fast import usable as fast_usable
@@ -58,7 +59,7 @@ from convnext.train.distributed import (
     cleanup,
     init_distributed,
 )
-from convnext.train.fit import per_rank_batch, set_transform, shrink_schedule
+from convnext.train.fit import per_rank_batch, shrink_schedule
 from convnext.train.loop import NonFiniteLossError, autocast, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
 from convnext.train.report import MetricsLog

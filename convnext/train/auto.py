@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from convnext.data import build_dataset
 from convnext.data.cache import decode_transform, typical_short_side
+from convnext.data.datasets import set_transform
 from convnext.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from convnext.train.distributed import resolve_device
 from convnext.train.optim import build_optimizer
@@ -80,13 +81,13 @@ def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dic
     ds, classes = build_dataset(data, "train", None, data_dir=data_dir, skip_bad_images=True)
     side = typical_short_side(ds) or 224
     size = min(side, 64)
-    tf = decode_transform(size)
+    set_transform(ds, decode_transform(size))  # decoded through the transform: a large JPEG at reduced scale
     step = max(len(ds) // probes, 1)
     pixels = []
     for i in range(0, len(ds), step)[:probes]:
         item = ds[i]
         if item is not None:
-            pixels.append(tf(item[0]).float().div(255).flatten(1))
+            pixels.append(item[0].float().div(255).flatten(1))
     x = torch.cat(pixels, 1) if pixels else torch.full((3, 1), 0.5)
     mean = tuple(round(v, 4) for v in x.mean(1).tolist())
     std = tuple(round(max(v, 1e-3), 4) for v in x.std(1).tolist())

@@ -32,6 +32,7 @@ from convnext.data.cache import (
     fits_in_memory,
     typical_short_side,
 )
+from convnext.data.datasets import set_transform
 from convnext.extras import require
 from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.fast import usable as fast_usable
@@ -527,13 +528,6 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError("; ".join(bad))
     if cfg.tensorboard:
         require("tensorboard", what="--tensorboard true")
-
-
-def set_transform(ds: Any, transform: Any) -> None:
-    """Give a dataset (or the dataset a Subset selects from) its transform."""
-    while hasattr(ds, "indices") and hasattr(ds, "dataset"):
-        ds = ds.dataset
-    ds.transform = transform
 
 
 def _sample_images(cfg: TrainConfig, common: dict[str, Any], count: int = 2048) -> torch.Tensor:

@@ -121,3 +121,62 @@ def test_a_strip_image_is_refused_by_name_before_it_is_decoded(tmp_path):
     wide = tmp_path / "panorama.png"
     Image.new("RGB", (1200, 100)).save(wide)  # 12:1 is a picture
     assert load_image(wide).size == (1200, 100)
+
+
+def _write_photo(path: Path, size: tuple[int, int] = (1536, 1152), turned: bool = False) -> None:
+    """A camera-sized JPEG with smooth shading and hard edges; `turned` stores it on its side with EXIF 6."""
+    rng = np.random.default_rng(1)
+    w, h = size
+    shade = Image.fromarray(rng.integers(0, 256, (h // 32, w // 32, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    a = np.asarray(shade).copy()
+    for _ in range(40):  # edges: rectangles of flat colour
+        x, y = rng.integers(0, w - 64), rng.integers(0, h - 64)
+        a[y : y + rng.integers(8, 64), x : x + rng.integers(8, 64)] = rng.integers(0, 256, 3)
+    im = Image.fromarray(a)
+    if turned:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=92)
+    else:
+        im.save(path, quality=92)
+
+
+def test_a_large_jpeg_decodes_at_reduced_scale_with_the_pixels_kept(tmp_path):
+    from convnext.data.cache import decode_transform
+    from convnext.data.decode import DRAFT_MARGIN
+    from convnext.data.transforms import first_resize_side
+
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        (root / split / "big").mkdir(parents=True)
+        _write_photo(root / split / "big" / "a.jpg", turned=True)
+        _write_photo(root / split / "big" / "b.jpg")
+    a = root / "val" / "big" / "a.jpg"
+    png = tmp_path / "a.png"
+    load_image(a).save(png)
+
+    assert load_image(a).size == (1536, 1152)  # full size, turned upright
+    assert load_image(a, 32).size == (192, 144)  # 1/8 scale: the short side 144 >= 4 x 32, upright too
+    assert load_image(a, 96).size == (768, 576)  # 1/2: 1/4 would leave 288 < 4 x 96
+    assert load_image(a, 200).size == (1536, 1152)  # 1/2 would leave 576 < 4 x 200
+    assert load_image(png, 32).size == (1536, 1152)  # only JPEG has reduced-scale decoding
+    assert DRAFT_MARGIN == 4
+
+    for size in (32, 96):
+        tf = decode_transform(size, 0.875)
+        assert first_resize_side(tf) == round(size / 0.875)
+        full, fast = tf(load_image(a)).int(), tf(load_image(a, first_resize_side(tf))).int()
+        diff = (full - fast).abs().float()
+        assert diff.mean() < 0.3 and diff.max() <= 6, (size, diff.mean(), diff.max())
+
+    # every path decodes it the same way: training's cache transform, eval's dataset, predict and the ERF images
+    pre = Preprocess(img_size=32, crop_pct=1.0)
+    val, _ = build_eval_dataset(str(root), "val", pre.img_size, pre.crop_pct)
+    paths = [Path(p) for p, _ in val.samples]
+    predicted = _ImageFiles(paths, pre.transform())
+    expected = torch.stack([pre.transform()(load_image(p, 32)) for p in paths])
+    assert torch.equal(torch.stack([val[i][0] for i in range(len(val))]), expected)
+    assert torch.equal(torch.stack([predicted[i][1] for i in range(len(val))]), expected)
+    assert torch.equal(load_images(root / "val", 32, limit=2, mean=pre.mean, std=pre.std), expected)
+    train, _ = build_dataset(str(root), "train", decode_transform(32))
+    assert torch.equal(train[0][0], decode_transform(32)(load_image(root / "train" / "big" / "a.jpg", 32)))
