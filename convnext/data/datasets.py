@@ -137,6 +137,27 @@ def set_transform(ds: Any, transform: Any) -> None:
     ds.transform = transform
 
 
+def align_classes(val_ds: Dataset, classes: list[str], data: str) -> str | None:
+    """Give `val_ds` the training classes' label indices where its own classes are some of them (a val folder
+    with no images of a rare class): returns a line saying which classes it lacks, or None when the two agree.
+    Val classes that the training data lacks (nothing learned them) raise ValueError naming them."""
+    val_classes = list(val_ds.classes)
+    if val_classes == classes:
+        return None
+    only_t, only_v = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+    if only_v or not only_t or not isinstance(val_ds, ImageFolder):
+        raise ValueError(
+            f"train and val classes differ in {data}: only in train {only_t[:5]}, only in val {only_v[:5]}"
+            + ("" if only_t or only_v else " (same names, other order)")
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    val_ds.samples = val_ds.imgs = [(path, index[val_classes[t]]) for path, t in val_ds.samples]
+    val_ds.targets = [t for _, t in val_ds.samples]
+    val_ds.classes, val_ds.class_to_idx = list(classes), index
+    shown = ", ".join(only_t[:5]) + (", ..." if len(only_t) > 5 else "")
+    return f"data: val has no images of {len(only_t)} of the {len(classes)} classes ({shown}); scored on the others"
+
+
 def split_indices(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """A stratified, seeded split: `val_fraction` of each class goes to val (at least one if it has two)."""
     rng = np.random.default_rng(seed)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from convnext.data import build_dataset
 from convnext.data.cache import decode_transform, typical_short_side
-from convnext.data.datasets import set_transform
+from convnext.data.datasets import align_classes, set_transform
 from convnext.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from convnext.train.distributed import resolve_device
 from convnext.train.optim import build_optimizer
@@ -79,6 +79,8 @@ QUARTER: dict[str, Any] = {"depths": (1, 1, 2, 1), "dims": (32, 64, 128, 256)}
 def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dict[str, Any]:
     """Images, classes, the source images' median short side and the channel mean/std of a spread sample."""
     ds, classes = build_dataset(data, "train", None, data_dir=data_dir, skip_bad_images=True)
+    val, _ = build_dataset(data, "val", None, data_dir=data_dir, skip_bad_images=True)
+    align_classes(val, classes, data)  # a class that only val has is named now, before any step is timed
     side = typical_short_side(ds) or 224
     size = min(side, 64)
     set_transform(ds, decode_transform(size))  # decoded through the transform: a large JPEG at reduced scale

@@ -32,7 +32,7 @@ from convnext.data.cache import (
     fits_in_memory,
     typical_short_side,
 )
-from convnext.data.datasets import set_transform
+from convnext.data.datasets import align_classes, set_transform
 from convnext.extras import require
 from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.fast import usable as fast_usable
@@ -109,13 +109,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     d = cfg.data
     common = dict(data_dir=d.data_dir, val_split=d.val_split, skip_bad_images=d.skip_bad_images, download=d.download)
     train_ds, classes = build_dataset(d.name, "train", None, **common)
-    val_ds, val_classes = build_dataset(d.name, "val", None, **common)
-    if classes != val_classes:
-        only_t, only_v = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-        raise ValueError(
-            f"train and val classes differ in {d.name}: only in train {only_t[:5]}, only in val {only_v[:5]}"
-            + ("" if only_t or only_v else " (same names, other order)")
-        )
+    val_ds, _ = build_dataset(d.name, "val", None, **common)
+    if note := align_classes(val_ds, classes, d.name):
+        log.info(note)
     if d.classes and d.classes != classes:
         raise ValueError(f"the run was made for classes {d.classes[:5]}..., the data has {classes[:5]}...")
     d.classes = classes

@@ -71,6 +71,29 @@ def test_class_mismatch_between_train_and_val(image_folder, tiny_config, tmp_pat
     shutil.copy(image_folder / "val" / "circle" / "000.png", image_folder / "val" / "zigzag" / "000.png")
     with pytest.raises(ValueError, match=r"only in train \['stripe'\], only in val \['zigzag'\]"):
         fit(tiny_config(image_folder, tmp_path / "run"))
+    from convnext.train import auto_recipe
+
+    with pytest.raises(ValueError, match=r"only in val \['zigzag'\]"):  # the recipe says so before timing a step
+        auto_recipe(str(image_folder), budget_min=1)
+
+
+def test_val_without_a_class_is_scored_on_the_others(image_folder, tiny_config, tmp_path, caplog):
+    """A val folder with no images of a rare class: trained on all three, scored on the two it has, as eval does."""
+    from convnext.infer import load_model, run_eval
+
+    shutil.rmtree(image_folder / "val" / "square")
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="convnext"):
+        result = fit(tiny_config(image_folder, out, epochs=1))
+    assert "val has no images of 1 of the 3 classes (square); scored on the others" in caplog.text
+    assert result["n"] == 14  # 2 classes x 7 val images
+    assert json.loads((out / "config.json").read_text())["data"]["classes"] == ["circle", "square", "stripe"]
+    model, _ = load_run(out, which="last")
+    assert model.head.out_features == 3
+    loaded = load_model(str(out / "last.pt"))
+    summary = run_eval(loaded, image_folder)
+    assert summary["n"] == 14 and summary["per_class_accuracy"]["square"] is None
+    assert summary["top1"] == pytest.approx(result["top1"])  # the same images, labels and model as the last epoch
 
 
 def test_empty_dataset(tmp_path, tiny_config):
