@@ -85,6 +85,21 @@ def test_translate_bounds_the_shift_and_zero_keeps_the_image():
         BatchAugment(16, crop="pad", translate=-1)
 
 
+def test_a_flip_mirrors_the_same_window():
+    x = _images(6, 16)
+    for crop in ("pad", "resize"):
+        plain = BatchAugment(16, crop=crop, hflip=0.0)(x, 9, torch.arange(6))
+        mirrored = BatchAugment(16, crop=crop, hflip=1.0)(x, 9, torch.arange(6))  # the same draws, all flipped
+        torch.testing.assert_close(mirrored, plain.flip(-1), rtol=0, atol=0)
+        assert mirrored.is_contiguous(memory_format=torch.channels_last)
+    half = BatchAugment(16, crop="pad", hflip=0.5)(x, 9, torch.arange(6))
+    plain = BatchAugment(16, crop="pad", hflip=0.0)(x, 9, torch.arange(6))
+    flipped = [not torch.equal(half[i], plain[i]) for i in range(6)]
+    assert any(flipped) and not all(flipped)
+    for i in range(6):
+        assert torch.equal(half[i], plain[i].flip(-1) if flipped[i] else plain[i])
+
+
 def test_an_images_augmentation_does_not_depend_on_its_batch():
     x = _images(8)
     aug = BatchAugment(12, crop="rrc", scale=(0.3, 1.0))
