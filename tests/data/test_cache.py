@@ -58,6 +58,29 @@ def test_resized_crop_boxes_stay_inside_and_vary():
     assert widths.std() > 0.5  # boxes of different sizes
 
 
+def test_resized_crop_is_torchvisions_resized_crop_of_a_box():
+    """Each image is torchvision's resized_crop (antialiased bilinear, uint8) of one integer box, mirrored if
+    flipped."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = _images(6, 16)
+    side = round((0.3 * 16 * 16) ** 0.5)  # the box's area share and aspect are fixed: only its place varies
+    raw = {"mean": (0,) * 3, "std": (1 / 255,) * 3}  # normalising leaves the 0-255 values
+    for hflip in (0.0, 1.0):
+        out = BatchAugment(10, crop="rrc", scale=(0.3, 0.3), ratio=(1, 1), hflip=hflip, **raw)(x, 3, torch.arange(6))
+        places = set()
+        for i in range(6):
+            views = {
+                (top, left): TF.resized_crop(x[i], top, left, side, side, [10, 10], antialias=True).float()
+                for top in range(17 - side)
+                for left in range(17 - side)
+            }
+            found = [place for place, v in views.items() if torch.equal(v.flip(-1) if hflip else v, out[i])]
+            assert found, f"image {i} is no resized crop of a {side}px box"
+            places.add(found[0])
+        assert len(places) > 1
+
+
 def test_translation_is_a_crop_of_the_reflect_padded_image():
     x = _images(4, 16)
     aug = BatchAugment(16, crop="pad", hflip=0.0)
