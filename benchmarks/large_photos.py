@@ -32,11 +32,10 @@ def make_phone_folder(camvid: Path, out: Path, size: tuple[int, int] = (4032, 30
     `every`-th frame in val. Returns the number of images written."""
     from PIL import Image
 
-    frames = sorted(p for split in ("train", "val", "test") for p in (camvid / split).glob("*.png"))
-    frames += sorted(p for split in ("train", "val", "test") for p in (camvid / split).glob("*.jpg"))
+    splits = [camvid / split for split in ("train", "val", "test")]
+    frames = sorted((p for d in splits for p in d.glob("*") if p.suffix in (".png", ".jpg")), key=lambda p: p.name)
     if not frames:
         raise FileNotFoundError(f"{camvid}: no frames in train/, val/ or test/ (pass the unpacked CamVid folder)")
-    frames.sort(key=lambda p: p.name)
     for i, f in enumerate(frames):
         d = out / ("val" if i % every == 0 else "train") / f.name[:6]
         d.mkdir(parents=True, exist_ok=True)
