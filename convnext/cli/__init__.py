@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from convnext import interrupt
 from convnext.cli import core, dense, infer, pretrain, roadmap, train, weights
+from convnext.engine import interrupt
 
 FAMILIES = [core, roadmap, train, pretrain, weights, infer, dense]
 

@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         load_dense_run,
         segmentation_datasets,
     )
-    from convnext.train.distributed import resolve_device
+    from convnext.engine.distributed import resolve_device
 
     model, cfg = load_dense_run(args.run_dir, args.which)
     device = resolve_device(args.device)
@@ -163,7 +163,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from convnext.dense.predict import image_files, predict_detection, predict_segmentation
     from convnext.dense.train import load_dense_run
-    from convnext.train.distributed import resolve_device
+    from convnext.engine.distributed import resolve_device
 
     model, cfg = load_dense_run(args.run_dir, args.which)
     images = image_files(args.images)

@@ -71,8 +71,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     }
     apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
     if not args.resume:
+        from convnext.engine.distributed import resolve_device
         from convnext.train.auto import gpu_amp
-        from convnext.train.distributed import resolve_device
 
         cfg.amp = gpu_amp(resolve_device(cfg.device))
         if cfg.amp != "none":

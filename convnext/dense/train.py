@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from convnext import interrupt
 from convnext.data import SeededDataset
 from convnext.dense.backbone import backbone_of, build_backbone, detector
 from convnext.dense.config import DetectConfig, SegmentConfig
@@ -48,10 +47,11 @@ from convnext.dense.data import (
 )
 from convnext.dense.metrics import CocoEvaluator, ConfusionMatrix
 from convnext.dense.segmentation import Segmentor, predict_slide, predict_whole, segmentation_loss
+from convnext.engine import checkpoint as ckpt
+from convnext.engine import interrupt
+from convnext.engine.distributed import DistInfo, ResumableSampler, resolve_device
 from convnext.extras import require
-from convnext.train import checkpoint as ckpt
 from convnext.train.config import from_dict
-from convnext.train.distributed import DistInfo, ResumableSampler, resolve_device
 from convnext.train.loop import NonFiniteLossError
 from convnext.train.optim import lr_at as _lr_at
 from convnext.train.optim import no_weight_decay, param_groups, set_lr

@@ -42,16 +42,9 @@ from convnext.data.cache import (
     typical_short_side,
 )
 from convnext.data.datasets import set_transform
-from convnext.extras import require
-from convnext.fast import keep_freed_memory
-from convnext.fast import usable as fast_usable
-from convnext.pretrain.config import PretrainConfig, encoder_config, pick_input, total_stride
-from convnext.pretrain.fcmae import FCMAE, FCMAEConfig, default_decoder_dim, mask_grid, random_mask, visible_count
-from convnext.pretrain.report import save_reconstructions
-from convnext.registry import create_model
-from convnext.train import checkpoint as ckpt
-from convnext.train.budget import BudgetClock
-from convnext.train.distributed import (
+from convnext.engine import checkpoint as ckpt
+from convnext.engine.budget import BudgetClock
+from convnext.engine.distributed import (
     DistInfo,
     ResumableSampler,
     all_reduce_sum,
@@ -59,10 +52,17 @@ from convnext.train.distributed import (
     cleanup,
     init_distributed,
 )
+from convnext.engine.report import MetricsLog
+from convnext.extras import require
+from convnext.fast import keep_freed_memory
+from convnext.fast import usable as fast_usable
+from convnext.pretrain.config import PretrainConfig, encoder_config, pick_input, total_stride
+from convnext.pretrain.fcmae import FCMAE, FCMAEConfig, default_decoder_dim, mask_grid, random_mask, visible_count
+from convnext.pretrain.report import save_reconstructions
+from convnext.registry import create_model
 from convnext.train.fit import per_rank_batch, shrink_schedule
 from convnext.train.loop import NonFiniteLossError, autocast, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
-from convnext.train.report import MetricsLog
 from convnext.train.runs import check_run_dir, claim_run_dir
 
 log = logging.getLogger("convnext.pretrain")

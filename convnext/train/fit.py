@@ -33,14 +33,9 @@ from convnext.data.cache import (
     typical_short_side,
 )
 from convnext.data.datasets import align_classes, set_transform
-from convnext.extras import require
-from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
-from convnext.fast import usable as fast_usable
-from convnext.model import ConvNeXt
-from convnext.train import checkpoint as ckpt
-from convnext.train.budget import BudgetClock
-from convnext.train.config import TrainConfig, resolve_preprocessing
-from convnext.train.distributed import (
+from convnext.engine import checkpoint as ckpt
+from convnext.engine.budget import BudgetClock
+from convnext.engine.distributed import (
     DistInfo,
     ResumableSampler,
     ShardSampler,
@@ -49,10 +44,15 @@ from convnext.train.distributed import (
     cleanup,
     init_distributed,
 )
-from convnext.train.ema import build_ema
+from convnext.engine.ema import build_ema
+from convnext.engine.report import MetricsLog, plot_curves
+from convnext.extras import require
+from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
+from convnext.fast import usable as fast_usable
+from convnext.model import ConvNeXt
+from convnext.train.config import TrainConfig, resolve_preprocessing
 from convnext.train.loop import NonFiniteLossError, evaluate, train_one_epoch
 from convnext.train.optim import build_optimizer, lr_at, scaled_lr
-from convnext.train.report import MetricsLog, plot_curves
 from convnext.train.runs import build_model, check_run_dir, claim_run_dir
 from convnext.train.whiten import whiten_stem
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from convnext import interrupt
 from convnext.data.transforms import tta_logits
-from convnext.train.distributed import DistInfo, all_reduce_sum
+from convnext.engine import interrupt
+from convnext.engine.distributed import DistInfo, all_reduce_sum
 from convnext.train.optim import set_lr
 
 log = logging.getLogger("convnext.train")

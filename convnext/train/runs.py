@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
+from convnext.engine import checkpoint as ckpt
+from convnext.engine.ema import ema_weights
 from convnext.registry import create_model
-from convnext.train import checkpoint as ckpt
 from convnext.train.config import ModelConfig, from_dict
-from convnext.train.ema import ema_weights
 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
 

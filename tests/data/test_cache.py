@@ -15,7 +15,7 @@ from convnext.data.cache import (
     fits_in_memory,
     uniform,
 )
-from convnext.train.distributed import DistInfo, ResumableSampler
+from convnext.engine.distributed import DistInfo, ResumableSampler
 
 
 def _images(n: int = 8, size: int = 12) -> torch.Tensor:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from convnext.engine.checkpoint import load
 from convnext.pretrain import pretrain
-from convnext.train.checkpoint import load
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from convnext.cli import main
+from convnext.engine import checkpoint as ckpt
+from convnext.engine.checkpoint import load
 from convnext.pretrain import finetune_overrides, load_encoder, pretrain
-from convnext.train import checkpoint as ckpt
-from convnext.train.checkpoint import load
 
 
 def test_run_folder_metrics_pictures_and_checkpoint(folder, tiny, tmp_path):

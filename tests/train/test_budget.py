@@ -1,7 +1,7 @@
 """The budget clock: the speed it plans with leaves out the warm-up steps, and the refits come 10, 30, 90 steps in."""
 
-from convnext.train import budget as budget_mod
-from convnext.train.budget import BudgetClock
+from convnext.engine import budget as budget_mod
+from convnext.engine.budget import BudgetClock
 
 
 def test_the_speed_leaves_out_the_warm_up_and_refits_come_geometrically(monkeypatch):

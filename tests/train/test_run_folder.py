@@ -100,7 +100,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeyp
 
     import torch
 
-    from convnext.train import checkpoint
+    from convnext.engine import checkpoint
 
     target = tmp_path / "last.pt"
     checkpoint.save_atomic({"step": 1}, target)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from convnext.train.checkpoint import load
+from convnext.engine.checkpoint import load
 
 
 def test_two_processes_match_one(image_folder, tmp_path, run_cli, tiny_args):

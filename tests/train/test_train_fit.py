@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from convnext.engine.checkpoint import load
 from convnext.train import fit, load_run
-from convnext.train.checkpoint import load
 
 
 def test_run_folder_contents_and_load_run(image_folder, tiny_config, tmp_path):
@@ -212,7 +212,7 @@ def test_off_a_terminal_an_epoch_logs_where_it_is(caplog):
 
     from torch import nn
 
-    from convnext.train.distributed import DistInfo
+    from convnext.engine.distributed import DistInfo
     from convnext.train.loop import train_one_epoch
 
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
+from convnext.engine.checkpoint import load
 from convnext.fast import plan_from_rows
-from convnext.train.checkpoint import load
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder, tmp_path, run_cli, tiny_args):
