@@ -6,14 +6,17 @@ degrades to a single process. Only rank 0 logs and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
@@ -116,3 +119,34 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+@contextlib.contextmanager
+def joined(device: str = "auto") -> Iterator[DistInfo]:
+    """This process's place in the run: joins torchrun's process group (when WORLD_SIZE > 1) for as long as the
+    block runs, and leaves it after, if it was the one that joined."""
+    started = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if started and info.distributed:
+            cleanup()
+
+
+def wrap(model: nn.Module, info: DistInfo, **ddp_kwargs: Any) -> nn.Module:
+    """DistributedDataParallel around `model` in a process group, else `model` itself."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
+
+
+def per_rank_batch(batch_size: int, accum_steps: int, info: DistInfo, n_train: int) -> int:
+    """Each process's micro-batch for `batch_size` images per optimizer step."""
+    parts = info.world_size * accum_steps
+    if batch_size < 1 or batch_size % parts:
+        raise ValueError(f"batch size {batch_size} must be a positive multiple of processes x accum_steps ({parts})")
+    if batch_size > n_train:
+        raise ValueError(f"batch size {batch_size} is larger than the training set ({n_train} images)")
+    return batch_size // parts

@@ -1,4 +1,5 @@
-"""Training: typed configs and presets, optimizer groups and schedules, EMA, the loop, checkpoints, DDP.
+"""Classification training on the run engine (`convnext.engine`): typed configs and presets, the automatic
+recipe, `fit`.
 
 from convnext.train import fit, get_preset, apply_overrides
 cfg = apply_overrides(get_preset("demo"), {"epochs": 3, "output": "runs/try"})

@@ -46,8 +46,8 @@ from convnext.data import build_dataset
 from convnext.data.cache import decode_transform, typical_short_side
 from convnext.data.datasets import align_classes, set_transform
 from convnext.engine.distributed import resolve_device
+from convnext.engine.optim import build_optimizer
 from convnext.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
-from convnext.train.optim import build_optimizer
 
 log = logging.getLogger("convnext.train")
 

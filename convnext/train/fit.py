@@ -1,4 +1,6 @@
-"""`fit(cfg)`: train (or fine-tune, or resume) one run end to end; `load_run(dir)`: a trained model back.
+"""`fit(cfg)`: train (or fine-tune, or resume) one classification run end to end on the run engine
+(`convnext.engine.trainer`): this module builds the data, the model and the loaders, and gives the engine the
+classification task (cross-entropy after Mixup/CutMix, top-1/top-5 of the model and its EMA, curves.png).
 
 Everything that can be checked is checked before the first step: the run folder, the data (empty, class mismatch
 between train and val, batch larger than the dataset), and the weights to resume from or start from.
@@ -8,23 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from convnext import kernels
 from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
 from convnext.data.cache import (
     BatchAugment,
+    CachedImages,
     CachedLoader,
     cache_size,
     decode_all,
@@ -33,41 +36,32 @@ from convnext.data.cache import (
     typical_short_side,
 )
 from convnext.data.datasets import align_classes, set_transform
-from convnext.engine import checkpoint as ckpt
-from convnext.engine.budget import BudgetClock
+from convnext.data.transforms import tta_logits
 from convnext.engine.distributed import (
     DistInfo,
     ResumableSampler,
     ShardSampler,
     all_reduce_sum,
     broadcast_object,
-    cleanup,
-    init_distributed,
+    joined,
+    per_rank_batch,
+    wrap,
 )
 from convnext.engine.ema import build_ema
-from convnext.engine.report import MetricsLog, plot_curves
+from convnext.engine.loop import autocast
+from convnext.engine.optim import build_optimizer, scaled_lr
+from convnext.engine.report import plot_curves
+from convnext.engine.run import RunFolder
+from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
 from convnext.extras import require
 from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.fast import usable as fast_usable
 from convnext.model import ConvNeXt
 from convnext.train.config import TrainConfig, resolve_preprocessing
-from convnext.train.loop import NonFiniteLossError, evaluate, train_one_epoch
-from convnext.train.optim import build_optimizer, lr_at, scaled_lr
-from convnext.train.runs import build_model, check_run_dir, claim_run_dir
+from convnext.train.runs import build_model
 from convnext.train.whiten import whiten_stem
 
 log = logging.getLogger("convnext.train")
-
-
-def shrink_schedule(planned: dict[str, int], total: int) -> dict[str, int]:
-    """The schedule `planned` compressed to `total` steps: warmup and step decay keep their share of the run."""
-    ratio = total / planned["total_steps"]
-    return {
-        **planned,
-        "total_steps": total,
-        "warmup_steps": round(planned["warmup_steps"] * ratio),
-        "step_size": max(round(planned["step_size"] * ratio), 1),
-    }
 
 
 def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
@@ -81,14 +75,55 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
         `cfg.model`; it must output `len(classes)` logits. `load_run` cannot rebuild such a run.
     """
     cfg = copy.deepcopy(cfg)  # the run resolves fields (lr, classes); the caller's config stays as given
-    info = init_distributed(cfg.device)
-    started_group = info.distributed
-    try:
-        with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
-            return _fit(cfg, info, model, held)
-    finally:
-        if started_group:
-            cleanup()
+    with joined(cfg.device) as info, contextlib.ExitStack() as held:  # the lock is held until the run ends
+        return _fit(cfg, info, model, held)
+
+
+@dataclass
+class ClassificationTask:
+    """The engine's task for image classification."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    val_loader: Any
+    num_classes: int
+    run_dir: Path
+    best_key: str = "val_top1"
+    columns: tuple[str, ...] = (
+        "epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_loss", "ema_top1",
+        "ema_top5", "img_per_s", "epoch_time_s", "elapsed_s", "skipped_images", "data_wait_pct",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        d = self.cfg.data
+        self.mix = mix_transform(self.num_classes, d.mixup, d.cutmix, d.switch_prob, d.mix_prob)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int) -> torch.Tensor:
+        x, y = _to_device(x, y, self.info.device, self.cfg.channels_last)
+        if self.mix is not None:
+            x, y = self.mix(x, y)
+        with autocast(self.info.device, self.cfg.amp):
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.data.label_smoothing)
+
+    def evaluate(self, model: nn.Module, ema: nn.Module | None) -> dict[str, Any]:
+        d, kw = self.cfg.data, {"info": self.info, "amp": self.cfg.amp, "channels_last": self.cfg.channels_last}
+        kw |= {"tta_flip": d.tta_flip, "tta_shift": d.tta_shift}
+        m = evaluate(model, self.val_loader, desc="eval", **kw)
+        row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
+        if ema is not None:
+            e = evaluate(ema.module, self.val_loader, desc="eval EMA", **kw)
+            row |= {"ema_loss": e["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
+        if m["skipped"]:
+            row["val_skipped"] = m["skipped"]
+        return row
+
+    def summary(self, row: dict[str, Any]) -> str:
+        out = f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% loss {row['val_loss']:.4f}"
+        return out + (f"  EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else "")
+
+    def epoch_end(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
+        plot_curves(rows, self.run_dir / "curves.png")
 
 
 def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: contextlib.ExitStack) -> dict[str, Any]:
@@ -99,13 +134,117 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         torch.set_num_threads(cfg.threads)
     _check_config(cfg)
     cfg.recipe += resolve_preprocessing(cfg)  # mean, std and eval resize of the weights the run starts from
-    run_dir = Path(cfg.resume or cfg.output)
-    cfg.output = str(run_dir)
-    old_files = check_run_dir(run_dir, bool(cfg.resume), cfg.overwrite)
+    run = RunFolder(cfg.resume or cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    cfg.output = str(run.path)
     for line in cfg.recipe:
         log.info("recipe: %s", line)
+    data = _data(cfg, info)
+    per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(data.train))
+    data.decode(cfg)
 
-    # ---- data: every check before any work
+    # ---- model, EMA, optimizer (same init on every rank; then per-rank randomness)
+    torch.manual_seed(cfg.seed)
+    model = module if module is not None else build_model(cfg.model, len(data.classes), init_weights=not cfg.resume)
+    if cfg.model.stem_init not in ("default", "whiten"):
+        raise ValueError(f"model.stem_init must be default or whiten, not {cfg.model.stem_init!r}")
+    fresh = module is None and not (cfg.resume or cfg.model.pretrained or cfg.model.checkpoint)
+    if cfg.model.stem_init == "whiten" and fresh:
+        images = data.train_cache.images if data.train_cache is not None else _sample_images(cfg)
+        whiten_stem(model.stem[0], images, cfg.data.mean, cfg.data.std, seed=cfg.seed)
+    state = run.load_last() if cfg.resume else None
+    if state is not None:
+        restore_weights(model, state, str(run.last))
+    torch.manual_seed(cfg.seed + info.rank)
+    model.to(info.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    ema = build_ema(model, cfg.ema_decay) if cfg.ema else None
+    o = cfg.optim
+    o.lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.batch_size, o.base_batch)  # saved resolved
+    optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, layer_decay=o.layer_decay, betas=o.betas,
+                                eps=o.eps, momentum=o.momentum, nesterov=o.nesterov)  # fmt: skip
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+    train_loader, val_loader, sampler = _loaders(cfg, info, data, per_rank)
+    steps_per_epoch = len(train_loader) // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {cfg.batch_size} with accum_steps {cfg.accum_steps} leaves no full step an epoch")
+    forward, plan, fast_path = _fast_path(cfg, info, model, per_rank, state)
+    forward = wrap(forward, info)
+    if cfg.compile:
+        forward = torch.compile(forward)
+
+    loop = Loop(cfg.epochs, steps_per_epoch, per_rank, cfg.accum_steps, o.clip_grad, cfg.budget_min,
+                cfg.ckpt_every_steps, cfg.eval_every, tensorboard=cfg.tensorboard)  # fmt: skip
+    s = cfg.sched
+    sched = schedule(loop, round(s.warmup_epochs * steps_per_epoch), round(s.step_epochs * steps_per_epoch))
+    task = ClassificationTask(cfg, info, val_loader, len(data.classes), run.path)
+    trainer = Trainer(
+        task, run, model=model, optimizer=optimizer, loader=train_loader, sampler=sampler, info=info, loop=loop,
+        lr=LrShape(o.lr, s.name, s.min_lr, s.warmup_lr, s.gamma), sched=sched, config=cfg.to_dict(),
+        forward=forward, ema=ema, scaler=scaler, state=state, extra={"plan": plan_to_rows(plan) if plan else None},
+        skipped_at_setup=data.train_cache.skipped if data.train_cache is not None else 0,
+    )  # fmt: skip
+    log.info(
+        "training %s on %s (%d train / %d val images, %d classes) for %d epochs x %d steps, batch %d "
+        "(%d per process x %d processes x %d accumulation), lr %.3g, %s",
+        cfg.model.name + (f" {cfg.model.kwargs}" if cfg.model.kwargs else ""), cfg.data.name, len(data.train),
+        len(data.val), len(data.classes), cfg.epochs, steps_per_epoch, cfg.batch_size, per_rank, info.world_size,
+        cfg.accum_steps, o.lr, info.device,
+    )  # fmt: skip
+    out = trainer.fit(held)
+    row = out["row"]
+    result = {
+        "top1": row["val_top1"],
+        "top5": row["val_top5"],
+        "loss": row["val_loss"],
+        "n": row.get("val_n"),
+        "classes": list(data.classes),
+        **{k: row[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in row},
+        "best_top1": max(trainer.best, row["val_top1"]),
+        "train_loss": row.get("train_loss"),
+        "img_per_s": out["images"] / out["train_time"] if out["train_time"] else None,  # training, all processes
+        "epochs": out["epochs"],
+        "steps": out["steps"],
+        "time_s": time.perf_counter() - out["t0"],
+        "train_s": out["train_s"],  # what the budget counts
+        "setup_s": out["t0"] - t_setup,  # data scan and decoding, model, plan: before the budget's clock starts
+        # what the CPU fast path ran on: the C kernels, or aten's where they could not be built (said once)
+        "fast_path": fast_path,
+        "c_kernels": kernels.status() if fast_path == "on" else "not used",
+        "run_dir": str(run.path),
+    }
+    if info.is_main:
+        run.write_json("results.json", result)
+    return result
+
+
+class _Data:
+    """The run's datasets and classes, and the in-memory cache when the images are decoded once."""
+
+    def __init__(self, train: Any, val: Any, classes: list[str], cache: int | None):
+        self.train, self.val, self.classes, self.cache = train, val, classes, cache
+        self.train_cache: CachedImages | None = None
+        self.val_cache: CachedImages | None = None
+
+    def decode(self, cfg: TrainConfig) -> None:
+        if self.cache is None:
+            return
+        d, t = cfg.data, time.perf_counter()
+        self.train_cache = decode_all(self.train, self.cache, workers=d.num_workers)
+        self.val_cache = decode_all(self.val, d.img_size, workers=d.num_workers)
+        bad = self.train_cache.skipped + self.val_cache.skipped
+        log.info(
+            "decoded %d train images at %dx%d and %d val images at %dx%d into memory in %.1fs%s",
+            len(self.train_cache), self.cache, self.cache, len(self.val_cache), d.img_size, d.img_size,
+            time.perf_counter() - t, f"; skipped {bad} unreadable" if bad else "",
+        )  # fmt: skip
+
+
+def _data(cfg: TrainConfig, info: DistInfo) -> _Data:
+    """Datasets and classes, every check before any work; the transforms of the per-image path, or the cache's."""
     d = cfg.data
     common = dict(data_dir=d.data_dir, val_split=d.val_split, skip_bad_images=d.skip_bad_images, download=d.download)
     train_ds, classes = build_dataset(d.name, "train", None, **common)
@@ -118,391 +257,108 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     cache = _cache_plan(cfg, train_ds, val_ds, info)
     if cache is None:
         set_transform(train_ds, train_transform(
-            d.img_size,
-            crop=d.crop,
-            scale=d.scale,
-            hflip=d.hflip,
-            translate=d.translate,
-            randaugment=d.randaugment,
-            ra_num_ops=d.ra_num_ops,
-            ra_magnitude=d.ra_magnitude,
-            ra_magnitude_std=d.ra_magnitude_std,
-            re_prob=d.re_prob,
-            mean=d.mean,
-            std=d.std,
+            d.img_size, crop=d.crop, scale=d.scale, hflip=d.hflip, translate=d.translate, randaugment=d.randaugment,
+            ra_num_ops=d.ra_num_ops, ra_magnitude=d.ra_magnitude, ra_magnitude_std=d.ra_magnitude_std,
+            re_prob=d.re_prob, mean=d.mean, std=d.std,
         ))  # fmt: skip
         set_transform(val_ds, eval_transform(d.img_size, d.crop_pct, d.mean, d.std, d.interpolation))
-    per_rank = per_rank_batch(cfg, info, len(train_ds))
-    train_cache = val_cache = None
-    if cache is not None:
-        t_cache = time.perf_counter()
-        train_cache = decode_all(train_ds, cache, workers=d.num_workers)
-        val_cache = decode_all(val_ds, d.img_size, workers=d.num_workers)
-        log.info(
-            "decoded %d train images at %dx%d and %d val images at %dx%d into memory in %.1fs%s",
-            len(train_cache), cache, cache, len(val_cache), d.img_size, d.img_size, time.perf_counter() - t_cache,
-            f"; skipped {train_cache.skipped + val_cache.skipped} unreadable" if train_cache.skipped + val_cache.skipped
-            else "",
-        )  # fmt: skip
+    return _Data(train_ds, val_ds, classes, cache)
 
-    # ---- model, EMA, optimizer (same init on every rank; then per-rank randomness)
-    torch.manual_seed(cfg.seed)
-    model = module if module is not None else build_model(cfg.model, len(classes), init_weights=not cfg.resume)
-    if cfg.model.stem_init not in ("default", "whiten"):
-        raise ValueError(f"model.stem_init must be default or whiten, not {cfg.model.stem_init!r}")
-    fresh = module is None and not (cfg.resume or cfg.model.pretrained or cfg.model.checkpoint)
-    if cfg.model.stem_init == "whiten" and fresh:
-        images = train_cache.images if train_cache is not None else _sample_images(cfg, common)
-        whiten_stem(model.stem[0], images, d.mean, d.std, seed=cfg.seed)
-    state = None
-    if cfg.resume:
-        state = ckpt.load(run_dir / "last.pt")
-        ckpt.check_compatible(model, state["model"], f"checkpoint {run_dir / 'last.pt'}")
-        model.load_state_dict(state["model"])
-    torch.manual_seed(cfg.seed + info.rank)
-    model.to(info.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
-    ema = build_ema(model, cfg.ema_decay) if cfg.ema else None
 
-    lr = (
-        cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, cfg.batch_size, cfg.optim.base_batch)
-    )
-    cfg.optim.lr = lr  # saved resolved: a resumed run (even on another number of processes) keeps it
-    o = cfg.optim
-    optimizer = build_optimizer(
-        model,
-        o.name,
-        lr,
-        o.weight_decay,
-        layer_decay=o.layer_decay,
-        betas=o.betas,
-        eps=o.eps,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-    )
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-
-    if cache is not None:
-        sampler = ResumableSampler(train_cache, info, cfg.seed, shuffle=True, drop_last=True)
+def _loaders(cfg: TrainConfig, info: DistInfo, data: _Data, per_rank: int) -> tuple[Any, Any, ResumableSampler]:
+    """(train loader, val loader, train sampler): batches cut from the cache, or a DataLoader over the images."""
+    d = cfg.data
+    if data.train_cache is not None:
+        sampler = ResumableSampler(data.train_cache, info, cfg.seed, shuffle=True, drop_last=True)
         augment = BatchAugment(
             d.img_size, crop=d.crop, scale=d.scale, hflip=d.hflip, translate=d.translate, mean=d.mean, std=d.std
         )
-        train_loader: Any = CachedLoader(
-            train_cache, sampler, per_rank, augment=augment, drop_last=True, seed=cfg.seed, rank=info.rank,
-            world=info.world_size,
-        )  # fmt: skip
-        val_loader: Any = CachedLoader(
-            val_cache, ShardSampler(len(val_cache), info), max(per_rank, 64), normalise=(d.mean, d.std)
+        train: Any = CachedLoader(data.train_cache, sampler, per_rank, augment=augment, drop_last=True, seed=cfg.seed,
+                                  rank=info.rank, world=info.world_size)  # fmt: skip
+        val: Any = CachedLoader(
+            data.val_cache, ShardSampler(len(data.val_cache), info), max(per_rank, 64), normalise=(d.mean, d.std)
         )
-    else:
-        train_set = SeededDataset(train_ds, cfg.seed)
-        sampler = ResumableSampler(train_set, info, cfg.seed, shuffle=True, drop_last=True)
-        loader_args = dict(
-            num_workers=d.num_workers, pin_memory=d.pin_memory and info.device.type == "cuda", collate_fn=collate_skip
-        )
-        train_loader = DataLoader(
-            train_set, batch_size=per_rank, sampler=sampler, drop_last=True, generator=torch.Generator(), **loader_args
-        )
-        val_loader = DataLoader(
-            val_ds, batch_size=max(per_rank, 64), sampler=ShardSampler(len(val_ds), info), **loader_args
-        )
-    steps_per_epoch = len(train_loader) // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"batch size {cfg.batch_size} with accum_steps {cfg.accum_steps} leaves no full step per epoch"
-        )
-    sched = {
-        "total_steps": cfg.epochs * steps_per_epoch,
-        "warmup_steps": round(cfg.sched.warmup_epochs * steps_per_epoch),
-        "step_size": max(round(cfg.sched.step_epochs * steps_per_epoch), 1),
-        "steps_per_epoch": steps_per_epoch,
+        return train, val, sampler
+    train_set = SeededDataset(data.train, cfg.seed)
+    sampler = ResumableSampler(train_set, info, cfg.seed, shuffle=True, drop_last=True)
+    args = dict(num_workers=d.num_workers, pin_memory=d.pin_memory and info.device.type == "cuda",
+                collate_fn=collate_skip)  # fmt: skip
+    train = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, generator=torch.Generator(),
+                       **args)  # fmt: skip
+    val = DataLoader(data.val, batch_size=max(per_rank, 64), sampler=ShardSampler(len(data.val), info), **args)
+    return train, val, sampler
+
+
+def _fast_path(
+    cfg: TrainConfig, info: DistInfo, model: nn.Module, per_rank: int, state: dict | None
+) -> tuple[nn.Module, Any, str]:
+    """(the module to run, its plan, what the fast path is): the same parameters and math with faster kernels
+    (convnext/fast/). In float32 each 1x1 product is timed both ways at this run's micro-batch and image size, as
+    optimize() does. A resumed run keeps the plan it was saved with: products run another way round differ in the
+    last bits, and resume is exact."""
+    if not (cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt)):
+        return model, None, "not used"
+    if not fast_usable():
+        return model, None, f"off: torch {torch.__version__} is not a release the fast path is tested on (plain model)"
+    keep_freed_memory()  # process-wide; this process is a training run
+    plan = None
+    if state is not None and state.get("plan"):
+        plan = plan_from_rows(state["plan"])
+    elif cfg.amp == "none" and cfg.fast_plan == "timed":
+        if info.is_main:  # timed once, on rank 0, and handed to every rank: all run the same products
+            shape = (per_rank, model.cfg.in_chans, cfg.data.img_size, cfg.data.img_size)
+            plan = plan_pointwise(model, torch.empty(shape), torch.float32)
+        plan = plan_from_rows(broadcast_object(plan_to_rows(plan) if info.is_main else None, info))
+    return FastConvNeXt(model, plan), plan, "on"
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    *,
+    info: DistInfo,
+    amp: str = "none",
+    channels_last: bool = False,
+    tta_flip: bool = False,
+    tta_shift: int = 0,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Top-1, top-5 (in %), mean cross-entropy and image count over `loader`, summed over all processes.
+    With `tta_flip` / `tta_shift` the logits are the mean over the views `data.tta_logits` makes."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, skipped
+    bar = tqdm(loader, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
+    for x, y, n_bad in bar:
+        sums[4] += n_bad
+        if len(y) == 0:
+            continue
+        x, y = _to_device(x, y, info.device, channels_last)
+        with autocast(info.device, amp):
+            logits = tta_logits(model, x, tta_flip, tta_shift)
+        k = min(5, logits.shape[1])
+        hit = logits.topk(k, dim=1).indices.eq(y[:, None])
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        sums[1] += hit[:, 0].sum().item()
+        sums[2] += hit.any(dim=1).sum().item()
+        sums[3] += len(y)
+    bar.close()
+    sums = all_reduce_sum(sums, info)
+    n = max(float(sums[3]), 1.0)
+    return {
+        "loss": float(sums[0]) / n,
+        "top1": 100.0 * float(sums[1]) / n,
+        "top5": 100.0 * float(sums[2]) / n,
+        "n": int(sums[3]),
+        "skipped": int(sums[4]),
     }
-
-    start_epoch, epoch_step, step, best = 0, 0, 0, -1.0
-    carry = (0.0, 0)  # the resumed epoch's loss so far: (sum of per-image losses, images)
-    if state is not None:
-        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            raise ValueError(
-                f"{run_dir}: the run had {state['steps_per_epoch']} steps per epoch, now {steps_per_epoch}; "
-                "resume with the same batch size and data"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if cfg.budget_min is not None:  # keep the schedule that was fitted to the budget
-            sched.update(state["scheduler"])
-        start_epoch, epoch_step, step = state["epoch"], state["epoch_step"], state["step"]
-        best = state.get("best_top1", -1.0)
-        if epoch_step > 0 and state.get("epoch_loss"):
-            carry = (float(state["epoch_loss"][0]), int(state["epoch_loss"][1]))
-        rngs = state["rng"]
-        if len(rngs) == info.world_size:
-            ckpt.set_rng_state(rngs[info.rank])
-        else:
-            log.warning("resuming on %d processes, saved on %d: random streams restart", info.world_size, len(rngs))
-        log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch, step)
-        saved_epochs = state.get("config", {}).get("epochs", cfg.epochs)
-        if saved_epochs != cfg.epochs and cfg.budget_min is None:
-            log.info(
-                "the run had %d epochs, now %d: the lr schedule is the one for %d epochs from step %d on (the steps "
-                "already trained keep the lr they had)", saved_epochs, cfg.epochs, cfg.epochs, step,
-            )  # fmt: skip
-        if start_epoch == cfg.epochs and epoch_step == 0:
-            log.info("the run is already finished (%d epochs)", cfg.epochs)
-
-    raw_model, plan, fast_path = model, None, "not used"
-    wants_fast = cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt)
-    if wants_fast and not fast_usable():
-        fast_path = f"off: torch {torch.__version__} is not a release the fast path is tested on (plain model)"
-    elif wants_fast:
-        fast_path = "on"
-        keep_freed_memory()  # process-wide; this process is a training run
-        # the same parameters and math, faster kernels (convnext/fast/); in float32 each 1x1 product is timed
-        # both ways at this run's micro-batch and image size, as optimize() does. A resumed run keeps the plan it
-        # was saved with: products run another way round differ in the last bits, and resume is exact.
-        shape = (per_rank, model.cfg.in_chans, cfg.data.img_size, cfg.data.img_size)
-        if state is not None and state.get("plan"):
-            plan = plan_from_rows(state["plan"])
-        elif cfg.amp == "none" and cfg.fast_plan == "timed":
-            if info.is_main:  # timed once, on rank 0, and handed to every rank: all run the same products
-                plan = plan_pointwise(model, torch.empty(shape), torch.float32)
-            plan = plan_from_rows(broadcast_object(plan_to_rows(plan) if info.is_main else None, info))
-        model = FastConvNeXt(model, plan)
-    if info.distributed:
-        ids = [info.device.index] if info.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    # ---- run folder
-    metrics = None
-    if info.is_main:
-        claim_run_dir(run_dir, old_files, held)  # --overwrite: the old run goes only now data and model are built
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
-        if state is not None:
-            metrics.truncate_after(start_epoch)  # rows of finished epochs stay; a half epoch's is redone
-    log.info(
-        "training %s on %s (%d train / %d val images, %d classes) for %d epochs x %d steps, batch %d "
-        "(%d per process x %d processes x %d accumulation), lr %.3g, %s",
-        cfg.model.name + (f" {cfg.model.kwargs}" if cfg.model.kwargs else ""),
-        d.name,
-        len(train_ds),
-        len(val_ds),
-        len(classes),
-        cfg.epochs,
-        steps_per_epoch,
-        cfg.batch_size,
-        per_rank,
-        info.world_size,
-        cfg.accum_steps,
-        lr,
-        info.device,
-    )
-
-    def lr_fn(s: int) -> float:
-        return lr_at(
-            s,
-            lr=lr,
-            total_steps=sched["total_steps"],
-            warmup_steps=sched["warmup_steps"],
-            name=cfg.sched.name,
-            min_lr=cfg.sched.min_lr,
-            warmup_lr=cfg.sched.warmup_lr,
-            step_size=sched["step_size"],
-            gamma=cfg.sched.gamma,
-        )
-
-    def save(path: Path, epoch: int, e_step: int, s: int, extra: dict | None = None) -> None:
-        rngs = [ckpt.rng_state()]
-        if info.distributed:
-            rngs = [None] * info.world_size
-            dist.all_gather_object(rngs, ckpt.rng_state())
-        if not info.is_main:
-            return
-        payload = {
-            "model": raw_model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": dict(sched),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rngs,
-            "epoch": epoch,
-            "epoch_step": e_step,
-            "step": s,
-            "steps_per_epoch": steps_per_epoch,
-            "best_top1": best,
-            "config": cfg.to_dict(),
-            "plan": plan_to_rows(plan) if plan else None,
-            **(extra or {}),
-        }
-        ckpt.save_atomic(payload, path)
-
-    trained = {"images": 0, "time": 0.0}
-    planned = dict(sched)
-    budget = BudgetClock(cfg.budget_min * 60 if cfg.budget_min is not None else None, planned["total_steps"], step)
-    t0 = budget.t0
-
-    def fit_schedule_to_budget(s: int) -> None:
-        """Shorten the schedule to the steps that fit in the budget at the speed measured so far."""
-        total = int(broadcast_object(budget.total_steps(s), info))
-        sched.update(shrink_schedule(planned, total))
-
-    def out_of_time() -> bool:
-        return bool(all_reduce_sum(torch.tensor(float(budget.out_of_time())), info) > 0)
-
-    last_row: dict[str, Any] = {}
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch, skip=epoch_step * per_rank * cfg.accum_steps)
-            (train_loader if cache is not None else train_loader.dataset).set_epoch(epoch)
-
-            def on_step(s: int, n: int, loss_so_far: Any, epoch: int = epoch, offset: int = epoch_step) -> None:
-                if budget.step_done(s):
-                    fit_schedule_to_budget(s)
-                if cfg.ckpt_every_steps and s % cfg.ckpt_every_steps == 0 and offset + n < steps_per_epoch:
-                    save(run_dir / "last.pt", epoch, offset + n, s, {"epoch_loss": list(loss_so_far())})
-
-            r = train_one_epoch(
-                model,
-                train_loader,
-                optimizer,
-                info=info,
-                lr_fn=lr_fn,
-                step=step,
-                accum_steps=cfg.accum_steps,
-                mix=mix_transform(len(classes), d.mixup, d.cutmix, d.switch_prob, d.mix_prob),
-                label_smoothing=d.label_smoothing,
-                amp=cfg.amp,
-                scaler=scaler,
-                clip_grad=o.clip_grad,
-                ema=ema,
-                channels_last=cfg.channels_last,
-                on_step=on_step,
-                should_stop=out_of_time if budget.seconds is not None else None,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                total=(steps_per_epoch - epoch_step) * cfg.accum_steps,
-                carry=carry,
-            )
-            carry = (0.0, 0)
-            t_epoch_end = time.perf_counter()
-            step = r["step"]
-            trained["images"] += r["images"]
-            trained["time"] += r["time"]
-            stopped = r["stopped"]
-            done_epoch = epoch_step + r["steps"] >= steps_per_epoch
-            last_row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": r["lr"],
-                "train_loss": r["loss"],
-                "img_per_s": r["img_per_s"],
-                "epoch_time_s": r["time"],
-                "skipped_images": r["skipped"] + (train_cache.skipped if cache is not None else 0),
-                "data_wait_pct": 100.0 * r["data_time"] / max(r["time"], 1e-9),
-            }
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or stopped:
-                last_row |= _eval_row(raw_model, ema, val_loader, info, cfg)
-            last_row["elapsed_s"] = time.perf_counter() - t0
-            epoch_step = 0 if done_epoch else epoch_step + r["steps"]
-            next_epoch = epoch + 1 if done_epoch else epoch
-            improved = "val_top1" in last_row and last_row["val_top1"] > best
-            if improved:
-                best = last_row["val_top1"]
-            partial = None if done_epoch else {"epoch_loss": [r["loss_sum"], r["loss_images"]]}
-            save(run_dir / "last.pt", next_epoch, epoch_step, step, partial)
-            if improved and info.is_main:
-                shutil.copyfile(run_dir / "last.pt", run_dir / ".best.pt.tmp")
-                (run_dir / ".best.pt.tmp").replace(run_dir / "best.pt")
-            if info.is_main:
-                metrics.append(last_row)
-                plot_curves(metrics.rows(), run_dir / "curves.png")
-                log.info(_epoch_line(last_row, cfg.epochs))
-            budget.paused += time.perf_counter() - t_epoch_end
-            if budget.seconds is not None and not stopped:
-                fit_schedule_to_budget(step)
-            if stopped:
-                log.info("time budget of %.1f min spent after %d steps", cfg.budget_min, step)
-                break
-    except NonFiniteLossError as e:
-        raise NonFiniteLossError(
-            f"{e}: stopping; {_diverged_note(run_dir)}. Try a lower --optim.lr or --optim.clip_grad 1.0"
-        ) from None
-    finally:
-        if metrics is not None:
-            metrics.close()
-
-    if "val_top1" not in last_row:  # resumed a finished run, or eval_every skipped the end
-        last_row |= _eval_row(raw_model, ema, val_loader, info, cfg)
-    result = {
-        "top1": last_row["val_top1"],
-        "top5": last_row["val_top5"],
-        "loss": last_row["val_loss"],
-        "n": last_row.get("val_n"),
-        "classes": list(classes),
-        **{k: last_row[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in last_row},
-        "best_top1": max(best, last_row["val_top1"]),
-        "train_loss": last_row.get("train_loss"),
-        "img_per_s": trained["images"] / trained["time"] if trained["time"] else None,  # training, all processes
-        "epochs": epoch + 1 if last_row else start_epoch,
-        "steps": step,
-        "time_s": time.perf_counter() - t0,
-        "train_s": budget.clock(),  # what the budget counts
-        "setup_s": t0 - t_setup,  # data scan and decoding, model, plan: before the budget's clock starts
-        # what the CPU fast path ran on: the C kernels, or aten's where they could not be built (said once)
-        "fast_path": fast_path,
-        "c_kernels": kernels.status() if fast_path == "on" else "not used",
-        "run_dir": str(run_dir),
-    }
-    if info.is_main:
-        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def _eval_row(model: nn.Module, ema: nn.Module | None, loader: DataLoader, info: DistInfo, cfg: TrainConfig) -> dict:
-    d = cfg.data
-    kw = dict(info=info, amp=cfg.amp, channels_last=cfg.channels_last, tta_flip=d.tta_flip, tta_shift=d.tta_shift)
-    m = evaluate(model, loader, desc="eval", **kw)
-    row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
-    if ema is not None:
-        e = evaluate(ema.module, loader, desc="eval EMA", **kw)
-        row |= {"ema_loss": e["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
-    if m["skipped"]:
-        row["val_skipped"] = m["skipped"]
-    return row
-
-
-def _epoch_line(row: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}"]
-    if "val_top1" in row:
-        parts.append(f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% loss {row['val_loss']:.4f}")
-    if "ema_top1" in row:
-        parts.append(f"EMA top-1 {row['ema_top1']:.2f}%")
-    parts.append(f"lr {row['lr']:.3g}  {row['img_per_s']:.0f} img/s  {row['epoch_time_s']:.1f}s")
-    if row.get("skipped_images"):
-        parts.append(f"skipped {row['skipped_images']} unreadable images")
-    return "  ".join(parts)
-
-
-def _diverged_note(run_dir: Path) -> str:
-    """What a diverged run leaves: last.pt was saved before the loss went non-finite, but its weights may already
-    have blown up (the loss lags the weights), so say how large they are; best.pt is the last scored epoch's."""
-    last, best = run_dir / "last.pt", run_dir / "best.pt"
-    if not last.exists():
-        return "no checkpoint was written yet"
-    state = ckpt.load(last)
-    weights = [t for t in state["model"].values() if t.is_floating_point()]
-    finite = all(bool(torch.isfinite(t).all()) for t in weights)
-    size = max((float(t.abs().max()) for t in weights if t.numel()), default=0.0) if finite else float("inf")
-    step = state.get("step", "?")
-    note = f"{last} holds step {step}'s weights (largest |w| {size:.3g}; they may already have diverged)"
-    return note + (f"; {best} holds the best scored epoch" if best.exists() else "; no epoch was scored yet")
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -526,10 +382,11 @@ def _check_config(cfg: TrainConfig) -> None:
         require("tensorboard", what="--tensorboard true")
 
 
-def _sample_images(cfg: TrainConfig, common: dict[str, Any], count: int = 2048) -> torch.Tensor:
+def _sample_images(cfg: TrainConfig, count: int = 2048) -> torch.Tensor:
     """Up to `count` training images, evenly spread, decoded at the training size: uint8 (N, 3, S, S)."""
-    size = cfg.data.img_size
-    ds, _ = build_dataset(cfg.data.name, "train", decode_transform(size), **(common | {"skip_bad_images": True}))
+    d = cfg.data
+    ds, _ = build_dataset(d.name, "train", decode_transform(d.img_size), data_dir=d.data_dir, val_split=d.val_split,
+                          skip_bad_images=True, download=d.download)  # fmt: skip
     picks = range(0, len(ds), max(len(ds) // count, 1))[:count]
     return torch.stack([item[0] for item in (ds[i] for i in picks) if item is not None])
 
@@ -561,15 +418,3 @@ def _cache_plan(cfg: TrainConfig, train_ds: Any, val_ds: Any, info: DistInfo) ->
     set_transform(train_ds, decode_transform(size))
     set_transform(val_ds, decode_transform(d.img_size, d.crop_pct, d.interpolation))
     return size
-
-
-def per_rank_batch(cfg: Any, info: DistInfo, n_train: int) -> int:
-    """Each process's micro-batch for `cfg.batch_size` images per optimizer step (a train or pretrain config)."""
-    parts = info.world_size * cfg.accum_steps
-    if cfg.batch_size < 1 or cfg.batch_size % parts:
-        raise ValueError(
-            f"batch size {cfg.batch_size} must be a positive multiple of processes x accum_steps ({parts})"
-        )
-    if cfg.batch_size > n_train:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({n_train} images)")
-    return cfg.batch_size // parts

@@ -18,7 +18,7 @@ from convnext.dense.backbone import BackboneConfig
 from convnext.dense.config import DenseOptim, DetectConfig, DetectData, RunConfig, SegmentConfig, SegmentData
 from convnext.dense.predict import draw_classes, draw_detections
 from convnext.dense.train import load_dense_run, train_detection, train_segmentation
-from convnext.train.runs import run_lock
+from convnext.engine.run import run_lock
 
 from .conftest import write_instance_folder, write_label_folder
 

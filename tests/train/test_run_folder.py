@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from convnext.engine.run import run_lock
 from convnext.train import auto_recipe, fit
-from convnext.train.runs import run_lock
 
 
 def test_overwrite_keeps_the_old_run_when_the_data_is_missing(image_folder, tiny_config, tmp_path):

@@ -1,4 +1,8 @@
-"""One training epoch and one evaluation pass: plain functions with explicit arguments that return dicts."""
+"""One training epoch, for any job: plain functions with explicit arguments that return dicts.
+
+A job hands in its loss of a batch; the loop owns the rest of a step (accumulation, DDP's no_sync, the finiteness
+check, the scaler, clipping, the optimizer step, EMA, the lr), the progress bar and the epoch's sums.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from convnext.data.transforms import tta_logits
 from convnext.engine import interrupt
 from convnext.engine.distributed import DistInfo, all_reduce_sum
-from convnext.train.optim import set_lr
+from convnext.engine.optim import set_lr
 
 log = logging.getLogger("convnext.train")
+
+# the loss of a batch: (model, inputs, targets, micro-batch index over the run) -> float32 scalar, the batch's mean
+BatchLoss = Callable[[nn.Module, Any, Any, int], torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,54 +41,41 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     *,
     info: DistInfo,
+    loss_fn: BatchLoss,
     lr_fn: Callable[[int], float],
     step: int,
     accum_steps: int = 1,
-    mix: Callable | None = None,
-    label_smoothing: float = 0.0,
-    amp: str = "none",
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
     ema: nn.Module | None = None,
-    channels_last: bool = False,
     on_step: Callable[[int, int, Callable[[], tuple[float, int]]], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
     desc: str = "train",
     total: int | None = None,
     log_every_s: float = 60.0,
     carry: tuple[float, int] = (0.0, 0),
-    batch_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train over `loader` (batches of (images, labels, n_skipped)); one optimizer step per `accum_steps` batches.
+    """Train over `loader` (batches of (inputs, targets, n_skipped)); one optimizer step per `accum_steps` batches.
 
-    The loss of a batch is the classifier's cross-entropy (after `mix`, with `label_smoothing`, under `amp`), or
-    `batch_loss(model, x, y, index)` (a float32 scalar; `index` counts micro-batches over the run: FCMAE's masks).
-
+    `loss_fn(model, inputs, targets, index)` is the job's loss of a batch (`index` counts micro-batches over the
+    run: FCMAE's masks); a batch with no targets (all its images unreadable) is skipped.
     `step` is the global optimizer step the epoch starts at; `lr_fn(step)` gives each step's lr. After each
     optimizer step `on_step(step, steps_this_epoch, loss_so_far)` runs (checkpointing; `loss_so_far()`, a
-    collective, gives the epoch's (sum of per-image losses, images) over all processes); `should_stop()` (the same
-    answer on every rank) ends the epoch early. `carry` is that pair from the part of this epoch trained before a
-    resume, so a resumed epoch's loss covers the whole epoch.
+    collective, gives the epoch's (sum of per-image losses, images) over all processes); `should_stop(step)` (the
+    same answer on every rank) ends the epoch early. `carry` is that pair from the part of this epoch trained before
+    a resume, so a resumed epoch's loss covers the whole epoch.
     Off a terminal (no progress bar: nohup, SLURM, a pipe) a log line every `log_every_s` seconds says where it is.
     Returns {"loss", "loss_sum", "loss_images", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr",
-    "time", "data_time"};
-    "images" and "img_per_s" count all processes; "data_time" is the seconds spent waiting for the next batch.
+    "time", "data_time"}; "images" and "img_per_s" count all processes; "data_time" is the seconds spent waiting
+    for the next batch.
     """
     model.train()
-    device = info.device
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen, skipped, micro, steps, stopped, lr = 0, 0, 0, 0, False, lr_fn(step)
     start = time.perf_counter()
@@ -99,40 +91,32 @@ def train_one_epoch(
     while True:
         t_data = time.perf_counter()
         try:
-            x, y, n_bad = next(batches)
+            inputs, targets, n_bad = next(batches)
         except StopIteration:
             break
         data_time += time.perf_counter() - t_data  # waiting for data: decoding, augmenting, or a worker
         skipped += n_bad
-        if len(y) == 0:
+        if len(targets) == 0:
             continue
-        x, y = _to_device(x, y, device, channels_last)
-        if mix is not None:
-            x, y = mix(x, y)
         last_micro = (micro + 1) % accum_steps == 0
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            if batch_loss is not None:
-                loss = batch_loss(model, x, y, step * accum_steps + micro % accum_steps)
-            else:
-                with autocast(device, amp):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            loss = loss_fn(model, inputs, targets, step * accum_steps + micro % accum_steps)
             check = all_reduce_sum(loss.detach().clone().cpu(), info)
             if not torch.isfinite(check):
                 raise NonFiniteLossError(f"loss is {check.item()} at optimizer step {step} ({desc})")
             scaled = loss / accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         micro += 1
-        loss_sum += loss.detach().double().cpu() * len(y)
-        seen += len(y)
+        loss_sum += loss.detach().double().cpu() * len(targets)
+        seen += len(targets)
         if not last_micro:
             continue
         lr = lr_fn(step)
         set_lr(optimizer, lr)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        if clip_grad is not None:
+        if clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         if scaler is not None:
             scaler.step(optimizer)
@@ -151,10 +135,10 @@ def train_one_epoch(
                 last_log = time.perf_counter()
                 where = f"{steps}/{total // accum_steps}" if total else str(steps)
                 log.info("%s  step %s  loss %.4f  lr %.3g  %.0f img/s", desc, where, loss.item(), lr, rate)
-        interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed (convnext/interrupt.py)
+        interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed (convnext/engine/interrupt.py)
         if on_step is not None:
             on_step(step, steps, loss_so_far)
-        if should_stop is not None and should_stop():
+        if should_stop is not None and should_stop(step):
             stopped = True
             break
     bar.close()
@@ -175,47 +159,4 @@ def train_one_epoch(
         "lr": lr,
         "time": elapsed,
         "data_time": data_time,
-    }
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    info: DistInfo,
-    amp: str = "none",
-    channels_last: bool = False,
-    tta_flip: bool = False,
-    tta_shift: int = 0,
-    desc: str = "eval",
-) -> dict[str, Any]:
-    """Top-1, top-5 (in %), mean cross-entropy and image count over `loader`, summed over all processes.
-    With `tta_flip` / `tta_shift` the logits are the mean over the views `data.tta_logits` makes."""
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, skipped
-    bar = tqdm(loader, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
-    for x, y, n_bad in bar:
-        sums[4] += n_bad
-        if len(y) == 0:
-            continue
-        x, y = _to_device(x, y, info.device, channels_last)
-        with autocast(info.device, amp):
-            logits = tta_logits(model, x, tta_flip, tta_shift)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(y[:, None])
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-        sums[1] += hit[:, 0].sum().item()
-        sums[2] += hit.any(dim=1).sum().item()
-        sums[3] += len(y)
-    bar.close()
-    sums = all_reduce_sum(sums, info)
-    n = max(float(sums[3]), 1.0)
-    return {
-        "loss": float(sums[0]) / n,
-        "top1": 100.0 * float(sums[1]) / n,
-        "top5": 100.0 * float(sums[2]) / n,
-        "n": int(sums[3]),
-        "skipped": int(sums[4]),
     }

@@ -215,6 +215,17 @@ def lr_at(
     raise ValueError(f"sched.name must be 'cosine', 'linear' or 'step', not {name!r}")
 
 
+def shrink_schedule(planned: dict[str, int], total: int) -> dict[str, int]:
+    """The schedule `planned` compressed to `total` steps: warmup and step decay keep their share of the run."""
+    ratio = total / planned["total_steps"]
+    return {
+        **planned,
+        "total_steps": total,
+        "warmup_steps": round(planned["warmup_steps"] * ratio),
+        "step_size": max(round(planned["step_size"] * ratio), 1),
+    }
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to `lr * group["lr_scale"]`."""
     for g in optimizer.param_groups:

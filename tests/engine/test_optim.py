@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
+from convnext.engine.optim import build_optimizer, layer_ids, lr_at, param_groups, scaled_lr, set_lr
 from convnext.model import ConvNeXt
 from convnext.registry import VARIANTS, create_model
-from convnext.train.optim import build_optimizer, layer_ids, lr_at, param_groups, scaled_lr, set_lr
 
 
 def test_warmup_then_cosine():
