@@ -1,8 +1,18 @@
-"""Argument types shared by the command families: counts and sizes that must be positive."""
+"""What the command families share: argument types for counts and sizes that must be positive, and the config
+flags of every command that trains (`--config FILE`, dotted flags, `--print-config`) read through
+`convnext.config`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from convnext.config import apply_overrides, from_dict, parse_overrides, read_config_file, to_dict
+
+T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -25,3 +35,45 @@ def positive_float(text: str) -> float:
     if not value > 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+# ---------------------------------------------------------------- the config of a command that trains
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """`--config FILE`, `--print-config`, and any config field as a dotted flag (`--optim.lr 1e-3`)."""
+    p.add_argument(
+        "--config", default=None, metavar="FILE", help="config fields from a .json or .yaml file (a run's "
+        "config.json or --print-config output works; a \"preset\" key picks the preset); other flags override it",
+    )  # fmt: skip
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.set_defaults(accepts_overrides=True)
+
+
+def build_config(
+    args: argparse.Namespace, cls: type[T], start: Callable[[dict[str, Any]], T], flags: dict[str, Any]
+) -> T:
+    """The command's config, every source checked against `cls` before any work: `start(given)` (the preset, or
+    the run to resume; `given` holds the fields the --config file and the dotted flags set, `{"optim.lr": 1e-3}`,
+    a flag's over the file's, and the file's "preset"), then the file's fields, the command's own `flags` (None:
+    not given) and the dotted flags, each over the one before."""
+    file = read_config_file(args.config, cls, keep=("preset",)) if args.config else {}
+    dotted = parse_overrides(args.overrides, cls)
+    if getattr(args, "resume", None) and file:
+        raise ValueError("--resume continues a run with its own config.json; drop --config")
+    cfg = start(file | dotted)
+    file.pop("preset", None)
+    apply_overrides(cfg, file, source=args.config)
+    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    return apply_overrides(cfg, dotted)
+
+
+def run_config(run_dir: str, cls: type[T]) -> T:
+    """The config saved in a run folder, to resume it."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    return from_dict(read_config_file(path, cls), cls, source=str(path))
+
+
+def print_config(cfg: Any) -> None:
+    """`--print-config`: the resolved config as JSON (what `--config` reads back to the same config)."""
+    print(json.dumps(to_dict(cfg), indent=2))

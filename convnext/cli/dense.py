@@ -6,8 +6,9 @@ import argparse
 import json
 import math
 import sys
+from typing import Any
 
-from convnext.cli.args import positive_float, positive_int
+from convnext.cli.args import add_config_flags, build_config, positive_float, positive_int, print_config, run_config
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -45,16 +46,14 @@ def _add_train(actions: argparse._SubParsersAction, task: str, preset: str) -> N
     p.add_argument("--pretrained-run", default=None, help="backbone weights: a train or pretrain run folder")
     p.add_argument("--pretrained", action="store_true", help="backbone weights: the published ones of --model "
                    "(a tag like convnext_atto.d2_in1k implies it)")  # fmt: skip
-    p.add_argument("--config", default=None, metavar="FILE", help="config fields from a .json/.yaml file (a run's "
-                   "config.json works); flags given here override it")  # fmt: skip
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
-    p.set_defaults(func=cmd_train, task=task, accepts_overrides=True)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train, task=task)
 
 
 def _add_eval(actions: argparse._SubParsersAction, task: str) -> None:
@@ -85,21 +84,19 @@ def _add_predict(actions: argparse._SubParsersAction, task: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from convnext.dense.config import get_preset
-    from convnext.dense.train import load_config, train_detection, train_segmentation
-    from convnext.train import apply_overrides
-    from convnext.train.config import read_config_file
+    from convnext.dense.config import DetectConfig, SegmentConfig, get_preset
+    from convnext.dense.train import train_detection, train_segmentation
 
-    from_file = read_config_file(args.config) if args.config else {}
-    if args.resume:
-        if args.model or args.data or args.checkpoint or args.pretrained_run or args.pretrained or from_file:
-            raise ValueError("--resume continues a run with its own config, model, data and weights; drop those flags")
-        cfg = load_config(args.resume)
-        cfg.run.resume = args.resume
-    else:
-        preset = args.preset or from_file.pop("preset", None) or args.default_preset
-        cfg = get_preset(args.task, preset, args.model or from_file.pop("backbone.model", None))
-        apply_overrides(cfg, from_file)
+    cls = DetectConfig if args.task == "detect" else SegmentConfig
+    if args.resume and (args.model or args.data or args.checkpoint or args.pretrained_run or args.pretrained):
+        raise ValueError("--resume continues a run with its own config, model, data and weights; drop those flags")
+
+    def start(given: dict[str, Any]) -> DetectConfig | SegmentConfig:
+        if args.resume:
+            return run_config(args.resume, cls)
+        preset = args.preset or given.get("preset") or args.default_preset
+        return get_preset(args.task, preset, args.model or given.get("backbone.model"))
+
     flags = {
         "data.root": args.data,
         "run.output": args.output,
@@ -110,16 +107,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         "run.seed": args.seed,
         "run.device": args.device,
         "run.threads": args.threads,
+        "run.resume": args.resume,
+        "run.overwrite": args.overwrite or None,
         "backbone.checkpoint": args.checkpoint,
         "backbone.pretrained_run": args.pretrained_run,
-        "backbone.pretrained": True if args.pretrained else None,
+        "backbone.pretrained": args.pretrained or None,
     }
-    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
-    if args.overwrite:
-        cfg.run.overwrite = True
-    apply_overrides(cfg, args.overrides)
+    cfg = build_config(args, cls, start, flags)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        print_config(cfg)
         return 0
     result = (train_detection if args.task == "detect" else train_segmentation)(cfg)
     _print(result, args.json)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
+from typing import Any
 
-from convnext.cli.args import positive_float, positive_int
+from convnext.cli.args import add_config_flags, build_config, positive_float, positive_int, print_config, run_config
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="a ConvNeXt (V2 as in the paper; default convnextv2_atto)")
     p.add_argument("--data", default=None, help="image folder (its train/ split; labels unused), cifar10, ...")
     p.add_argument("--output", default=None, help="run folder to create (default runs/pretrain)")
-    p.add_argument("--preset", default="small", choices=["small", "in1k"])
+    p.add_argument("--preset", default=None, choices=["small", "in1k"], help="starting config (default: small)")
     p.add_argument("--mask-ratio", type=float, default=None, help="share of the patches removed (default 0.6)")
     p.add_argument("--epochs", type=positive_int, default=None, help="an upper bound with --budget-min")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
@@ -36,27 +36,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
     p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
-    p.add_argument("--print-config", action="store_true", help="print the config as JSON and exit")
-    p.set_defaults(func=cmd_pretrain, accepts_overrides=True)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_pretrain)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from convnext.engine.distributed import resolve_device
     from convnext.pretrain import PRESETS, PretrainConfig, pretrain
-    from convnext.train import apply_overrides, from_dict
+    from convnext.train.auto import gpu_amp
 
-    if args.resume:
-        if args.model or args.data:
-            raise ValueError("--resume continues a run with its own model and data; drop --model/--data")
-        cfg_path = Path(args.resume) / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
-        cfg = from_dict(json.loads(cfg_path.read_text()), PretrainConfig)
-        cfg.resume = args.resume
-    elif args.preset == "small":
-        cfg = PRESETS["small"](args.model or "convnextv2_atto", batch_size=args.batch_size or 128,
-                               epochs=args.epochs or 100)  # fmt: skip
-    else:
-        cfg = PRESETS["in1k"](args.model or "convnextv2_atto")
+    if args.resume and (args.model or args.data):
+        raise ValueError("--resume continues a run with its own model and data; drop --model/--data")
+
+    def start(given: dict[str, Any]) -> PretrainConfig:
+        if args.resume:
+            return run_config(args.resume, PretrainConfig)
+        preset, model = args.preset or given.get("preset") or "small", args.model or given.get("model.name")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        if preset == "small":
+            batch_size, epochs = args.batch_size or given.get("batch_size"), args.epochs or given.get("epochs")
+            cfg = PRESETS["small"](model or "convnextv2_atto", batch_size=batch_size or 128, epochs=epochs or 100)
+        else:
+            cfg = PRESETS["in1k"](model or "convnextv2_atto")
+        if "amp" not in given:  # on a GPU: mixed precision unless asked otherwise
+            cfg.amp = gpu_amp(resolve_device(args.device or given.get("device") or cfg.device))
+            if cfg.amp != "none":
+                cfg.recipe.append(f"on the GPU: mixed precision {cfg.amp} (`--amp none` for float32)")
+        return cfg
+
     flags = {
         "data.name": args.data,
         "output": args.output,
@@ -68,22 +76,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "device": args.device,
         "data.data_dir": args.data_dir,
         "budget_min": args.budget_min,
+        "data.skip_bad_images": args.skip_bad_images or None,
+        "overwrite": args.overwrite or None,
+        "resume": args.resume,
     }
-    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
-    if not args.resume:
-        from convnext.engine.distributed import resolve_device
-        from convnext.train.auto import gpu_amp
-
-        cfg.amp = gpu_amp(resolve_device(cfg.device))
-        if cfg.amp != "none":
-            cfg.recipe.append(f"on the GPU: mixed precision {cfg.amp} (`--amp none` for float32)")
-    if args.skip_bad_images:
-        cfg.data.skip_bad_images = True
-    if args.overwrite:
-        cfg.overwrite = True
-    apply_overrides(cfg, args.overrides)
+    cfg = build_config(args, PretrainConfig, start, flags)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        print_config(cfg)
         return 0
     result = pretrain(cfg)
     logging.getLogger("convnext.pretrain").info(

@@ -7,9 +7,9 @@ AdamW (wd 0.05), layer-wise lr decay on the backbone, stochastic depth, multi-sc
 - ADE20K UperNet: lr 1e-4, batch 16, 160k iterations, warmup 1500, layer decay 0.9, drop path 0.4 (T),
   crop 512, scale 2048x512 x [0.5, 2.0], head channels 512, auxiliary FCN head with weight 0.4.
 The paper decays the lr in steps (detection) or linearly (segmentation); here it is a cosine
-(`convnext.train.optim.lr_at`). The small presets (`pennfudan`, `camvid`) keep the recipe and shrink the
+(`convnext.engine.optim.lr_at`). The small presets (`pennfudan`, `camvid`) keep the recipe and shrink the
 model and the images so that a run takes minutes on a CPU.
-Configs are mutable dataclasses so `convnext.train.apply_overrides` can set `--optim.lr 3e-4`-style fields;
+Configs are mutable dataclasses so `convnext.config.apply_overrides` can set `--optim.lr 3e-4`-style fields;
 a run saves its resolved config as plain JSON.
 """
 
