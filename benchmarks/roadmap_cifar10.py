@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from convnext.erf import area_shares, erf_map, load_images, plot_erfs
-from convnext.ladder import LadderConfig, resolve_data, run_ladder
 from convnext.train import load_run
+from convnext.train.roadmap import LadderConfig, resolve_data, run_ladder
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Optional parts of the install: what each extra brings, and one clear line when a command needs one that is missing.
+"""Optional dependencies (the pip extras): which package each extra brings, and `require`, which stops a command
+with one clear line naming the `pip install` to run when a package it needs is missing.
 
 The core install (`pip install convnext`) is what building models, training, evaluation and prediction need;
 `[export]` adds ONNX export and its onnxruntime check, `[dense]` COCO detection, `[hub]` the Hugging Face Hub,

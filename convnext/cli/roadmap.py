@@ -63,7 +63,7 @@ def parse_steps(text: str) -> list[int]:
 
 
 def cmd_roadmap(args: argparse.Namespace) -> int:
-    from convnext.ladder import LadderConfig, run_ladder
+    from convnext.train.roadmap import LadderConfig, run_ladder
 
     cfg = LadderConfig(
         data=args.data,

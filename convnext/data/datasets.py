@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from convnext.data.decode import BadImageError, load_image
+from convnext.data.decode import BadImageError, is_image_file, load_image
 from convnext.data.transforms import first_resize_side
 
 # the kinds predict reads (infer.IMAGE_EXTENSIONS)
@@ -42,7 +42,7 @@ class ImageFolder(datasets.ImageFolder):
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         try:
-            super().__init__(str(root), transform=transform, loader=load_image, is_valid_file=_is_image)
+            super().__init__(str(root), transform=transform, loader=load_image, is_valid_file=is_image_file)
         except FileNotFoundError as e:  # torchvision: no class folders, or no image in any of them
             raise ValueError(f"no images in {root}: expected {root}/<class>/<image> files ({e})") from None
         self.skip_bad = skip_bad
@@ -57,7 +57,7 @@ class ImageFolder(datasets.ImageFolder):
     ) -> list[tuple[str, int]]:
         """torchvision's scan, but each folder is entered once: a link back up (`ln -s .. loop`) or to another
         class would repeat images under this class's label (and a loop, without end)."""
-        valid = is_valid_file or _is_image
+        valid = is_valid_file or is_image_file
         samples, empty = [], []
         seen = {os.path.realpath(directory)} | {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
         for name in sorted(class_to_idx):
@@ -85,11 +85,6 @@ class ImageFolder(datasets.ImageFolder):
                 return None
             raise
         return (self.transform(img) if self.transform else img), target
-
-
-def _is_image(path: str) -> bool:
-    """An image file by name, and a regular file (a FIFO named `x.jpg` would block the reader forever)."""
-    return path.lower().endswith(IMG_EXTENSIONS) and not Path(path).name.startswith(".") and os.path.isfile(path)
 
 
 class DigitsDataset(Dataset):

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from convnext.data.decode import load_image
+from convnext.data.decode import find_images, load_image
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,10 @@ def read_ids(path: Path) -> np.ndarray:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted; a FileNotFoundError when it is missing or holds none."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    return find_images(folder, recursive=False)
 
 
 def _same_size(image: Path, other: Path, what: str) -> None:

@@ -1,4 +1,5 @@
-"""The image-folder scan under hostile layouts: a FIFO named like an image, a symlink loop, a second link."""
+"""The image-folder scan under hostile layouts (a FIFO named like an image, a symlink loop, a second link), and the
+one image finder (`find_images`) that predict, ERF and the dense datasets list folders with."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from convnext.data.datasets import ImageFolder
+from convnext.data.decode import IMAGE_EXTENSIONS, find_images, is_image_file
 
 
 def _folder(root: Path, per_class: int = 3) -> Path:
@@ -49,3 +52,29 @@ def test_gif_images_are_counted_as_predict_counts_them(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).convert("P").save(root / "dog" / "anim.gif")
     ds = ImageFolder(root)
     assert len(ds) == 7 and ds[6][0].mode == "RGB"
+
+
+def test_find_images_takes_files_as_given_and_folders_sorted_recursively_or_not(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/2.png", "1.JPG", "notes.txt", "b/0.webp", "b/3.gif", ".hidden.png", "b/._0.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    os.mkfifo(tmp_path / "pipe.jpg")  # would block its reader forever
+    (tmp_path / "folder.png").mkdir()
+    listed = [tmp_path / "1.JPG", tmp_path / "b/0.webp", tmp_path / "b/2.png", tmp_path / "b/3.gif"]
+    assert find_images([tmp_path, tmp_path / "x.bin"]) == [*listed, tmp_path / "x.bin"]  # a file: as given
+    assert find_images(tmp_path) == find_images(str(tmp_path)) == listed  # one folder, as a path or a string
+    assert find_images(tmp_path, recursive=False) == [tmp_path / "1.JPG"]
+    assert find_images([tmp_path / "missing.jpg"]) == [tmp_path / "missing.jpg"]  # its reader names it
+    assert not is_image_file(tmp_path / "pipe.jpg") and not is_image_file(tmp_path / "folder.png")
+    assert all(is_image_file(p) for p in listed) and ".gif" in IMAGE_EXTENSIONS
+
+
+def test_find_images_names_a_folder_without_images(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=f"no image files .*\\.webp\\) in {tmp_path}$"):
+        find_images(tmp_path, recursive=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"in {tmp_path / 'empty'} or its subfolders"):
+        find_images([tmp_path, tmp_path / "empty"])

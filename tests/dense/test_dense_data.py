@@ -167,6 +167,24 @@ def test_label_size_mismatch_and_missing_and_rgb_labels(label_folder):
         SegmentationFolder(label_folder / "images", label_folder / "labels", SPEC)
 
 
+def test_image_folders_list_their_own_image_files_only(label_folder):
+    """Images and labels as `data.decode.find_images` lists a folder (not its subfolders; any image extension, no
+    hidden files); a folder with no images, or none at all, is named."""
+    images, labels = label_folder / "images", label_folder / "labels"
+    (images / "._s0.jpg").write_bytes(b"macOS metadata")  # a hidden file named like an image
+    (images / "notes.txt").write_text("not an image")
+    (images / "extra").mkdir()
+    Image.open(images / "s0.jpg").save(images / "extra" / "s9.jpg")  # no label: read, it would be an error
+    ds = SegmentationFolder(images, labels, SPEC)
+    assert [p.name for p in ds.images] == ["s0.jpg", "s1.jpg", "s2.jpg", "s3.jpg"]
+    for p in labels.iterdir():
+        p.unlink()
+    with pytest.raises(FileNotFoundError, match=f"no image files .* in {labels}$"):
+        SegmentationFolder(images, labels, SPEC)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
+        SegmentationFolder(label_folder / "nowhere", labels, SPEC)
+
+
 def test_segmentation_train_transform_crops_pads_with_ignore(label_folder):
     tf = segmentation_transforms(True, (48, 96), scale_range=(0.5, 0.5))  # smaller than the crop: padded
     image, label = SegmentationFolder(label_folder / "images", label_folder / "labels", SPEC, tf)[0]

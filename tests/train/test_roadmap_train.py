@@ -9,7 +9,7 @@ from PIL import Image
 
 from convnext.cli import main
 from convnext.cli.roadmap import parse_steps
-from convnext.ladder import LadderConfig, load_results, resolve_data, run_ladder, step_config
+from convnext.train.roadmap import LadderConfig, load_results, resolve_data, run_ladder, step_config
 
 
 def test_parse_steps():

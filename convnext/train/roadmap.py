@@ -1,4 +1,4 @@
-"""The roadmap ladder: train every step of ResNet-50 -> ConvNeXt-T with the same data and time budget.
+"""The roadmap trained step by step: every step of ResNet-50 -> ConvNeXt-T with the same data and time budget.
 
 Step 00 trains with the original ResNet recipe, steps 01-12 with the modern one (both below, as TrainConfigs).
 Each finished step is written to `OUTPUT/results.json` at once, so an interrupted ladder continues from the
@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from convnext.data.datasets import IMG_EXTENSIONS
+from convnext.data.decode import is_image_file
 from convnext.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from convnext.flops import count_gmacs, count_params
 from convnext.registry import create_model
 from convnext.roadmap import PAPER, STEP_CONFIGS
 from convnext.train import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, fit
 
-log = logging.getLogger("convnext.ladder")
+log = logging.getLogger(__name__)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 PLANNED_EPOCHS = 200  # an upper bound: the budget ends every run long before (the schedule is fitted to it)
 
@@ -59,7 +59,7 @@ def folder_img_size(root: str | Path, sample: int = 32, largest: int = 224) -> i
     """A training size for an image folder: the median shorter side of the first `sample` images, rounded down
     to a multiple of 32 (at least 32, at most `largest`), so 32 px images are not trained at 224. `largest`
     when the folder holds no images (the dataset itself then reports that)."""
-    files = (p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    files = (p for p in Path(root).rglob("*") if is_image_file(p))  # lazily: not `find_images`, which lists them all
     sides = []
     for path in itertools.islice(files, sample):  # the first ones found: no listing of a million-image folder
         try:

@@ -1,4 +1,5 @@
-"""Every fast path gives the plain model's outputs (fp32 within 1e-4), and training through it still trains."""
+"""Every fast path gives the plain model's outputs (fp32 within 1e-4), and training through it still trains; where a
+step should run a C kernel, the test counts the calls into it (`c_kernels`, tests/fast/conftest.py)."""
 
 import pytest
 import torch
@@ -74,9 +75,10 @@ def test_train_mode_trains_the_original_parameters(dtype, compile, drop_path):
             assert torch.nn.functional.cosine_similarity(p.grad.flatten(), r.grad.flatten(), dim=0) > 0.99
 
 
-def test_fp32_training_layer_norms_go_through_the_kernel(monkeypatch):
-    """Every LayerNorm of the step (stem, blocks, downsampling; C <= LAYER_NORM_MAX_C) by `ChannelsLayerNorm`."""
-    from convnext import fast, kernels
+def test_fp32_training_layer_norms_go_through_the_kernel(monkeypatch, c_kernels):
+    """Every LayerNorm of the step (stem, blocks, downsampling; C <= LAYER_NORM_MAX_C) by `ChannelsLayerNorm`, and
+    there by the C kernel, forward and backward."""
+    from convnext import fast
 
     calls = []
 
@@ -88,6 +90,7 @@ def test_fp32_training_layer_norms_go_through_the_kernel(monkeypatch):
     model = _model().train()
     fast.optimize(model, "train", compile=False)(torch.randn(2, 3, 32, 32)).sum().backward()
     assert sorted(calls) == [8, 8, 8, 16, 16, 32, 32, 32, 64]  # the stem's, the 5 blocks', the 3 downsamplings'
+    assert c_kernels["layer_norm_rows"] == c_kernels["layer_norm_rows_backward"] == 9
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -108,11 +111,12 @@ def test_train_with_example_input_keeps_the_faster_path_and_leaves_the_model_as_
 
 @pytest.mark.parametrize("grn", [False, True])  # the fused MLP, and the separate 1x1 convs of V2
 @pytest.mark.parametrize("tiled", [False, True])
-def test_every_1x1_product_as_a_matmul_gives_the_same_gradients(grn, tiled, monkeypatch):
+def test_every_1x1_product_as_a_matmul_gives_the_same_gradients(grn, tiled, monkeypatch, request):
     """`plan_pointwise` measures oneDNN against a matmul per shape (and the tiled MLP against both); whichever it
-    picks, the math is the same."""
+    picks, the math is the same. tiled: the plan's tiled MLP, there only where its C kernel runs (else skipped)."""
     from convnext.fast import FastConvNeXt, plan_pointwise
 
+    c_calls = request.getfixturevalue("tiled_mlp_kernel") if tiled else None
     model, ref_model = _model(grn=grn).train(), _model(grn=grn).train()
     x = torch.randn(2, 3, 32, 32)
     # this small model's hidden tensors fit in cache; plan_pointwise reads the bound in its own module
@@ -123,7 +127,11 @@ def test_every_1x1_product_as_a_matmul_gives_the_same_gradients(grn, tiled, monk
     assert len(plan) == (9 if kernels.tiled_mlp_available() else 8) * len(TINY.dims)
     choices = {key: key[0] != "mlp_tiled" or tiled for key in plan}
     fast = FastConvNeXt(model.to(memory_format=torch.channels_last), choices)
+    if c_calls is not None:
+        c_calls.clear()  # the plan's timing ran the kernel too: count the step's calls only
     fast(x.contiguous(memory_format=torch.channels_last)).sum().backward()
+    if c_calls is not None:  # every block's MLP by the C kernel; V2's blocks (GRN between) keep the separate products
+        assert c_calls["mlp_forward"] == c_calls["mlp_backward"] == (0 if grn else sum(TINY.depths))
     ref_model(x).sum().backward()
     for p, r in zip(model.parameters(), ref_model.parameters()):
         assert (p.grad - r.grad).abs().max() <= 1e-4
@@ -205,7 +213,7 @@ def test_more_models_than_dynamos_default_cache_all_stay_compiled():
 
 
 @pytest.mark.parametrize("side", [1, 2, 3, 4, 5])
-def test_depthwise_on_grids_smaller_than_the_kernel_matches_the_full_kernel(side):
+def test_depthwise_on_grids_smaller_than_the_kernel_matches_the_full_kernel(side, c_kernels):
     """The late stages of small images: a 7x7 kernel on a 1x1..4x4 grid runs only the taps that meet a pixel."""
     from convnext.fast import DepthwiseConv
 
@@ -217,6 +225,7 @@ def test_depthwise_on_grids_smaller_than_the_kernel_matches_the_full_kernel(side
     ex, ew, eb = torch.autograd.grad(expected, (x, w, b), grad)
     out = DepthwiseConv.apply(x, w, b)
     gx, gw, gb = torch.autograd.grad(out, (x, w, b), grad)
+    assert c_kernels["depthwise_weight_grad"] == 1  # grad-weight by the C kernel (on the taps that meet a pixel)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for got, want in ((gx, ex), (gw, ew), (gb, eb)):
         assert got.shape == want.shape
