@@ -96,6 +96,11 @@ def read_config_file(path: str | Path, cls: type, keep: Sequence[str] = ()) -> d
     return {**kept, **parse_overrides(data, cls, str(path))}
 
 
+def field_paths(cls: type) -> list[str]:
+    """The dotted path of every field of a dataclass tree that holds a value (sections left out)."""
+    return [p for p in _paths(cls) if not dataclasses.is_dataclass(_field_type(cls, p))]
+
+
 # ---------------------------------------------------------------- paths and types
 def _flatten(d: Mapping[str, Any], cls: type, prefix: str = "") -> list[tuple[str, Any]]:
     """(dotted path, value) pairs of a mapping, descending into the values that fill a section of `cls`."""
@@ -122,7 +127,7 @@ def _field_type(cls: type, path: str, strict: bool = True) -> Any:
                 if not strict:
                     return None
                 section = ".".join(parts[:i] + [""])
-                near = [section + n for n in difflib.get_close_matches(name, names, n=2, cutoff=0.7)]
+                near = [section + n for n in difflib.get_close_matches(name, names, n=2, cutoff=0.6)]
                 near += [p for p in _paths(cls) if p.rsplit(".", 1)[-1] == name]  # in another section
                 hint = f" (did you mean {' or '.join(repr(p) for p in near[:3])}?)" if near else ""
                 raise ValueError(f"unknown config field {path!r}{hint}; {t.__name__} has: {', '.join(names)}")

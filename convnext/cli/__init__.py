@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"convnext {args.command}: error: {_worker_error(str(msg))}", file=sys.stderr)
+        print(f"convnext {args.command}: error: {worker_error(str(msg))}", file=sys.stderr)
         return 2
 
 
-def _worker_error(msg: str) -> str:
+def worker_error(msg: str) -> str:
     """A DataLoader worker's error arrives wrapped with the worker's traceback ("Caught X in DataLoader worker
     process 0. Original Traceback ..."): keep the error's own last line, which names the file."""
     if "Original Traceback" not in msg:

@@ -57,7 +57,7 @@ def build_config(
     not given) and the dotted flags, each over the one before."""
     file = read_config_file(args.config, cls, keep=("preset",)) if args.config else {}
     dotted = parse_overrides(args.overrides, cls)
-    if getattr(args, "resume", None) and file:
+    if getattr(args, "resume", None) and args.config:
         raise ValueError("--resume continues a run with its own config.json; drop --config")
     cfg = start(file | dotted)
     file.pop("preset", None)

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from convnext.cli.args import add_config_flags, build_config, positive_float, positive_int, print_config, run_config
-from convnext.config import apply_overrides
+from convnext.config import apply_overrides, field_paths
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +67,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = pre.get("model.name", model)
         data = args.data or given.get("data.name")
         preset = args.preset or given.get("preset") or ("demo" if data in (None, "digits") else "auto")
-        if preset != "auto":
+        if preset == "auto" and set(field_paths(TrainConfig)) <= set(given):
+            cfg = TrainConfig()  # every field given (a run's config.json): no recipe to choose from the data
+        elif preset != "auto":
             cfg = get_preset(preset, model)
         elif data is None:
             raise ValueError("--preset auto needs --data (an image folder, cifar10 or cifar100)")

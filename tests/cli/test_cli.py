@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from convnext.cli import _worker_error, main
+from convnext.cli import main, worker_error
 from convnext.data.decode import BadImageError
 
 
@@ -29,8 +29,8 @@ def test_an_error_in_a_loader_worker_is_its_own_line():
     with pytest.raises(BadImageError) as caught:
         next(iter(DataLoader(_Truncated(), num_workers=1)))
     assert "Original Traceback" in str(caught.value)  # what torch hands the main process
-    assert _worker_error(str(caught.value)) == "cannot read image /data/train/cat/7.jpg: unreadable or truncated image"
-    assert _worker_error("plain message: kept") == "plain message: kept"
+    assert worker_error(str(caught.value)) == "cannot read image /data/train/cat/7.jpg: unreadable or truncated image"
+    assert worker_error("plain message: kept") == "plain message: kept"
 
 
 def test_system_says_what_the_fast_path_runs_on(capsys):
