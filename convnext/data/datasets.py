@@ -27,8 +27,6 @@ from torchvision import datasets
 from convnext.data.decode import BadImageError, is_image_file, load_image
 from convnext.data.transforms import first_resize_side
 
-# the kinds predict reads (infer.IMAGE_EXTENSIONS)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation", "test")}
 EMBEDDED = ("digits",)
 TORCHVISION = ("cifar10", "cifar100")

@@ -1,6 +1,8 @@
 """`optimize()`: the fastest path this machine offers for a ConvNeXt, called like the original model.
 
-Three modules, arrows one way (`compiler -> plan -> ops`, `compiler -> ops`):
+Four modules, arrows one way (`compiler -> plan -> ops -> kernels`, `compiler -> ops`, `plan -> kernels`):
+- `kernels`: the small C kernels (`convnext/csrc/`: depthwise weight gradient, GELU with its derivative, the tiled MLP,
+  LayerNorm), built on first use, each with aten's op as its fallback (`kernels.status()` says which runs).
 - `ops`: the custom ops and their backwards (1x1 convolutions on oneDNN, depthwise, GELU, the fused MLP, LayerNorm, GRN)
   and `FastConvNeXt`, which runs a ConvNeXt's own parameters through them on channels-last NCHW.
 - `plan`: times each 1x1 product of a training step both ways on this machine and keeps the faster (a `Plan`).

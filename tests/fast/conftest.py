@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from convnext import kernels
+from convnext.fast import kernels
 
 
 class CountedLibrary:

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from convnext import kernels
+from convnext.fast import kernels
 
 
 def _aten_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def test_unwritable_cache_falls_back_to_aten(tmp_path, monkeypatch, caplog):
     blocker.write_text("not a folder")
     monkeypatch.setenv("CONVNEXT_CACHE", str(blocker))  # cache_dir() lies under a file: cannot be created
     monkeypatch.delenv(kernels.REQUIRE, raising=False)
-    with caplog.at_level(logging.WARNING, logger="convnext.kernels"):
+    with caplog.at_level(logging.WARNING, logger="convnext.fast.kernels"):
         lib, status = kernels._build.__wrapped__()
     assert lib is None and status.startswith("unavailable: cannot build or load")
     assert "aten's kernels run instead" in caplog.text  # said, not silent
@@ -81,7 +81,7 @@ def test_a_failing_compiler_is_named_with_its_first_error_lines(tmp_path, monkey
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(kernels.REQUIRE, raising=False)
-    with caplog.at_level(logging.WARNING, logger="convnext.kernels"):
+    with caplog.at_level(logging.WARNING, logger="convnext.fast.kernels"):
         lib, status = kernels._build.__wrapped__()
     assert lib is None and "depthwise.c:1: error: no such thing" in status and "no such thing" in caplog.text
     monkeypatch.setenv(kernels.REQUIRE, "1")  # CI: a fallback is a failure

@@ -4,8 +4,7 @@ step should run a C kernel, the test counts the calls into it (`c_kernels`, test
 import pytest
 import torch
 
-from convnext import kernels
-from convnext.fast import fold_layer_scale, optimize
+from convnext.fast import fold_layer_scale, kernels, optimize
 from convnext.model import ConvNeXt, ConvNeXtConfig
 
 TINY = ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=5, patch_size=2, layer_scale_init=0.3)

@@ -1,4 +1,4 @@
-"""Small C kernels for what aten does slowly on CPU, built on first use with the system's C compiler.
+"""The fast path's C kernels, for what aten does slowly on CPU, built on first use with the system's C compiler.
 
 - `depthwise_weight_grad` (`csrc/depthwise.c`): the weight gradient of the 7x7 depthwise convolution, which aten
   computes at a few GFLOP/s on CPU (a tenth of its forward; see `benchmarks/NOTES.md`).
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("convnext.kernels")
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("depthwise.c", "mlp.c", "layernorm.c")]
+log = logging.getLogger(__name__)
+SOURCES = [Path(__file__).parents[1] / "csrc" / name for name in ("depthwise.c", "mlp.c", "layernorm.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 
 
