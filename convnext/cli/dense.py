@@ -85,7 +85,6 @@ def _add_predict(actions: argparse._SubParsersAction, task: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from convnext.dense.config import DetectConfig, SegmentConfig, get_preset
-    from convnext.dense.train import train_detection, train_segmentation
 
     cls = DetectConfig if args.task == "detect" else SegmentConfig
     if args.resume and (args.model or args.data or args.checkpoint or args.pretrained_run or args.pretrained):
@@ -117,6 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
+    from convnext.dense.train import train_detection, train_segmentation
+
     result = (train_detection if args.task == "detect" else train_segmentation)(cfg)
     _print(result, args.json)
     return 0
