@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader
 
 from convnext.data import build_eval_dataset
 from convnext.fast import optimize
-from convnext.train import load_run
+from convnext.resolve import resolve
 
 
 def bf16_agreement(run: str, batch_size: int, limit: int | None) -> dict:
-    model, cfg = load_run(run)
+    r = resolve(run)
+    model, cfg = r.model, r.run
     d = cfg["data"]
     ds, _ = build_eval_dataset(d["name"], "val", d["img_size"], d["crop_pct"], d["mean"], d["std"])
     if limit:
@@ -46,7 +47,8 @@ def bf16_agreement(run: str, batch_size: int, limit: int | None) -> dict:
 
 def loss_curves(run: str, steps: int, batch_size: int) -> dict:
     """Plain fp32 eager vs fast fp32 vs fast bf16 training from the run's architecture at init, same batches."""
-    model, cfg = load_run(run)
+    r = resolve(run)
+    model, cfg = r.model, r.run
     d = cfg["data"]
     ds, _ = build_eval_dataset(d["name"], "train", d["img_size"], d["crop_pct"], d["mean"], d["std"])
     g = torch.Generator().manual_seed(0)

@@ -263,14 +263,14 @@ def benchmark(
         `set_grad_checkpointing(True)` and its time and peak memory land in `result.grad_checkpointing`.
     matmul_n: size of the peak-measuring GEMM (default: 2048 CPU, 8192 CUDA).
     """
-    from convnext.flops import _in_chans, count_gmacs
+    from convnext.flops import count_gmacs, in_chans_of
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
     tdtype = DTYPES[dtype]
     model = copy.deepcopy(model)  # training steps and memory-format changes must not touch the caller's model
-    in_chans = _in_chans(model)
+    in_chans = in_chans_of(model)
     gmacs = count_gmacs(model, img_size, in_chans)
     peak = matmul_peak_gflops(tdtype, device, matmul_n)
     model = model.to(device)

@@ -32,7 +32,7 @@ def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int | None = No
     layers add fvcore's per-element cost (LayerNorm 5 with affine, eval BatchNorm 2), which is what
     takes ConvNeXt-T from 4.456 to the paper's 4.47.
     """
-    x = torch.zeros(1, in_chans or _in_chans(model), img_size, img_size)
+    x = torch.zeros(1, in_chans or in_chans_of(model), img_size, img_size)
     norm_macs = [0]
 
     def norm_hook(m: nn.Module, inputs: tuple, _out: object) -> None:
@@ -55,7 +55,7 @@ def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int | None = No
 
 def activation_memory(model: nn.Module, img_size: int = 224, in_chans: int | None = None) -> tuple[float, float]:
     """(MB saved for backward, MB of leaf-module outputs) for one fp32 image in training mode."""
-    x = torch.zeros(1, in_chans or _in_chans(model), img_size, img_size)
+    x = torch.zeros(1, in_chans or in_chans_of(model), img_size, img_size)
     saved: dict[int, int] = {}  # storage id -> bytes, so views of one tensor count once
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -90,6 +90,7 @@ def measure(model: nn.Module, img_size: int = 224) -> Cost:
     return Cost(count_params(model), count_gmacs(model, img_size), act, fwd, img_size)
 
 
-def _in_chans(model: nn.Module) -> int:
+def in_chans_of(model: nn.Module) -> int:
+    """The input channels of a model: those of its first convolution."""
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     return first_conv.in_channels

@@ -1,7 +1,7 @@
 """ConvNeXt V1 and V2 ("A ConvNet for the 2020s", Liu et al. 2022; "ConvNeXt V2", Woo et al. 2023).
 
 The whole network, smallest part first: LayerNorm2d -> GRN -> DropPath -> Block -> Stage -> ConvNeXt.
-One frozen `ConvNeXtConfig` describes every variant (the table of variants lives in `registry.py`).
+One frozen `ConvNeXtConfig` describes every variant; `VARIANTS`, at the end, is the table of them.
 This file imports only torch: no I/O, no downloads, no CLI.
 
 Tensor layout: the trunk is NCHW (B, C, H, W) between blocks; inside a block the MLP runs channels-last
@@ -302,3 +302,49 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------- variants
+
+
+def _v1(depths: tuple[int, ...], dims: tuple[int, ...]) -> ConvNeXtConfig:
+    return ConvNeXtConfig(depths=depths, dims=dims)
+
+
+def _v2(depths: tuple[int, ...], dims: tuple[int, ...]) -> ConvNeXtConfig:
+    return ConvNeXtConfig(depths=depths, dims=dims, grn=True, layer_scale_init=0.0)
+
+
+def _iso(depth: int, dim: int) -> ConvNeXtConfig:
+    # The official isotropic models default to no layer scale; pass layer_scale_init=1e-6 for the trained L.
+    return ConvNeXtConfig(depths=(depth,), dims=(dim,), patch_size=16, stem_norm=False, layer_scale_init=0.0)
+
+
+def _widths(c: int) -> tuple[int, ...]:
+    return (c, 2 * c, 4 * c, 8 * c)
+
+
+SMALL, T, DEEP = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
+VARIANTS: dict[str, ConvNeXtConfig] = {
+    "convnext_atto": _v1(SMALL, _widths(40)),
+    "convnext_femto": _v1(SMALL, _widths(48)),
+    "convnext_pico": _v1(SMALL, _widths(64)),
+    "convnext_nano": _v1((2, 2, 8, 2), _widths(80)),
+    "convnext_tiny": _v1(T, _widths(96)),
+    "convnext_small": _v1(DEEP, _widths(96)),
+    "convnext_base": _v1(DEEP, _widths(128)),
+    "convnext_large": _v1(DEEP, _widths(192)),
+    "convnext_xlarge": _v1(DEEP, _widths(256)),
+    "convnext_xxlarge": _v1((3, 4, 30, 3), _widths(384)),
+    "convnextv2_atto": _v2(SMALL, _widths(40)),
+    "convnextv2_femto": _v2(SMALL, _widths(48)),
+    "convnextv2_pico": _v2(SMALL, _widths(64)),
+    "convnextv2_nano": _v2((2, 2, 8, 2), _widths(80)),
+    "convnextv2_tiny": _v2(T, _widths(96)),
+    "convnextv2_base": _v2(DEEP, _widths(128)),
+    "convnextv2_large": _v2(DEEP, _widths(192)),
+    "convnextv2_huge": _v2(DEEP, _widths(352)),
+    "convnext_isotropic_small": _iso(18, 384),
+    "convnext_isotropic_base": _iso(18, 768),
+    "convnext_isotropic_large": _iso(36, 1024),
+}

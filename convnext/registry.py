@@ -1,7 +1,9 @@
-"""Every model as data: the variant table, a registry that refuses duplicates, `create_model` and `list_models`.
+"""Every model by name: a registry that refuses duplicates (the variant table of `model.py`, then the roadmap
+steps), `create_model` and `list_models`.
 
 Names follow `arch` or `arch.tag`: `convnext_tiny` is an architecture, `convnext_tiny.fb_in1k` one of its
-published weights (see `weights.py`).
+published weights (`convnext.weights`). `convnext.resolve` turns any other kind of name (a run, a weight file, a
+Hub repo) into a model with its preprocessing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from convnext.model import ConvNeXt, ConvNeXtConfig, UnknownOptionError
+from convnext.model import VARIANTS, ConvNeXt, ConvNeXtConfig, UnknownOptionError
 
 
 @dataclass(frozen=True)
@@ -46,49 +48,6 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
-
-
-def _v1(depths: tuple[int, ...], dims: tuple[int, ...]) -> ConvNeXtConfig:
-    return ConvNeXtConfig(depths=depths, dims=dims)
-
-
-def _v2(depths: tuple[int, ...], dims: tuple[int, ...]) -> ConvNeXtConfig:
-    return ConvNeXtConfig(depths=depths, dims=dims, grn=True, layer_scale_init=0.0)
-
-
-def _iso(depth: int, dim: int) -> ConvNeXtConfig:
-    # The official isotropic models default to no layer scale; pass layer_scale_init=1e-6 for the trained L.
-    return ConvNeXtConfig(depths=(depth,), dims=(dim,), patch_size=16, stem_norm=False, layer_scale_init=0.0)
-
-
-def _widths(c: int) -> tuple[int, ...]:
-    return (c, 2 * c, 4 * c, 8 * c)
-
-
-SMALL, T, DEEP = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
-VARIANTS: dict[str, ConvNeXtConfig] = {
-    "convnext_atto": _v1(SMALL, _widths(40)),
-    "convnext_femto": _v1(SMALL, _widths(48)),
-    "convnext_pico": _v1(SMALL, _widths(64)),
-    "convnext_nano": _v1((2, 2, 8, 2), _widths(80)),
-    "convnext_tiny": _v1(T, _widths(96)),
-    "convnext_small": _v1(DEEP, _widths(96)),
-    "convnext_base": _v1(DEEP, _widths(128)),
-    "convnext_large": _v1(DEEP, _widths(192)),
-    "convnext_xlarge": _v1(DEEP, _widths(256)),
-    "convnext_xxlarge": _v1((3, 4, 30, 3), _widths(384)),
-    "convnextv2_atto": _v2(SMALL, _widths(40)),
-    "convnextv2_femto": _v2(SMALL, _widths(48)),
-    "convnextv2_pico": _v2(SMALL, _widths(64)),
-    "convnextv2_nano": _v2((2, 2, 8, 2), _widths(80)),
-    "convnextv2_tiny": _v2(T, _widths(96)),
-    "convnextv2_base": _v2(DEEP, _widths(128)),
-    "convnextv2_large": _v2(DEEP, _widths(192)),
-    "convnextv2_huge": _v2(DEEP, _widths(352)),
-    "convnext_isotropic_small": _iso(18, 384),
-    "convnext_isotropic_base": _iso(18, 768),
-    "convnext_isotropic_large": _iso(36, 1024),
-}
 
 
 def _config_builder(cfg: ConvNeXtConfig) -> Callable[..., nn.Module]:
@@ -161,9 +120,13 @@ def create_model(
         raise ValueError("give checkpoint or checkpoint_path (timm's name for it), not both")
     checkpoint = checkpoint if checkpoint is not None else checkpoint_path
     if name.startswith("hf-hub:"):  # a Hub repo (weights/hf.py): its config gives the architecture
-        from convnext.weights.hf import load_hub_model
+        from convnext.weights import load_checkpoint
+        from convnext.weights.hf import resolve_hub
 
-        model = load_hub_model(name, pretrained=pretrained, **overrides)[0]
+        hub = resolve_hub(name, weights=pretrained)
+        model = _config_builder(hub.config)(**overrides)
+        if pretrained:  # a head for another num_classes, a stem for another in_chans adapt as load_checkpoint does
+            load_checkpoint(model, hub.weights)
     else:
         arch, tag = split_name(name)
         entry = MODELS.get(arch)

@@ -375,9 +375,9 @@ def test_push_a_run_then_use_it_from_the_hub(hub, tmp_path, capsys):
     peer = transformers.ConvNextForImageClassification.from_pretrained(snapshot).eval()
     assert torch.allclose(logits(peer, x), ref, atol=1e-5)
 
-    from convnext.infer import load_model
+    from convnext.resolve import resolve
 
-    loaded = load_model("hf-hub:me/shapes")  # what predict/eval/export take: weights, preprocessing, classes
+    loaded = resolve("hf-hub:me/shapes")  # what predict/eval/export take: weights, preprocessing, classes
     assert loaded.classes == ["circle", "square", "stripe"] and loaded.preprocess.img_size == 32
     assert loaded.preprocess.crop_pct == 1.0 and torch.equal(logits(loaded.model, x), ref)
     # --checkpoint hf-hub:... wherever a checkpoint is read (create_model, train's model.checkpoint, eval, predict)
@@ -444,9 +444,9 @@ def test_reads_transformers_and_timm_repos(hub, tmp_path):
     hub.add("facebook/v2", {**files, "preprocessor_config.json": json.dumps(processor).encode()})
     x = torch.randn(2, 3, 64, 64)
 
-    from convnext.infer import load_model
+    from convnext.resolve import resolve
 
-    loaded = load_model("hf-hub:facebook/v2")
+    loaded = resolve("hf-hub:facebook/v2")
     assert loaded.classes == ["cat", "dog", "emu"] and (loaded.preprocess.img_size, loaded.preprocess.crop_pct) == (
         288, 0.95)  # fmt: skip
     diff = (logits(loaded.model, x) - logits(peer, x)).abs().max()
@@ -460,7 +460,7 @@ def test_reads_transformers_and_timm_repos(hub, tmp_path):
     assert sd["stages.0.blocks.0.mlp.fc1.weight"].ndim == 4
     hub.add("timm/convnext_atto.test", {"config.json": json.dumps(timm_cfg).encode(),
                                         "model.safetensors": safetensors_bytes(sd, tmp_path)})  # fmt: skip
-    loaded = load_model("hf-hub:timm/convnext_atto.test")
+    loaded = resolve("hf-hub:timm/convnext_atto.test")
     assert loaded.preprocess.img_size == 256 and loaded.preprocess.mean == (0.1, 0.2, 0.3)
     assert torch.equal(logits(loaded.model, x), logits(timm_model, x))
 

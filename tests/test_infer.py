@@ -14,19 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from convnext.cli import main
-from convnext.infer import (
-    BadImageError,
-    LoadedModel,
-    Preprocess,
-    center_crop_aspect,
-    find_images,
-    imagenet_classes,
-    load_image,
-    load_model,
-    predict,
-    run_eval,
-)
+from convnext.constants import imagenet_classes
+from convnext.data.decode import find_images
+from convnext.infer import BadImageError, center_crop_aspect, load_image, predict, run_eval
 from convnext.registry import create_model
+from convnext.resolve import Preprocess, Resolved, resolve
 from convnext.weights import WEIGHTS, WeightSpec
 
 SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
@@ -79,7 +71,7 @@ def _hand_metrics(model, root: Path, classes: list[str], pre: Preprocess) -> dic
 
 def test_eval_matches_hand_computation(folder, tmp_path):
     model = small()
-    loaded = LoadedModel(model, PRE, list(CLASSES), "small")
+    loaded = Resolved(model, PRE, list(CLASSES), "made here", "small")
     got = run_eval(loaded, folder, batch_size=4, output_dir=tmp_path / "out")
     want = _hand_metrics(model, folder, CLASSES, PRE)
     assert got["n"] == want["n"] == 18
@@ -99,13 +91,13 @@ def test_eval_matches_classes_by_name(folder):
     """A model whose class order differs from the folder's sorted order is scored against its own order."""
     model = small(seed=1)
     order = list(reversed(CLASSES))
-    got = run_eval(LoadedModel(model, PRE, order, "small"), folder, batch_size=5)
+    got = run_eval(Resolved(model, PRE, order, "made here", "small"), folder, batch_size=5)
     want = _hand_metrics(model, folder, order, PRE)
     assert got["top1"] == pytest.approx(want["top1"]) and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
 def test_eval_rejects_mismatched_classes(folder):
-    loaded = LoadedModel(small(num_classes=4), PRE, ["w", "x", "y", "z"], "small")
+    loaded = Resolved(small(num_classes=4), PRE, ["w", "x", "y", "z"], "made here", "small")
     with pytest.raises(ValueError, match="do not match"):
         run_eval(loaded, folder)
 
@@ -118,7 +110,7 @@ def test_load_named_checkpoint_keeps_its_head(tmp_path):
     torch.manual_seed(0)
     ref = create_model("convnext_atto", num_classes=5).eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "w.pt")
-    loaded = load_model("convnext_atto", checkpoint=tmp_path / "w.pt", img_size=32)
+    loaded = resolve(tmp_path / "w.pt", model="convnext_atto", img_size=32)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), ref(x))
@@ -126,9 +118,9 @@ def test_load_named_checkpoint_keeps_its_head(tmp_path):
 
 
 def test_load_pretrained_name_gives_imagenet_labels():
-    loaded = load_model("convnext_atto")
+    loaded = resolve("convnext_atto")
     assert loaded.classes == imagenet_classes() and len(loaded.classes) == 1000
-    assert loaded.extra.get("random_init")
+    assert loaded.random and "random weights" in loaded.provenance
 
 
 def _published(monkeypatch, tmp_path: Path, **kw) -> WeightSpec:
@@ -163,14 +155,14 @@ def test_published_weights_evaluate_at_their_test_size_with_their_resize(monkeyp
     """As timm's validate.py does: the spec's test size and test crop, unless --img-size says otherwise; its filter."""
     kw = {"input_size": 32, "crop_pct": 0.875, "test_input_size": 48, "test_crop_pct": 1.0, "mean": (0.5,) * 3}
     _published(monkeypatch, tmp_path, **kw, interpolation="bilinear")
-    loaded = load_model("convnext_atto.local_test")
+    loaded = resolve("convnext_atto.local_test")
     assert loaded.preprocess == Preprocess(48, 1.0, (0.5,) * 3, (0.229, 0.224, 0.225), interpolation="bilinear")
-    assert not loaded.extra.get("random_init")
+    assert not loaded.random
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(torch.ones(1, 3, 32, 32)), small()(torch.ones(1, 3, 32, 32)))
-    at_train_size = load_model("convnext_atto.local_test", img_size=32).preprocess
+    at_train_size = resolve("convnext_atto.local_test", img_size=32).preprocess
     assert (at_train_size.img_size, at_train_size.crop_pct, at_train_size.interpolation) == (32, 0.875, "bilinear")
-    assert load_model("convnext_atto.local_test", img_size=48).preprocess.crop_pct == 1.0
+    assert resolve("convnext_atto.local_test", img_size=48).preprocess.crop_pct == 1.0
     assert main(["eval", "convnext_atto.local_test", "--data", str(folder), "--json"]) == 0
     used = json.loads(capsys.readouterr().out)["preprocess"]  # the eval records how it preprocessed
     assert (used["img_size"], used["crop_pct"], used["interpolation"], used["crop_mode"]) == (
@@ -181,21 +173,27 @@ def test_published_weights_evaluate_at_their_test_size_with_their_resize(monkeyp
     )
 
 
-def test_load_model_errors(tmp_path):
-    with pytest.raises(ValueError, match="name the model"):
-        load_model(None, checkpoint=tmp_path)
+def test_resolve_errors_say_what_it_takes(tmp_path, capsys):
+    """An empty folder names the kinds of folder `resolve` reads; a file that holds no weights says so; the CLI
+    without a model asks for one. (A weight file alone is a model now: its architecture is read off its shapes.)"""
+    with pytest.raises(FileNotFoundError, match="not a run folder .* a pretrained folder"):
+        resolve(tmp_path)
     (tmp_path / "w.pt").write_bytes(b"x")
-    with pytest.raises(ValueError, match="--checkpoint"):
-        load_model(str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        resolve(tmp_path / "w.pt")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve(tmp_path / "missing.pt")
+    assert main(["eval", "--data", str(tmp_path)]) == 2
+    assert "name a model" in capsys.readouterr().err
 
 
 def test_weights_with_nan_are_refused_naming_the_file(tmp_path, capsys):
-    """A weight file full of NaN would predict "nan" for every image: load_model refuses it, naming file and tensor."""
+    """A weight file full of NaN would predict "nan" for every image: resolve refuses it, naming file and tensor."""
     sd = create_model("convnext_atto", num_classes=3).state_dict()
     sd["stages.1.blocks.0.dwconv.weight"][0, 0, 0, 0] = float("nan")
     torch.save({"model": sd}, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match=r"nan\.pt: weight stages\.1\.blocks\.0\.dwconv\.weight holds NaN"):
-        load_model("convnext_atto", checkpoint=tmp_path / "nan.pt")
+        resolve(tmp_path / "nan.pt", model="convnext_atto")
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     rc = main(["predict", "convnext_atto", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "nan.pt")])
     assert rc == 2 and "holds NaN" in capsys.readouterr().err
@@ -326,7 +324,7 @@ def test_center_crop_aspect_only_trims_extremes():
 
 def test_predict_never_crashes_on_bad_images(bad_images):
     model = small()
-    loaded = LoadedModel(model, PRE, list(CLASSES), "small")
+    loaded = Resolved(model, PRE, list(CLASSES), "made here", "small")
     paths = list(bad_images.values())
     results = list(predict(loaded, paths, topk=3, batch_size=3))
     assert [r["path"] for r in results] == [str(p) for p in paths]  # input order, every file
@@ -398,7 +396,7 @@ def test_eval_with_a_class_folder_name_that_is_not_utf8(tmp_path):
         (root / "val" / c).mkdir(parents=True)
         for i in range(2):
             _rand_rgb(rng, 24, 24).save(root / "val" / c / f"{i}.png")
-    loaded = LoadedModel(small(2), PRE, sorted(names), "small")
+    loaded = Resolved(small(2), PRE, sorted(names), "made here", "small")
     got = run_eval(loaded, root, batch_size=4, output_dir=tmp_path / "out")
     assert got["n"] == 4 and Image.open(got["confusion_png"]).format == "PNG"
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 4

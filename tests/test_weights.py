@@ -153,7 +153,7 @@ def test_torchvision_specs_preprocess_as_torchvision_does(size):
     resize 230-236, crop 224), and its url, classes and top-1 are torchvision's."""
     from torchvision.models import get_weight
 
-    from convnext.infer import Preprocess
+    from convnext.resolve import Preprocess
 
     weights = get_weight(f"ConvNeXt_{size.title()}_Weights.IMAGENET1K_V1")
     spec = WEIGHTS[f"convnext_{size}.tv_in1k"]

@@ -57,7 +57,8 @@ def system_info() -> dict:
 
     import torch
 
-    from convnext import fast, kernels
+    from convnext import fast
+    from convnext.fast import kernels
 
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from convnext.cli.args import positive_int
 
-MODEL_HELP = "registered name (convnext_tiny, convnext_tiny.fb_in1k) or a training run folder"
+MODEL_HELP = ("registered name (convnext_tiny, convnext_tiny.fb_in1k), a training run folder or its best.pt / last.pt, "
+              "a weight file, a pretrained folder or hf-hub:ORG/NAME")  # fmt: skip
 
 
 def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
         p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    p.add_argument("--checkpoint", default=None, help="weight file in any layout, or a run folder")
+    p.add_argument("--checkpoint", default=None, help="weights in any layout loaded into MODEL (or alone: any source)")
     p.add_argument("--pretrained", action="store_true", help="load the name's published weights")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
 
@@ -35,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of images or folders of images")
-    p.add_argument("model", help=MODEL_HELP + ", or a checkpoint file inside a run folder")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders (searched recursively)")
     _model_args(p, positional=False)
     p.add_argument("--topk", type=positive_int, default=5)
@@ -91,16 +92,21 @@ def _amp(name: str):
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _load(args: argparse.Namespace, ema: bool = False):
-    from convnext.infer import load_model
+def _resolve(args: argparse.Namespace, ema: bool = False, img_size: int | None = None):
+    """What the model and --checkpoint arguments name (`convnext.resolve`): a checkpoint is loaded into the model
+    named beside it, or, alone, is the source."""
+    from convnext.resolve import resolve
 
-    return load_model(
-        args.model, args.checkpoint, args.pretrained, ema=ema, img_size=args.img_size, device=_device(args.device)
-    )
+    if args.checkpoint is not None:
+        return resolve(args.checkpoint, model=args.model, ema=ema, img_size=img_size)
+    if args.model is None:
+        raise ValueError("name a model (a registered name, a run folder, a weight file, an hf-hub: repo) or give "
+                         "--checkpoint")  # fmt: skip
+    return resolve(args.model, pretrained=args.pretrained, ema=ema, img_size=img_size)
 
 
 def _warn_random(loaded) -> None:
-    if loaded.extra.get("random_init"):
+    if loaded.random:
         print(
             f"warning: {loaded.name} has random weights; pass --pretrained, --checkpoint FILE or a run folder",
             file=sys.stderr,
@@ -110,20 +116,27 @@ def _warn_random(loaded) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from convnext.infer import run_eval
 
-    loaded = _load(args, ema=not args.no_ema)
+    loaded = _resolve(args, img_size=args.img_size)
     _warn_random(loaded)
+    with_ema = not args.no_ema and loaded.run is not None and bool(loaded.run.get("ema"))  # a run that kept one
+    ema = _resolve(args, ema=True, img_size=args.img_size).model if with_ema else None
     tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(args.data).name) or "data"
     output_dir = args.output_dir or (loaded.run_dir / f"eval-{tag}" if loaded.run_dir else None)
     kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
+    device = _device(args.device)
+    for model in (loaded.model, ema):
+        if model is not None:
+            model.to(device)
     summary = run_eval(
         loaded,
         args.data,
         batch_size=args.batch_size,
         workers=args.workers,
-        device=_device(args.device),
+        device=device,
         amp_dtype=_amp(args.amp),
         output_dir=output_dir,
         progress=True,
+        ema=ema,
         **kwargs,
     )
     if args.json:
@@ -143,8 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from convnext.infer import predict
 
-    loaded = _load(args)
+    loaded = _resolve(args, img_size=args.img_size)
     _warn_random(loaded)
+    loaded.model.to(_device(args.device))
     ok = failed = 0
     for r in predict(
         loaded,
@@ -171,15 +185,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from convnext.export import ParityError, export_model
+    from convnext.flops import in_chans_of
 
-    loaded = _load(args)
+    loaded = _resolve(args, img_size=args.img_size)
     try:
         r = export_model(
-            loaded.model.cpu(),
+            loaded.model,
             args.format,
             args.output,
             img_size=loaded.preprocess.img_size,
-            in_chans=_in_chans(loaded.model),
+            in_chans=in_chans_of(loaded.model),
             batch_size=args.batch_size,
             dynamic_batch=args.dynamic_batch,
             dtype=args.dtype,
@@ -212,14 +227,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from convnext.infer import is_run_dir
     from convnext.registry import split_name
 
     model = args.model
-    named = model and not (args.checkpoint or args.pretrained or is_run_dir(model) or Path(model).exists())
+    named = model and not (args.checkpoint or args.pretrained or Path(model).exists())
     if named and not model.startswith("hf-hub:"):
         model = split_name(model)[0]  # timing needs no weights: do not download a tag's
-    loaded = _load(argparse.Namespace(**{**vars(args), "model": model, "img_size": None}))
+    loaded = _resolve(argparse.Namespace(**{**vars(args), "model": model}))
     r = benchmark(
         loaded.model,
         loaded.name,
@@ -237,9 +251,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(json.dumps(r.as_dict()) if args.json else format_result(r))
     return 0
-
-
-def _in_chans(model) -> int:
-    from convnext.flops import _in_chans
-
-    return _in_chans(model)

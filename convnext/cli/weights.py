@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 LAYOUT_CHOICES = ("ours", "official", "timm", "torchvision", "hf")
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # `--to hf` into anything else writes a folder
 SOURCE_HELP = "a training run (folder, best.pt or last.pt), a pretrained folder, an hf-hub:ORG/NAME or a weight file"
 
 
@@ -43,23 +42,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from convnext.registry import create_model
-    from convnext.weights import detect_layout, from_ours, load_checkpoint, read_state_dict, save_weights, to_ours
+    from convnext.resolve import WEIGHT_SUFFIXES, resolve
+    from convnext.weights import detect_layout, from_ours, read_state_dict, save_weights, to_ours
 
     dst = Path(args.dst)
-    if args.to == "hf" and dst.suffix not in WEIGHT_SUFFIXES:
+    if args.to == "hf" and dst.suffix not in WEIGHT_SUFFIXES:  # `--to hf` into anything else writes a folder
         return _convert_to_hf_folder(args)
     if dst.exists() and not args.force:
         raise ValueError(f"{dst}: already exists; pass --force to replace it")
     sd = read_state_dict(args.src, ema=args.ema)
     layout = detect_layout(sd)
     ours = to_ours(sd, layout)
-    if args.model:  # build the model the weights describe (classes, input channels) and load them strictly
-        head, stem = ours.get("head.weight"), ours.get("stem.0.weight")
-        overrides = {"num_classes": 0 if head is None else head.shape[0]}
-        if stem is not None:
-            overrides["in_chans"] = stem.shape[1]
-        load_checkpoint(create_model(args.model, **overrides), ours, strict=True)
+    if args.model:  # the weights must load into the model they name (its classes, input channels), strictly
+        resolve(args.src, model=args.model, ema=args.ema)
     out = from_ours(ours, args.to)
     meta = {"format": "pt", "layout": args.to, "source": Path(args.src).name, "source_layout": layout}
     save_weights(out, dst, metadata=meta, force=args.force, wrap_key="model" if args.to == "official" else None)
@@ -81,11 +76,12 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _convert_to_hf_folder(args: argparse.Namespace) -> int:
-    from convnext.weights.hf import FOLDER_FILES, check_folder, load_source, pretrained_files, write_folder
+    from convnext.publish import FOLDER_FILES, check_folder, pretrained_files, write_folder
+    from convnext.resolve import resolve
 
     check_folder(args.dst, FOLDER_FILES[:3], args.force)  # before any work
-    src = load_source(args.src, args.model, ema=args.ema)
-    texts, weights = pretrained_files(src.model, src.arch, src.preprocess, src.classes, transformers=True)
+    src = resolve(args.src, model=args.model, ema=args.ema)
+    texts, weights = pretrained_files(src, transformers=True)
     written = write_folder(args.dst, texts, weights, force=args.force)
     kind = texts["config.json"]["architectures"][0]
     print(f"{args.src} -> {args.dst} (transformers {kind}: {', '.join(p.name for p in written)})")
@@ -95,17 +91,17 @@ def _convert_to_hf_folder(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
-    from convnext.weights.hf import (
+    from convnext.publish import (
         FOLDER_FILES,
         check_folder,
         check_repo_id,
-        load_source,
         model_card,
         pretrained_files,
         push_files,
         push_token,
         write_folder,
     )
+    from convnext.resolve import resolve
 
     if not (args.repo or args.save_dir):
         raise ValueError("give --repo ORG/NAME to push (or --save-dir DIR to only write the folder)")
@@ -114,11 +110,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     token = push_token(args.token) if args.repo else None
     if args.save_dir:
         check_folder(args.save_dir, FOLDER_FILES, args.force)
-    src = load_source(args.src, args.model, ema=args.ema)
-    texts, weights = pretrained_files(src.model, src.arch, src.preprocess, src.classes)
+    src = resolve(args.src, model=args.model, ema=args.ema)
+    texts, weights = pretrained_files(src)
     with_hf = "model_type" in texts["config.json"]
-    title = args.repo or Path(args.save_dir).resolve().name
-    card = model_card(title, src.model.cfg, src.arch, src.preprocess, src.classes, src.metrics, src.data, with_hf)
+    card = model_card(args.repo or Path(args.save_dir).resolve().name, src, with_hf)
     with tempfile.TemporaryDirectory(prefix="convnext-push-") as tmp:
         folder = Path(args.save_dir) if args.save_dir else Path(tmp) / "repo"
         files = write_folder(folder, texts, weights, force=args.force, extra={"README.md": card})

@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from convnext.weights.specs import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS  # defined with the weights
+from convnext.constants import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 
 # timm's _RAND_INCREASING_TRANSFORMS, by timm's names
 RAND_INCREASING_OPS = (

@@ -17,7 +17,6 @@ transfer benchmark live here too.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +27,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from convnext.constants import IMAGENET_MEAN, IMAGENET_STD
 from convnext.dense.config import BackboneConfig as BackboneConfig  # re-exported: it was defined here
-from convnext.model import ConvNeXt, ConvNeXtConfig, ConvNeXtFeatures, DropPath, LayerNorm2d
-from convnext.weights.specs import IMAGENET_MEAN, IMAGENET_STD
+from convnext.model import ConvNeXt, ConvNeXtFeatures, DropPath, LayerNorm2d
 
 log = logging.getLogger(__name__)
 
@@ -158,44 +157,35 @@ def resize_stem(model: ConvNeXt, patch_size: int) -> None:
 
 
 def load_model(cfg: BackboneConfig) -> nn.Module:
-    """The classification model behind a backbone, with its weights (a run folder, a weight file, or none).
+    """The classification model behind a backbone, with its weights (a run folder, a weight file, published weights
+    or none), all through `convnext.resolve`.
 
     Pretrained ConvNeXt stems of another patch size (CIFAR runs use 1 or 2) are resized to `cfg.patch_size`.
-    Sets `cfg.mean`/`cfg.std` from a pretrained run (the normalisation its weights were trained with).
+    Sets `cfg.mean`/`cfg.std` from a pretrained run or published weights (the normalisation they were trained with).
     """
-    from convnext.registry import MODELS, create_model, split_name
+    from convnext.registry import create_model, split_name
+    from convnext.resolve import resolve
+    from convnext.weights.hf import is_hub_name
 
-    if cfg.pretrained_run is not None:
-        from convnext.pretrain.runs import is_pretrain_run, load_encoder
-        from convnext.train.runs import load_run
-
-        load = load_encoder if is_pretrain_run(cfg.pretrained_run) else load_run  # a pre-training run: its encoder
-        model, run_cfg = load(Path(cfg.pretrained_run))
-        if run_cfg["model"]["name"] != cfg.model:
-            log.warning("backbone: %s holds a %s; using it", cfg.pretrained_run, run_cfg["model"]["name"])
-            cfg.model = run_cfg["model"]["name"]  # so the run's own checkpoints rebuild the right architecture
-        if cfg.mean is None:  # normalise as the backbone was trained; saved in the dense run's config
-            cfg.mean, cfg.std = tuple(run_cfg["data"]["mean"]), tuple(run_cfg["data"]["std"])
-        log.info("backbone: weights from run %s", cfg.pretrained_run)
-    elif cfg.checkpoint is not None and isinstance(MODELS.get(split_name(cfg.model)[0]).config, ConvNeXtConfig):
-        from convnext.weights import detect_layout, load_checkpoint, read_state_dict, to_ours
-
-        sd = read_state_dict(cfg.checkpoint)
-        stem = to_ours(sd, detect_layout(sd)).get("stem.0.weight")
-        patch = {"patch_size": stem.shape[-1]} if stem is not None and stem.ndim == 4 else {}
-        model = create_model(cfg.model, num_classes=0, **patch)
-        load_checkpoint(model, sd)
+    tagged = not is_hub_name(cfg.model) and split_name(cfg.model)[1] is not None
+    if cfg.pretrained_run is not None:  # a classification run's model, or a pre-training run's encoder
+        r = resolve(cfg.pretrained_run)
+        if r.name != cfg.model:
+            log.warning("backbone: %s holds a %s; using it", cfg.pretrained_run, r.name)
+            cfg.model = r.name  # so the run's own checkpoints rebuild the right architecture
+    elif cfg.checkpoint is not None:  # a weight file (its head dropped, its stem's patch size kept): no statistics
+        r = resolve(cfg.checkpoint, model=cfg.model, num_classes=0)
+    elif cfg.pretrained or tagged:  # a weight tag means its weights
+        r = resolve(cfg.model, pretrained=True, num_classes=0)
+    else:  # random weights (a Hub name: its architecture only)
+        r = None
+    if r is None:
+        model = create_model(cfg.model, num_classes=0)
     else:
-        arch, tag = split_name(cfg.model)
-        pretrained = cfg.pretrained or (tag is not None and cfg.checkpoint is None)  # a weight tag means its weights
-        model = create_model(cfg.model, pretrained=pretrained, checkpoint=cfg.checkpoint, num_classes=0)  # no head
-        if pretrained:
-            from convnext.weights import resolve_spec
-
-            spec = resolve_spec(arch, tag)
-            if cfg.mean is None:  # normalise as the weights were trained; saved in the dense run's config
-                cfg.mean, cfg.std = tuple(spec.mean), tuple(spec.std)
-            log.info("backbone: the published weights %s (%s)", spec.name, spec.recipe or spec.license)
+        model = r.model
+        log.info("backbone: %s", r.provenance)
+        if cfg.mean is None and (cfg.pretrained_run is not None or cfg.checkpoint is None):
+            cfg.mean, cfg.std = r.preprocess.mean, r.preprocess.std  # normalise as trained; saved in the run's config
     if isinstance(model, ConvNeXt) and not model.cfg.isotropic:
         resize_stem(model, cfg.patch_size)
     set_drop_path(model, cfg.drop_path_rate)

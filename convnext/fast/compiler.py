@@ -28,7 +28,7 @@ import torch._inductor.config
 from torch import nn
 
 from convnext.fast.ops import FastConvNeXt
-from convnext.fast.plan import _median_seconds, plan_pointwise
+from convnext.fast.plan import median_seconds, plan_pointwise
 from convnext.model import Block, ConvNeXt
 
 TESTED_TORCH = ((2, 14), (2, 14))  # the torch releases whose private ops (oneDNN pointwise conv, aten backward
@@ -116,9 +116,9 @@ class Optimized(nn.Module):
         shape = tuple(x.shape)
         runner = self.aot.pop(shape)
         with torch.inference_mode():
-            [compiled] = _median_seconds([lambda: self(x)], runs)
+            [compiled] = median_seconds([lambda: self(x)], runs)
             self.aot[shape] = runner
-            if _median_seconds([lambda: self(x)], runs)[0] >= compiled:
+            if median_seconds([lambda: self(x)], runs)[0] >= compiled:
                 del self.aot[shape]
 
     def keep_eager_if_faster(self, x: torch.Tensor, runs: int = 3) -> None:
@@ -131,7 +131,7 @@ class Optimized(nn.Module):
         seconds = {}
         for module in (compiled, eager):
             self.inner = module
-            [seconds[module]] = _median_seconds([lambda: self(x).float().sum().backward()], runs)
+            [seconds[module]] = median_seconds([lambda: self(x).float().sum().backward()], runs)
         self.inner = eager if seconds[eager] < seconds[compiled] else compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

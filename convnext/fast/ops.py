@@ -11,8 +11,8 @@
   GELU's derivative instead of its input and applies it as a oneDNN post-op (or, where the plan measured it faster,
   runs the whole MLP over tiles of rows in cache in a C kernel), and LayerNorm at small C in a C kernel
   (`ChannelsLayerNorm`); depthwise grad-input as a flipped forward convolution and depthwise grad-weight in a C
-  kernel (`convnext.kernels`).
-Measured in `benchmarks/NOTES.md`. A `Plan` is only read here (`_ways`, `_tiled`): this module imports neither the
+  kernel (`convnext.fast.kernels`).
+Measured in `benchmarks/NOTES.md`. A `Plan` is only read here (`plan_ways`, `_tiled`): this module imports neither the
 plan's measuring nor the compiler, both of which build on it.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from convnext import kernels
+from convnext.fast import kernels
 from convnext.model import Block, ConvNeXt, LayerNorm2d
 
 _ZERO, _ONE = [0, 0], [1, 1]
@@ -47,14 +47,14 @@ class PointwiseConv(torch.autograd.Function):
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
         ctx.ways = ways
-        return _conv1x1(x, weight, bias, matmul=ways.forward)
+        return conv1x1(x, weight, bias, matmul=ways.forward)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad, ways = grad.contiguous(memory_format=torch.channels_last), ctx.ways
-        grad_x = _conv1x1(grad, weight.t(), None, matmul=ways.grad_input)  # a view: no transposing copy
-        return grad_x, *_weight_and_bias_grad(grad, x, weight, ways.grad_weight, ways.grad_weight_transposed), None
+        grad_x = conv1x1(grad, weight.t(), None, matmul=ways.grad_input)  # a view: no transposing copy
+        return grad_x, *weight_and_bias_grad(grad, x, weight, ways.grad_weight, ways.grad_weight_transposed), None
 
 
 class Ways(NamedTuple):
@@ -76,7 +76,7 @@ class Ways(NamedTuple):
 Plan = dict[tuple[str, int, int, int, torch.dtype], bool]  # (product, rows, K, N, dtype) -> the `Ways` field
 
 
-def _ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
+def plan_ways(plan: Plan | None, x: torch.Tensor, k: int, n: int) -> Ways:
     """The plan's choices for a 1x1 conv from k to n channels on rows of x (B, ., H, W); without a measurement
     for the shape: oneDNN's convolution, and the grad-weight as `_weight_grad_by_onednn` says."""
     rows, plan = x.shape[0] * x.shape[2] * x.shape[3], plan or {}
@@ -117,7 +117,7 @@ def onednn_conv1x1(dtype: torch.dtype) -> bool:
     return ok
 
 
-def _conv1x1(
+def conv1x1(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -146,7 +146,7 @@ def _conv1x1(
     return torch.ops.mkldnn._convolution_pointwise(x, w, bias, _ZERO, _ONE, _ONE, 1, "none", [], "")
 
 
-def _weight_and_bias_grad(
+def weight_and_bias_grad(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, matmul: bool, transposed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d(loss)/d(weight) (N, K) and d(loss)/d(bias) (N,) of a 1x1 convolution, on channels-last grad and x: the
@@ -186,7 +186,7 @@ class DepthwiseConv(torch.autograd.Function):
 
     grad-input is the forward convolution of the gradient with the flipped kernel (oneDNN's forward kernel; aten's
     backward-data path is up to 2.5x slower on channels-last input); grad-weight is the C kernel
-    `convnext.kernels.depthwise_weight_grad` (3-10x aten's; aten's own when no C compiler is found).
+    `convnext.fast.kernels.depthwise_weight_grad` (3-10x aten's; aten's own when no C compiler is found).
     """
 
     @staticmethod
@@ -315,7 +315,7 @@ class InvertedMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways, tiled: bool = False):
-        out, saved = _mlp_forward(y, w1, b1, w2, b2, shortcut, ways1, ways2, tiled)
+        out, saved = mlp_forward(y, w1, b1, w2, b2, shortcut, ways1, ways2, tiled)
         ctx.save_for_backward(*saved)
         ctx.with_shortcut, ctx.ways = shortcut is not None, (ways1, ways2, tiled)
         return out
@@ -323,11 +323,11 @@ class InvertedMlp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grads = _mlp_backward(grad, *ctx.saved_tensors, *ctx.ways)
+        grads = mlp_backward(grad, *ctx.saved_tensors, *ctx.ways)
         return *grads, grad if ctx.with_shortcut else None, None, None, None
 
 
-def _mlp_forward(y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways, tiled: bool):
+def mlp_forward(y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways, tiled: bool):
     """`InvertedMlp`'s forward: (out, the tensors its backward needs: y, w1, GELU(h), GELU'(h), w2)."""
     y = y.contiguous(memory_format=torch.channels_last)
     if shortcut is not None:
@@ -335,23 +335,23 @@ def _mlp_forward(y, w1, b1, w2, b2, shortcut, ways1: Ways, ways2: Ways, tiled: b
     if tiled:
         out, a, d = kernels.mlp_forward(_rows(y), w1, b1, w2, b2, None if shortcut is None else _rows(shortcut))
         return _unrows(out, y), (y, w1, a, d, w2)
-    a, d = kernels.gelu_with_grad(_conv1x1(y, w1, b1, matmul=ways1.forward))
+    a, d = kernels.gelu_with_grad(conv1x1(y, w1, b1, matmul=ways1.forward))
     if shortcut is None:
-        out = _conv1x1(a, w2, b2, matmul=ways2.forward)
+        out = conv1x1(a, w2, b2, matmul=ways2.forward)
     else:
-        out = _conv1x1(a, w2, b2, "add", shortcut, matmul=ways2.forward_add)
+        out = conv1x1(a, w2, b2, "add", shortcut, matmul=ways2.forward_add)
     return out, (y, w1, a, d, w2)
 
 
-def _mlp_backward(grad, y, w1, a, d, w2, ways1: Ways, ways2: Ways, tiled: bool):
+def mlp_backward(grad, y, w1, a, d, w2, ways1: Ways, ways2: Ways, tiled: bool):
     """`InvertedMlp`'s backward on channels-last grad: d(loss)/d(y, w1, b1, w2, b2)."""
     if tiled:
         grad_y, *grad_weights = kernels.mlp_backward(_rows(grad), _rows(y), w1, a, d, w2)
         return _unrows(grad_y, y), *grad_weights
-    grad_w2, grad_b2 = _weight_and_bias_grad(grad, a, w2, ways2.grad_weight, ways2.grad_weight_transposed)
-    grad_h = _conv1x1(grad, w2.t(), None, "mul", d, matmul=ways2.grad_input_mul)  # d(loss)/d(a) * GELU'(h)
-    grad_w1, grad_b1 = _weight_and_bias_grad(grad_h, y, w1, ways1.grad_weight, ways1.grad_weight_transposed)
-    grad_y = _conv1x1(grad_h, w1.t(), None, matmul=ways1.grad_input)
+    grad_w2, grad_b2 = weight_and_bias_grad(grad, a, w2, ways2.grad_weight, ways2.grad_weight_transposed)
+    grad_h = conv1x1(grad, w2.t(), None, "mul", d, matmul=ways2.grad_input_mul)  # d(loss)/d(a) * GELU'(h)
+    grad_w1, grad_b1 = weight_and_bias_grad(grad_h, y, w1, ways1.grad_weight, ways1.grad_weight_transposed)
+    grad_y = conv1x1(grad_h, w1.t(), None, matmul=ways1.grad_input)
     return grad_y, grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -443,7 +443,7 @@ def block_forward(block: Block, x: torch.Tensor, plan: Plan | None = None) -> to
     if train and _fused_mlp(block, y):
         fuse_shortcut = getattr(block.drop_path, "p", 0.0) == 0.0 or not block.training  # no stochastic depth
         c, hidden = block.pwconv1.weight.shape[::-1]
-        ways1, ways2, tiled = _ways(plan, y, c, hidden), _ways(plan, y, hidden, c), _tiled(plan, y, c, hidden)
+        ways1, ways2, tiled = plan_ways(plan, y, c, hidden), plan_ways(plan, y, hidden, c), _tiled(plan, y, c, hidden)
         shortcut = x if fuse_shortcut else None
         out = InvertedMlp.apply(y, block.pwconv1.weight, block.pwconv1.bias, w2, b2, shortcut, ways1, ways2, tiled)
         return out if fuse_shortcut else x + block.drop_path(out)
@@ -472,7 +472,7 @@ def _pointwise(
     """A Linear's (N, K) weight as a 1x1 convolution on channels-last (B, K, H, W)."""
     if train:
         x, weight, bias = _cast(x, weight, bias)
-        return PointwiseConv.apply(x, weight, bias, _ways(plan, x, *weight.shape[::-1]))
+        return PointwiseConv.apply(x, weight, bias, plan_ways(plan, x, *weight.shape[::-1]))
     return F.conv2d(x, weight[:, :, None, None], bias)
 
 

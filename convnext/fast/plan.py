@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from convnext import kernels
-from convnext.fast.ops import Plan, _conv1x1, _mlp_backward, _mlp_forward, _ways, _weight_and_bias_grad
+from convnext.fast import kernels
+from convnext.fast.ops import Plan, conv1x1, mlp_backward, mlp_forward, plan_ways, weight_and_bias_grad
 from convnext.model import ConvNeXt
 
 TILED_MIN_BYTES = 8 * 2**20  # the tiled MLP is timed where the 4C-wide hidden tensor is larger than this (cache)
@@ -52,16 +52,16 @@ def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dt
             weight, bias = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype), torch.zeros(n, dtype=dtype)
             if k > n:  # 4C -> C: in training mostly pwconv1's grad-input, on a transposed view of its weight
                 weight = weight.t().contiguous().t()
-            conv = functools.partial(_conv1x1, x, weight, bias)
+            conv = functools.partial(conv1x1, x, weight, bias)
             plan[("conv", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=conv: f(matmul=m), runs)
-            grad = functools.partial(_weight_and_bias_grad, g, x, weight)
+            grad = functools.partial(weight_and_bias_grad, g, x, weight)
             t = _true_is_faster(lambda t, f=grad: f(True, t), runs)
             plan[("grad_weight_t", b * h * w, k, n, dtype)] = t
             plan[("grad_weight", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=grad, t=t: f(m, t), runs)
             # pwconv2's forward (4C -> C, + shortcut) and its grad-input (C -> 4C on the transposed weight, x GELU')
             post, other = ("add", g) if k > n else ("mul", g)
             weight = weight.contiguous() if k > n else weight.t().contiguous().t()
-            fused = functools.partial(_conv1x1, x, weight, bias, post, other)
+            fused = functools.partial(conv1x1, x, weight, bias, post, other)
             plan[(f"conv_{post}", b * h * w, k, n, dtype)] = _true_is_faster(lambda m, f=fused: f(matmul=m), runs)
         hidden_bytes = b * h * w * 4 * c * 4
         if dtype == torch.float32 and hidden_bytes >= TILED_MIN_BYTES and kernels.tiled_mlp_available():
@@ -77,11 +77,11 @@ def _mlp_step(plan: Plan, b: int, c: int, h: int, w: int, gen: torch.Generator) 
     )
     w1, b1 = torch.randn(4 * c, c, generator=gen) / c**0.5, torch.zeros(4 * c)
     w2, b2 = torch.randn(c, 4 * c, generator=gen) / (4 * c) ** 0.5, torch.zeros(c)
-    ways = _ways(plan, y, c, 4 * c), _ways(plan, y, 4 * c, c)
+    ways = plan_ways(plan, y, c, 4 * c), plan_ways(plan, y, 4 * c, c)
 
     def run(tiled: bool) -> object:
-        _, saved = _mlp_forward(y, w1, b1, w2, b2, shortcut, *ways, tiled)
-        return _mlp_backward(grad, *saved, *ways, tiled)
+        _, saved = mlp_forward(y, w1, b1, w2, b2, shortcut, *ways, tiled)
+        return mlp_backward(grad, *saved, *ways, tiled)
 
     return run
 
@@ -91,11 +91,11 @@ def _true_is_faster(run: Callable[[bool], object], runs: int) -> bool:
     in turns: the first large products of a process run slow for a while (oneDNN 28.9 vs 16.6 ms at T's stage 1),
     and timing one way after the other had picked the wrong one there."""
     with torch.no_grad():
-        first, second = _median_seconds([lambda: run(True), lambda: run(False)], runs)
+        first, second = median_seconds([lambda: run(True), lambda: run(False)], runs)
     return first < second
 
 
-def _median_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
+def median_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
     """Median wall time of `runs` calls of each of `calls`, after one untimed call of each (warm-up), taken in turns
     (drift in the machine's speed then falls on all alike)."""
     for call in calls:

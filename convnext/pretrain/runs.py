@@ -14,24 +14,12 @@ from typing import Any
 from torch import nn
 
 from convnext.pretrain.config import PretrainConfig, encoder_config
-from convnext.registry import create_model
+from convnext.resolve import is_pretrain_run, resolve
 from convnext.train.config import from_dict
-from convnext.weights import load_checkpoint
 
 # fine-tuning a pre-trained encoder: each layer's lr 0.7x the next one's (the head at the full lr); on CIFAR-10 with
 # 5,000 labels, 8 epochs from a 1.4-epoch FCMAE run: 54.27 / 54.91% (seeds 0 / 1) against 53.19 without
 FINETUNE_LAYER_DECAY = 0.7
-
-
-def is_pretrain_run(path: str | Path) -> bool:
-    """Whether `path` is a folder written by `convnext pretrain` (its config.json has an `fcmae` section)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "fcmae" in json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def read_run(run_dir: str | Path) -> tuple[PretrainConfig, Path]:
@@ -46,12 +34,11 @@ def read_run(run_dir: str | Path) -> tuple[PretrainConfig, Path]:
 
 
 def load_encoder(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The run's encoder as a ConvNeXt without a head (eval mode, CPU), and the run's config as a plain dict."""
-    cfg, weights = read_run(run_dir)
-    model = create_model(cfg.model.name.split(".")[0], **cfg.model.build_kwargs(), num_classes=0)
-    model.norm = nn.Identity()  # as pre-trained: the final norm acts after pooling, which FCMAE never does
-    load_checkpoint(model, weights)
-    return model.eval(), cfg.to_dict()
+    """The run's encoder as a ConvNeXt without a head (eval mode, CPU), and the run's config.json as a plain dict
+    (`convnext.resolve` reads it)."""
+    read_run(run_dir)  # one clear error for anything but a pre-training run with weights
+    r = resolve(run_dir)
+    return r.model, r.run
 
 
 def finetune_overrides(run_dir: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from convnext.weights.hf import folder_weights, hub_weights, is_hub_name
 from convnext.weights.layouts import FCMAE_ENCODER, detect_layout, to_ours
 
 log = logging.getLogger(__name__)
@@ -25,22 +26,16 @@ log = logging.getLogger(__name__)
 MAIN_KEYS = ("model", "state_dict", "model_state_dict")  # official / timm and lightning / common training scripts
 EMA_KEYS = ("model_ema", "state_dict_ema", "ema")  # official / timm / others
 PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-HF_FILES = ("model.safetensors", "pytorch_model.bin")  # inside a `save_pretrained` folder
 
 
 def read_file(path: str | Path) -> object:
     """The object stored in a .safetensors / .pth / .pt / .bin file (or a Hugging Face model folder, or the weight
     file of a Hub repo named `hf-hub:org/name[@revision]`, fetched through the HF cache)."""
-    if isinstance(path, str) and path.startswith("hf-hub:"):  # every --checkpoint reads through here (weights/hf.py)
-        from convnext.weights.hf import hub_weights
-
+    if is_hub_name(path):  # every --checkpoint reads through here
         path = hub_weights(path)
     path = Path(path)
     if path.is_dir():
-        inside = next((path / f for f in HF_FILES if (path / f).is_file()), None)
-        if inside is None:
-            raise FileNotFoundError(f"{path}: a folder without any of {HF_FILES}")
-        path = inside
+        path = folder_weights(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weight file")
     try:
@@ -112,7 +107,11 @@ def adapt_in_chans(weight: Tensor, in_chans: int) -> Tensor:
 
 
 def load_checkpoint(
-    model: nn.Module, src: str | Path | Mapping[str, object], strict: bool = True, ema: bool = False
+    model: nn.Module,
+    src: str | Path | Mapping[str, object],
+    strict: bool = True,
+    ema: bool = False,
+    name: str | None = None,
 ) -> None:
     """Load weights in any layout (official V1/V2, timm, torchvision, HF transformers, ours) into `model`.
 
@@ -120,10 +119,11 @@ def load_checkpoint(
     strict: every model key must be filled and every checkpoint key used, except the head (adapted: a
         head for another number of classes is dropped and the model keeps its fresh one) and the stem
         (adapted to another `in_chans`). Shapes must always match.
+    name: what to call `src` in messages (default: its path, or "state dict").
     Raises ValueError naming the file and the offending keys (the first 8 of each kind) with both shapes;
     the model is then untouched. Adaptations are reported with `warnings.warn`.
     """
-    name = "state dict" if isinstance(src, Mapping) else str(src)
+    name = name or ("state dict" if isinstance(src, Mapping) else str(src))
     sd = unwrap(src, ema=ema, name=name) if isinstance(src, Mapping) else read_state_dict(src, ema=ema)
     target = model.state_dict()
     if set(sd) == set(target):  # already ours (also any model outside the ConvNeXt family, e.g. roadmap steps)

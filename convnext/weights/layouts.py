@@ -13,6 +13,8 @@ FCMAE pre-training checkpoints (read only, detected as "fcmae") hold an encoder 
 decoder (`proj`, `mask_token`, `decoder`, `pred`): the official `*_fcmae.pt` files, whose encoder is a
 MinkowskiEngine SparseConvNeXtV2, and `convnext pretrain` runs (our layout under `encoder.`). `split_fcmae` keeps
 the encoder, as a dense state dict in its own layout, and names what it drops.
+
+`shape_config` reads what a state dict's shapes say about the model it was made with.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -267,3 +271,33 @@ def _unsqueeze(key: str, v: Tensor, layout: str, conv_mlp: bool = False) -> Tens
     if key.endswith(".gamma") and layout == "torchvision":
         return v.reshape(-1, 1, 1)
     return v
+
+
+def shape_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The `ConvNeXtConfig` fields the shapes of a state dict in our layout fix: `num_classes` (0: no head), `in_chans`
+    and `patch_size` (the stem), and, when it holds blocks, `depths`, `dims`, `grn`, `layer_scale_init` (1e-6 where
+    it has layer scale), `kernel_size`, `stem_norm` and `mlp_ratio`. Drop path and dropout leave no trace; a field
+    it cannot read is left out (a state dict of another family gives what it can)."""
+    out: dict[str, Any] = {}
+    head, stem = sd.get("head.weight"), sd.get("stem.0.weight")
+    blocks = sorted({(int(m[1]), int(m[2])) for k in sd if (m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k))})
+    if head is not None and head.ndim == 2:
+        out["num_classes"] = int(head.shape[0])
+    elif "norm.weight" in sd or blocks:
+        out["num_classes"] = 0  # a backbone without a head
+    if stem is not None and stem.ndim == 4:
+        out |= {"in_chans": int(stem.shape[1]), "patch_size": int(stem.shape[-1])}
+    first = "stages.0.blocks.0."
+    if stem is None or first + "dwconv.weight" not in sd:
+        return out
+    stages = sorted({i for i, _ in blocks})
+    dims = tuple(int(sd[f"stages.{i}.blocks.0.dwconv.weight"].shape[0]) for i in stages)
+    return out | {
+        "depths": tuple(1 + max(j for i2, j in blocks if i2 == i) for i in stages),
+        "dims": dims,
+        "grn": first + "grn.weight" in sd,
+        "layer_scale_init": 1e-6 if first + "gamma" in sd else 0.0,
+        "kernel_size": int(sd[first + "dwconv.weight"].shape[-1]),
+        "stem_norm": "stem.1.weight" in sd,
+        "mlp_ratio": int(sd[first + "pwconv1.weight"].shape[0]) // dims[0],
+    }

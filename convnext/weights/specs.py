@@ -14,13 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from convnext.constants import CLIP_MEAN, CLIP_STD, CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+
 NON_COMMERCIAL = ("cc-by-nc-4.0", "fair-noncommercial-research-license")
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # the eval resize filter
-CROP_MODES = ("center", "squash")  # center: short side to size / crop_pct; squash: both sides (aspect not kept)
 
 
 @dataclass(frozen=True)
