@@ -58,6 +58,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads on CPU
     num_workers: int = 1
+    accum_steps: int = 1  # micro-batches per optimizer step (batch_size images in all)
+    amp: str = "none"  # none | bf16 | fp16 (CUDA): autocast for the forward pass
+    grad_checkpointing: bool = False  # recompute the backbone's blocks in the backward pass (less memory)
     resume: str | None = None
     overwrite: bool = False  # allow replacing a finished or interrupted run in `output`
 

@@ -16,9 +16,9 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from convnext.data.decode import BadImageError
+from convnext.data.decode import IMAGE_EXTENSIONS, BadImageError
 from convnext.dense.config import DetectConfig, SegmentConfig
-from convnext.dense.data import IMAGE_SUFFIXES, read_rgb
+from convnext.dense.data import read_rgb
 from convnext.dense.train import segment_logits
 
 
@@ -69,7 +69,7 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
         elif p.is_file():
             out.append(p)
         else:

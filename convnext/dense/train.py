@@ -1,13 +1,11 @@
-"""Train and evaluate detection (Mask/Faster R-CNN) and segmentation (UperNet) runs: plain functions.
+"""Train and evaluate detection (Mask/Faster R-CNN) and segmentation (UperNet) runs on the run engine.
 
 `train_detection(cfg)` / `train_segmentation(cfg)` check the data and the run folder before any work, then train
 with the paper's downstream recipe (AdamW, layer-wise lr decay on the backbone, stochastic depth, multi-scale
-resize), evaluate (COCO box/mask mAP; mIoU), and return the metrics. A run folder holds config.json,
-metrics.jsonl, last.pt (written atomically every `ckpt_every_steps` steps, at every epoch end and when the run is
-interrupted by an error or Ctrl-C), best.pt and results.json. `run.resume` continues from last.pt at the step it
-stopped; augmentation is a function of (seed, epoch, index) so the resumed run sees the same samples.
-Optimizer groups, schedules, checkpoints, samplers and overrides are the classification trainer's
-(`convnext.train`).
+resize), evaluate (COCO box/mask mAP; mIoU), and return the metrics. The engine (`convnext.engine.trainer`) gives
+them what every job has: the run folder (config.json, metrics.csv/.jsonl, last.pt every `ckpt_every_steps` steps,
+at every epoch end and on an error or Ctrl-C, best.pt, results.json), exact resume after SIGKILL (augmentation is
+a function of (seed, epoch, index)), the time budget's refits, accumulation and autocast.
 """
 
 from __future__ import annotations
@@ -16,19 +14,18 @@ import contextlib
 import copy
 import json
 import logging
-import math
-import shutil
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
+from convnext.config import from_dict
 from convnext.data import SeededDataset
 from convnext.dense.backbone import backbone_of, build_backbone, detector
 from convnext.dense.config import DetectConfig, SegmentConfig
@@ -48,18 +45,15 @@ from convnext.dense.data import (
 from convnext.dense.metrics import CocoEvaluator, ConfusionMatrix
 from convnext.dense.segmentation import Segmentor, predict_slide, predict_whole, segmentation_loss
 from convnext.engine import checkpoint as ckpt
-from convnext.engine import interrupt
-from convnext.engine.distributed import DistInfo, ResumableSampler, resolve_device
+from convnext.engine.distributed import ResumableSampler, joined, per_rank_batch
+from convnext.engine.loop import autocast
+from convnext.engine.optim import no_weight_decay, param_groups
+from convnext.engine.run import RunFolder
+from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
 from convnext.extras import require
-from convnext.train.config import from_dict
-from convnext.train.loop import NonFiniteLossError
-from convnext.train.optim import lr_at as _lr_at
-from convnext.train.optim import no_weight_decay, param_groups, set_lr
-from convnext.train.runs import check_run_dir, claim_run_dir
 
 log = logging.getLogger("convnext.dense")
-RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.jsonl", "results.json")
-CALIBRATION_STEPS = 5  # with a time budget, the schedule is fitted after this many steps (past the first)
+RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "results.json")
 
 
 # ---------------------------------------------------------------- models
@@ -82,7 +76,7 @@ def _norm_stats(backbone: nn.Module) -> dict:
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
-    """AdamW groups: the ConvNeXt trunk by `convnext.train.optim.param_groups` (layer-wise lr decay, no decay on
+    """AdamW groups: the ConvNeXt trunk by `convnext.engine.optim.param_groups` (layer-wise lr decay, no decay on
     1-D params); the per-stage output norms, the neck and the heads at the full lr (as the official configs)."""
     trunk = backbone_of(model)
     groups, seen = [], set()
@@ -231,17 +225,7 @@ def train_detection(cfg: DetectConfig) -> dict[str, Any]:
     train_ds, val_ds, classes = detection_datasets(cfg)
     cfg.data.classes = classes
     log.info("detection: %d train / %d val images, classes %s", len(train_ds), len(val_ds), classes[1:])
-
-    def loss_fn(model: nn.Module, batch: tuple, device: torch.device) -> dict[str, torch.Tensor]:
-        images, targets = batch
-        return model([im.as_subclass(torch.Tensor).to(device) for im in images], [_plain(t, device) for t in targets])
-
-    def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
-        return evaluate_detection(model, val_ds, device, cfg.masks, cfg.run.num_workers)
-
-    main = "mask_AP" if cfg.masks else "box_AP"
-    with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
-        return _fit(cfg, build_detection_model, train_ds, collate_lists, loss_fn, evaluate, main, held)
+    return _fit(cfg, build_detection_model, train_ds, DenseTask(cfg, val_ds, "mask_AP" if cfg.masks else "box_AP"))
 
 
 def train_segmentation(cfg: SegmentConfig) -> dict[str, Any]:
@@ -251,202 +235,117 @@ def train_segmentation(cfg: SegmentConfig) -> dict[str, Any]:
     if d.format == "camvid":
         d.classes, d.palette = d.classes or list(CAMVID_CLASSES), d.palette or [list(c) for c in CAMVID_PALETTE]
     log.info("segmentation: %d train / %d val images, %d classes", len(train_ds), len(val_ds), d.num_classes)
-
-    def loss_fn(model: nn.Module, batch: tuple, device: torch.device) -> dict[str, torch.Tensor]:
-        images, labels = (b.as_subclass(torch.Tensor).to(device) for b in batch)
-        return segmentation_loss(model(images), labels, 255, cfg.aux_weight)
-
-    def evaluate(model: nn.Module, device: torch.device) -> dict[str, Any]:
-        return evaluate_segmentation(model, val_ds, cfg, device, cfg.run.num_workers)
-
-    with contextlib.ExitStack() as held:  # the run folder's lock, released when the run ends
-        return _fit(cfg, build_segmentation_model, train_ds, None, loss_fn, evaluate, "mIoU", held)
+    return _fit(cfg, build_segmentation_model, train_ds, DenseTask(cfg, val_ds, "mIoU"))
 
 
-def _fit(
-    cfg: DetectConfig | SegmentConfig,
-    build: Callable,
-    train_ds: Dataset,
-    collate: Callable | None,
-    loss_fn: Callable,
-    evaluate: Callable,
-    main_metric: str,
-    held: contextlib.ExitStack,
-) -> dict[str, Any]:
+@dataclass
+class DenseTask:
+    """The engine's task for detection (torchvision's R-CNN losses, COCO AP) and segmentation (UperNet's
+    cross-entropy with the auxiliary head, mIoU). `best_key`: the metric that makes best.pt."""
+
+    cfg: DetectConfig | SegmentConfig
+    val_ds: Dataset
+    best_key: str
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        detection = ("box_AP", "box_AP50", "mask_AP", "mask_AP50")
+        metrics = ("mIoU", "aAcc", "mAcc") if self.best_key == "mIoU" else detection
+        return ("epoch", "step", "lr", "train_loss", *metrics, "img_per_s", "epoch_time_s", "elapsed_s",
+                "skipped_images", "data_wait_pct")  # fmt: skip
+
+    def loss(self, model: nn.Module, images: Any, targets: Any, index: int) -> torch.Tensor:
+        dev = self.device
+        with autocast(dev, self.cfg.run.amp):
+            if isinstance(self.cfg, DetectConfig):
+                inputs = [im.as_subclass(torch.Tensor).to(dev) for im in images]
+                losses = model(inputs, [_plain(t, dev) for t in targets])
+            else:
+                x, y = images.as_subclass(torch.Tensor).to(dev), targets.as_subclass(torch.Tensor).to(dev)
+                losses = segmentation_loss(model(x), y, 255, self.cfg.aux_weight)
+        return sum(v.float() for v in losses.values())
+
+    def evaluate(self, model: nn.Module, ema: nn.Module | None) -> dict[str, Any]:
+        workers = self.cfg.run.num_workers
+        if isinstance(self.cfg, DetectConfig):
+            return evaluate_detection(model, self.val_ds, self.device, self.cfg.masks, workers)
+        return evaluate_segmentation(model, self.val_ds, self.cfg, self.device, workers)
+
+    def summary(self, row: dict[str, Any]) -> str:
+        keys = [self.best_key] + [k for k in ("box_AP", "box_AP50", "mask_AP50", "aAcc") if k != self.best_key]
+        return "  ".join(f"{k} {row[k]:.4f}" for k in keys if isinstance(row.get(k), (int, float)))
+
+    def epoch_end(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
+        pass
+
+
+class _Batches:
+    """A collate function that gives the engine its (inputs, targets, skipped images) batches (picklable for
+    loader workers)."""
+
+    def __init__(self, collate: Callable | None):
+        self.collate = collate or default_collate
+
+    def __call__(self, batch: list) -> tuple[Any, Any, int]:
+        inputs, targets = self.collate(batch)
+        return inputs, targets, 0
+
+
+def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, task: DenseTask) -> dict[str, Any]:
     r = cfg.run
-    run_dir = Path(r.resume or r.output)
-    r.output = str(run_dir)
-    old_files = check_run_dir(run_dir, r.resume is not None, r.overwrite, RUN_FILES)
-    device = resolve_device(r.device)
-    if r.threads and device.type == "cpu":
-        torch.set_num_threads(r.threads)
-    if r.batch_size < 1 or r.batch_size > len(train_ds):
-        raise ValueError(f"batch size {r.batch_size} must be between 1 and the training set's {len(train_ds)} images")
-    steps_per_epoch = len(train_ds) // r.batch_size
+    with joined(r.device) as info, contextlib.ExitStack() as held:  # the lock is held until the run ends
+        if info.distributed:
+            raise ValueError("detect/segment train runs in one process for now; start it without torchrun")
+        run = RunFolder(r.resume or r.output, resume=r.resume is not None, overwrite=r.overwrite, files=RUN_FILES)
+        r.output = str(run.path)
+        task.device = info.device
+        if r.threads and info.device.type == "cpu":
+            torch.set_num_threads(r.threads)
+        if r.batch_size < 1 or r.batch_size > len(train_ds):
+            raise ValueError(f"batch size {r.batch_size} must be between 1 and the training set's {len(train_ds)} "
+                             "images")
+        per_rank = per_rank_batch(r.batch_size, r.accum_steps, info, len(train_ds))
 
-    torch.manual_seed(r.seed)
-    state = ckpt.load(run_dir / "last.pt") if r.resume else None
-    model = build(cfg if state is None else _architecture_only(cfg))
-    if state is not None:
-        ckpt.check_compatible(model, state["model"], f"checkpoint {run_dir / 'last.pt'}")
-        model.load_state_dict(state["model"])
-    model.to(device)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(optimizer_groups(model, o.weight_decay, o.layer_decay), lr=o.lr, betas=tuple(o.betas))
-
-    planned = r.epochs * steps_per_epoch
-    sched = {"total_steps": min(planned, r.max_steps or planned), "steps_per_epoch": steps_per_epoch}
-    epoch, epoch_step, step, best = 0, 0, 0, -math.inf
-    if state is not None:
-        if state["steps_per_epoch"] != steps_per_epoch:
-            raise ValueError(
-                f"{run_dir}: the run had {state['steps_per_epoch']} steps per epoch, now {steps_per_epoch}"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        sched = state["scheduler"]
-        epoch, epoch_step, step, best = state["epoch"], state["epoch_step"], state["step"], state["best"]
-        ckpt.set_rng_state(state["rng"])
-        log.info("resuming %s at epoch %d, step %d of %d", run_dir, epoch, step, sched["total_steps"])
-
-    claim_run_dir(run_dir, old_files, held)  # --overwrite: the old run goes only now data and model are built
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    train_set = SeededDataset(train_ds, r.seed)
-    sampler = ResumableSampler(train_set, DistInfo(device=device), r.seed, shuffle=True, drop_last=True)
-    loader = DataLoader(  # its own generator: starting an epoch must not draw from the global RNG (exact resume)
-        train_set,
-        batch_size=r.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=r.num_workers,
-        collate_fn=collate,
-        generator=torch.Generator(),
-    )
-
-    def save(path: Path) -> None:
-        ckpt.save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": dict(sched),
-                "rng": ckpt.rng_state(),
-                "epoch": epoch,
-                "epoch_step": epoch_step,
-                "step": step,
-                "steps_per_epoch": steps_per_epoch,
-                "best": best,
-                "config": cfg.to_dict(),
-            },
-            path,
-        )
-
-    t0, step0, saved_step = time.perf_counter(), step, step
-    eval_s = 0.0  # evaluation time, not counted in the training budget
-
-    def train_s() -> float:
-        return time.perf_counter() - t0 - eval_s
-
-    budget_s = r.budget_min * 60 if r.budget_min is not None else None
-    metrics: dict[str, Any] = {}
-    lr = 0.0
-    bar = tqdm(total=sched["total_steps"], initial=step, desc="train", disable=None)
-    try:
-        while step < sched["total_steps"]:
-            sampler.set_epoch(epoch, skip=epoch_step * r.batch_size)
-            train_set.set_epoch(epoch)
-            model.train()
-            sums: dict[str, float] = {}
-            n = 0
-            for batch in loader:
-                lr = lr_at(step, o, sched)
-                set_lr(optimizer, lr)
-                losses = loss_fn(model, batch, device)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-                    raise NonFiniteLossError(f"non-finite loss at step {step} ({parts})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if o.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-                optimizer.step()
-                step, epoch_step, n = step + 1, epoch_step + 1, n + 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-                interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed (convnext/interrupt.py)
-                if budget_s is not None and step - step0 == CALIBRATION_STEPS + 1:
-                    sched["total_steps"] = _fit_to_budget(step, step0, train_s(), budget_s, planned)
-                    bar.total = sched["total_steps"]
-                if step >= sched["total_steps"] or (budget_s is not None and train_s() >= budget_s):
-                    sched["total_steps"] = step  # a spent budget ends the schedule here (a resume does not go on)
-                    break
-                if r.ckpt_every_steps and step % r.ckpt_every_steps == 0 and epoch_step < steps_per_epoch:
-                    save(run_dir / "last.pt")
-                    saved_step = step
-            if epoch_step >= steps_per_epoch:
-                epoch, epoch_step = epoch + 1, 0
-            finished = step >= sched["total_steps"]
-            row = {"epoch": epoch, "step": step, "lr": lr, "train_time_s": round(train_s(), 1)}
-            row |= {k: v / max(n, 1) for k, v in sums.items()}
-            if finished or (r.eval_every and epoch_step == 0 and epoch % r.eval_every == 0):
-                t_eval = time.perf_counter()
-                metrics = evaluate(model, device)
-                eval_s += time.perf_counter() - t_eval
-                row |= metrics
-                log.info("epoch %d step %d: %s", epoch, step, _summary(metrics, main_metric))
-            improved = main_metric in row and _num(row[main_metric]) > best
-            best = max(best, _num(row.get(main_metric, -math.inf)))
-            save(run_dir / "last.pt")
-            saved_step = step
-            if improved:
-                shutil.copyfile(run_dir / "last.pt", run_dir / ".best.pt.tmp")
-                (run_dir / ".best.pt.tmp").replace(run_dir / "best.pt")
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-    except NonFiniteLossError as e:
-        last = run_dir / "last.pt"
-        keep = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"{e}: stopping; {keep}. Try a lower --optim.lr or --optim.clip_grad 1.0") from None
-    except BaseException:
-        if step > saved_step:  # keep the work done: resume continues from here
-            save(run_dir / "last.pt")
-            log.warning(
-                "interrupted at step %d; saved %s (continue with --resume %s)", step, run_dir / "last.pt", run_dir
-            )
-        raise
-    finally:
-        bar.close()
-    if not metrics:  # resumed a finished run
-        metrics = evaluate(model, device)
-    result = {**metrics, "steps": step, "epochs_done": epoch + epoch_step / steps_per_epoch, "run_dir": str(run_dir)}
-    result["params"] = sum(p.numel() for p in model.parameters())
-    result["train_time_s"] = round(train_s(), 1)
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        torch.manual_seed(r.seed)
+        state = run.load_last() if r.resume else None
+        model = build(cfg if state is None else _architecture_only(cfg))
+        if state is not None:
+            restore_weights(model, state, str(run.last))
+        model.to(info.device)
+        if r.grad_checkpointing:
+            trunk = backbone_of(model)
+            if trunk is None or not hasattr(trunk, "set_grad_checkpointing"):
+                raise ValueError("run.grad_checkpointing: this backbone cannot checkpoint its blocks")
+            trunk.set_grad_checkpointing(True)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(optimizer_groups(model, o.weight_decay, o.layer_decay), lr=o.lr,
+                                      betas=tuple(o.betas))  # fmt: skip
+        scaler = torch.amp.GradScaler("cuda") if r.amp == "fp16" else None
+        train_set = SeededDataset(train_ds, r.seed)
+        sampler = ResumableSampler(train_set, info, r.seed, shuffle=True, drop_last=True)
+        loader = DataLoader(  # its own generator: starting an epoch must not draw from the global RNG (exact resume)
+            train_set, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=r.num_workers,
+            collate_fn=_Batches(collate_lists if isinstance(cfg, DetectConfig) else None), generator=torch.Generator(),
+        )  # fmt: skip
+        loop = Loop(r.epochs, len(loader) // r.accum_steps, per_rank, r.accum_steps, o.clip_grad, r.budget_min,
+                    r.ckpt_every_steps, r.eval_every, max_steps=r.max_steps)  # fmt: skip
+        trainer = Trainer(
+            task, run, model=model, optimizer=optimizer, loader=loader, sampler=sampler, info=info, loop=loop,
+            lr=LrShape(o.lr, "cosine", o.min_lr), sched=schedule(loop, o.warmup_steps), config=cfg.to_dict(),
+            scaler=scaler, state=state,
+        )  # fmt: skip
+        out = trainer.fit(held)
+        result = {k: v for k, v in out["row"].items() if k not in _TRAIN_KEYS}
+        result |= {"steps": out["steps"], "epochs_done": trainer.epoch + trainer.epoch_step / loop.steps_per_epoch,
+                   "run_dir": str(run.path), "params": sum(p.numel() for p in model.parameters()),
+                   "train_time_s": round(out["train_s"], 1)}  # fmt: skip
+        run.write_json("results.json", result)
+        return result
 
 
-def lr_at(step: int, o: Any, sched: dict[str, int]) -> float:
-    """Linear warmup over `o.warmup_steps`, then cosine to `o.min_lr` at the schedule's last step."""
-    total = sched["total_steps"]
-    return _lr_at(step, lr=o.lr, total_steps=total, warmup_steps=min(o.warmup_steps, total), min_lr=o.min_lr)
-
-
-def _fit_to_budget(step: int, step0: int, elapsed: float, budget_s: float, planned: int) -> int:
-    """The schedule's length: the steps that fit in the budget at the speed of the steps so far (max `planned`)."""
-    per_step = elapsed / max(step - step0, 1)
-    total = min(planned, step + int(max(budget_s - elapsed, 0) / per_step))
-    log.info("time budget %.1f min: %.2f s per step -> %d steps", budget_s / 60, per_step, total)
-    return max(total, step)
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not math.isnan(v) else -math.inf
-
-
-def _summary(metrics: dict[str, Any], main: str) -> str:
-    keys = [main] + [k for k in ("box_AP", "box_AP50", "mask_AP50", "aAcc") if k in metrics and k != main]
-    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+_TRAIN_KEYS = ("epoch", "step", "lr", "train_loss", "img_per_s", "epoch_time_s", "skipped_images", "data_wait_pct",
+               "elapsed_s")  # fmt: skip
 
 
 # ---------------------------------------------------------------- run folders

@@ -305,13 +305,14 @@ class Trainer:
             value = _number(row.get(self.task.best_key)) if self.task.best_key else -math.inf
             improved = value > self.best
             self.best = max(self.best, value)
+            if self.info.is_main:  # the row first: a run killed after the save below has it; one killed before
+                self.metrics.append({k: v for k, v in row.items() if k != "eval"})  # redoes the epoch and its row
             partial = None if done_epoch else [r["loss_sum"], r["loss_images"]]
             self.save(self.epoch, self.epoch_step, self.step, partial)
             self.last_good = None
             if self.info.is_main:
                 if improved:
                     self.run.keep_best()
-                self.metrics.append({k: v for k, v in row.items() if k != "eval"})
                 self.task.epoch_end(self.model, self.metrics.rows())
                 log.info(self._line(row))
             budget.paused += time.perf_counter() - t_end

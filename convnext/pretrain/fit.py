@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from convnext import kernels
 from convnext.data import SeededDataset, build_dataset, collate_skip, train_transform
 from convnext.data.cache import (
     BatchAugment,
@@ -46,7 +45,7 @@ from convnext.engine.optim import build_optimizer, scaled_lr
 from convnext.engine.run import RunFolder
 from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
 from convnext.extras import require
-from convnext.fast import keep_freed_memory
+from convnext.fast import keep_freed_memory, kernels
 from convnext.fast import usable as fast_usable
 from convnext.pretrain.config import PretrainConfig, encoder_config, pick_input, total_stride
 from convnext.pretrain.fcmae import FCMAE, FCMAEConfig, default_decoder_dim, mask_grid, random_mask, visible_count

@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from convnext import kernels
 from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
 from convnext.data.cache import (
     BatchAugment,
@@ -54,7 +53,7 @@ from convnext.engine.report import plot_curves
 from convnext.engine.run import RunFolder
 from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
 from convnext.extras import require
-from convnext.fast import FastConvNeXt, keep_freed_memory, plan_from_rows, plan_pointwise, plan_to_rows
+from convnext.fast import FastConvNeXt, keep_freed_memory, kernels, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.fast import usable as fast_usable
 from convnext.model import ConvNeXt
 from convnext.train.config import TrainConfig, resolve_preprocessing
