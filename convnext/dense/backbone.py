@@ -28,7 +28,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from convnext.constants import IMAGENET_MEAN, IMAGENET_STD
-from convnext.dense.config import BackboneConfig as BackboneConfig  # re-exported: it was defined here
+from convnext.dense.config import BackboneConfig
 from convnext.model import ConvNeXt, ConvNeXtFeatures, DropPath, LayerNorm2d
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convnext.dense.backbone import BackboneConfig, build_backbone, detector, resize_stem
+from convnext.dense.backbone import build_backbone, detector, resize_stem
+from convnext.dense.config import BackboneConfig
 from convnext.dense.train import optimizer_groups
 from convnext.registry import create_model
 
