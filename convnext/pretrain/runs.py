@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from convnext.config import from_dict
 from convnext.pretrain.config import PretrainConfig, encoder_config
 from convnext.resolve import is_pretrain_run, resolve
-from convnext.train.config import from_dict
 
 # fine-tuning a pre-trained encoder: each layer's lr 0.7x the next one's (the head at the full lr); on CIFAR-10 with
 # 5,000 labels, 8 epochs from a 1.4-epoch FCMAE run: 54.27 / 54.91% (seeds 0 / 1) against 53.19 without
