@@ -28,7 +28,7 @@ from convnext.weights import from_ours, save_weights
 hf = pytest.importorskip("huggingface_hub")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_fake_write_token"
 SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
 
