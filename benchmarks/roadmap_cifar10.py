@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from convnext.erf import area_shares, erf_map, load_images, plot_erfs
-from convnext.train import load_run
+from convnext.resolve import resolve
 from convnext.train.roadmap import LadderConfig, resolve_data, run_ladder
 
 
@@ -51,7 +51,8 @@ def main() -> None:
         test_dir = Path(resolve_data(lc.resolved())) / "test"
         maps, report = {}, {}
         for step in (6, 7):
-            model, cfg = load_run(rows[step]["run_dir"])
+            trained = resolve(rows[step]["run_dir"])
+            model, cfg = trained.model, trained.run
             d = cfg["data"]
             images = load_images(test_dir, d["img_size"], 64, d["mean"], d["std"]) if test_dir.is_dir() else None
             if images is None:
