@@ -1,9 +1,13 @@
 """Weights as data, the download cache, and conversion between the published state-dict layouts.
 
 specs    `WeightSpec`, the `WEIGHTS` table keyed `arch.tag`, `resolve_spec`; `UNSUPPORTED`: timm weights not built here
-layouts  `detect_layout`, `to_ours`, `from_ours` (official V1/V2, timm, torchvision, HF transformers)
+layouts  `detect_layout`, `to_ours`, `from_ours` (official V1/V2, timm, torchvision, HF transformers, FCMAE);
+         `shape_config`: what a state dict's shapes say about its model
 io       `read_state_dict`, `load_checkpoint` (safe, validated, head/stem adaptation), `save_weights`
 hub      `download`, `fetch`, `load_pretrained` (cache with sha256 check and atomic rename)
+hf       `hf-hub:` names, files through the Hugging Face cache, what a Hub repo or a pretrained folder holds
+Nothing here imports the registry, data, training, inference or the CLI (`tests/test_layers.py`); `convnext.resolve`
+turns any source into a model, `convnext.publish` writes and pushes pretrained folders.
 """
 
 from convnext.weights.hub import default_cache_dir, download, fetch, load_pretrained
