@@ -9,6 +9,7 @@ Hub repo) into a model with its preprocessing.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -50,23 +51,21 @@ class Registry:
         return name in self._entries
 
 
-def _config_builder(cfg: ConvNeXtConfig) -> Callable[..., nn.Module]:
+def build_convnext(cfg: ConvNeXtConfig, **overrides) -> ConvNeXt:
+    """A ConvNeXt of `cfg` with the config fields in `overrides` replaced (lists become tuples); an option no field
+    takes raises `UnknownOptionError` naming the fields."""
     allowed = {f.name for f in fields(ConvNeXtConfig)}
-
-    def build(**overrides) -> ConvNeXt:
-        unknown = set(overrides) - allowed
-        if unknown:
-            raise UnknownOptionError(f"unknown option(s) {sorted(unknown)}; ConvNeXtConfig takes {sorted(allowed)}")
-        return ConvNeXt(cfg.with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}))
-
-    return build
+    unknown = set(overrides) - allowed
+    if unknown:
+        raise UnknownOptionError(f"unknown option(s) {sorted(unknown)}; ConvNeXtConfig takes {sorted(allowed)}")
+    return ConvNeXt(cfg.with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}))
 
 
 def default_registry() -> Registry:
     """The registry of every model this package ships: the variant table, then the roadmap steps."""
     reg = Registry()
     for name, cfg in VARIANTS.items():
-        reg.register(name, _config_builder(cfg), cfg)
+        reg.register(name, functools.partial(build_convnext, cfg), cfg)
     from convnext import roadmap  # the roadmap is built from model.py's parts
 
     for name, build in roadmap.STEPS.items():
@@ -124,7 +123,7 @@ def create_model(
         from convnext.weights.hf import resolve_hub
 
         hub = resolve_hub(name, weights=pretrained)
-        model = _config_builder(hub.config)(**overrides)
+        model = build_convnext(hub.config, **overrides)
         if pretrained:  # a head for another num_classes, a stem for another in_chans adapt as load_checkpoint does
             load_checkpoint(model, hub.weights)
     else:

@@ -30,8 +30,8 @@ from convnext.constants import IMAGENET_MEAN, IMAGENET_STD, imagenet_classes
 from convnext.data import eval_transform, tta_logits
 from convnext.engine import checkpoint
 from convnext.engine.ema import ema_weights
-from convnext.model import ConvNeXt, ConvNeXtConfig
-from convnext.registry import create_model, split_name
+from convnext.model import ConvNeXtConfig
+from convnext.registry import build_convnext, create_model, split_name
 from convnext.weights import WeightSpec, detect_layout, load_checkpoint, read_state_dict, resolve_spec, to_ours
 from convnext.weights.hf import WEIGHT_FILES, HubModel, arch_of, is_hub_name, read_folder, resolve_hub
 from convnext.weights.layouts import shape_config
@@ -116,6 +116,7 @@ def resolve(
     ema: bool = False,
     which: str = "best",
     img_size: int | None = None,
+    **options: Any,
 ) -> Resolved:
     """The model `source` names (any kind in the module's docstring), in eval mode on the CPU, with its eval
     preprocessing, class names and provenance.
@@ -131,37 +132,40 @@ def resolve(
     img_size: evaluate at this size. Published weights otherwise evaluate at their test size with their test crop
         where the spec has one (as timm's validate.py does), else at their input size; a user's size keeps the crop
         that goes with it.
+    options: model options the weights leave free (`drop_path_rate=0.1`, `drop_rate`, a builder's kwargs), over
+        the source's own; an option the model does not take raises `UnknownOptionError`.
     Raises ValueError for weights holding NaN or infinite values (every prediction would be NaN).
     """
     if which not in CHECKPOINTS:
         raise ValueError(f"which must be one of {CHECKPOINTS}, not {which!r}")
+    options = options | ({} if num_classes is None else {"num_classes": num_classes})
     path = Path(source)
     checkpoint_of_run = path.is_file() and path.stem in CHECKPOINTS and is_run_dir(path.parent)
     run_dir = path if is_run_dir(path) else path.parent if checkpoint_of_run else None
     if model is not None:
         if run_dir is not None and not checkpoint_of_run:
             raise ValueError(f"{source} is a training run: it names its own model; give it without {model!r}")
-        out = _weights(str(source), model, num_classes, ema, img_size)
+        out = _weights(str(source), model, options, ema, img_size)
     elif is_hub_name(str(source)):
-        out = _pretrained_folder(resolve_hub(str(source)), num_classes, ema)
+        out = _pretrained_folder(resolve_hub(str(source)), options, ema)
     elif run_dir is not None and is_pretrain_run(run_dir):
-        out = _pretrain_run(run_dir, num_classes, ema)
+        out = _pretrain_run(run_dir, options, ema)
     elif run_dir is not None:
-        out = _run(run_dir, path.stem if checkpoint_of_run else which, num_classes, ema)
+        out = _run(run_dir, path.stem if checkpoint_of_run else which, options, ema)
     elif path.is_dir() and (path / "config.json").is_file():
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise ValueError(f"{path}: holds config.json but no checkpoint ({', '.join(f'{w}.pt' for w in CHECKPOINTS)}"
                              f") nor weights ({', '.join(WEIGHT_FILES)})")  # fmt: skip
-        out = _pretrained_folder(read_folder(path), num_classes, ema)
+        out = _pretrained_folder(read_folder(path), options, ema)
     elif path.is_dir() and not any((path / f).is_file() for f in WEIGHT_FILES):
         raise FileNotFoundError(f"{path}: not a run folder (config.json + best.pt or last.pt), a pretrained folder "
                                 f"(config.json + {' or '.join(WEIGHT_FILES)}) nor a folder of weights")  # fmt: skip
     elif path.exists():
-        out = _weights(str(source), None, num_classes, ema, img_size)
+        out = _weights(str(source), None, options, ema, img_size)
     elif "/" in str(source) or path.suffix in WEIGHT_SUFFIXES:
         raise FileNotFoundError(f"{source}: no such file or folder")
     else:  # a registered name (an unknown one: the registry's KeyError, with the names it is close to)
-        out = _named(str(source), pretrained, num_classes, img_size)
+        out = _named(str(source), pretrained, options, img_size)
     if img_size is not None:
         out = replace(out, preprocess=replace(out.preprocess, img_size=img_size))
     if not out.random:
@@ -170,11 +174,11 @@ def resolve(
     return out
 
 
-def _named(name: str, pretrained: bool, num_classes: int | None, img_size: int | None) -> Resolved:
+def _named(name: str, pretrained: bool, options: dict[str, Any], img_size: int | None) -> Resolved:
     """A registered name: random weights, or the published ones of its tag (or of the default tag)."""
     arch, tag = split_name(name)
     pretrained = pretrained or tag is not None  # `convnext_tiny.fb_in1k` means its weights
-    net = create_model(name, pretrained=pretrained, **_head(num_classes))
+    net = create_model(name, pretrained=pretrained, **options)
     if not pretrained:
         return Resolved(net, Preprocess(), _classes(net), f"{name}: random weights", name, arch, random=True)
     spec = resolve_spec(arch, tag)
@@ -182,7 +186,7 @@ def _named(name: str, pretrained: bool, num_classes: int | None, img_size: int |
     return Resolved(net, Preprocess.from_spec(spec, img_size), _classes(net), where, name, arch)
 
 
-def _weights(source: str, model: str | None, num_classes: int | None, ema: bool, img_size: int | None) -> Resolved:
+def _weights(source: str, model: str | None, options: dict[str, Any], ema: bool, img_size: int | None) -> Resolved:
     """A weight file (or folder, or Hub repo read as weights) into `model`, or into the ConvNeXt its shapes say."""
     sd = read_state_dict(source, ema=ema)
     try:
@@ -195,16 +199,16 @@ def _weights(source: str, model: str | None, num_classes: int | None, ema: bool,
         if "depths" not in shape:
             raise ValueError(f"{source}: its tensors describe no ConvNeXt (no stem.0.weight or stages.*.blocks.*); "
                              "name the model it loads into")  # fmt: skip
-        net = ConvNeXt(ConvNeXtConfig(**shape | _head(num_classes)))
+        net = build_convnext(ConvNeXtConfig(), **shape | options)
         name = arch = arch_of(net.cfg)
     elif is_hub_name(model):
         hub = resolve_hub(model, weights=False)
-        net, name, arch = ConvNeXt(hub.config.with_(**_head(num_classes))), model, hub.arch or arch_of(hub.config)
+        net, name, arch = build_convnext(hub.config, **options), model, hub.arch or arch_of(hub.config)
         pre = _hub_preprocess(hub)
     else:
         arch, tag = split_name(model)
         given = {k: shape[k] for k in ("num_classes", "in_chans", "patch_size") if k in shape}  # its head and stem
-        net, name = create_model(model, **given | _head(num_classes)), model
+        net, name = create_model(model, **given | options), model
         if tag:
             pre = Preprocess.from_spec(resolve_spec(arch, tag), img_size)
     load_checkpoint(net, sd, name=source)
@@ -212,16 +216,16 @@ def _weights(source: str, model: str | None, num_classes: int | None, ema: bool,
     return Resolved(net, pre, _classes(net, hub.classes if hub else None), where, name or Path(source).name, arch)
 
 
-def _pretrained_folder(hub: HubModel, num_classes: int | None, ema: bool) -> Resolved:
+def _pretrained_folder(hub: HubModel, options: dict[str, Any], ema: bool) -> Resolved:
     """A Hub repo or a local folder of the same files: the model its config.json describes, with its weights."""
-    net = ConvNeXt(hub.config.with_(**_head(num_classes)))
+    net = build_convnext(hub.config, **options)
     load_checkpoint(net, hub.weights, ema=ema)
     where = f"{hub.name} ({hub.form} config): {hub.weights}"
     return Resolved(net, _hub_preprocess(hub), _classes(net, hub.classes), where, hub.name,
                     hub.arch or arch_of(hub.config))  # fmt: skip
 
 
-def _run(run_dir: Path, which: str, num_classes: int | None, ema: bool) -> Resolved:
+def _run(run_dir: Path, which: str, options: dict[str, Any], ema: bool) -> Resolved:
     """A classification run: the model its config.json builds, with the checkpoint's (or its EMA's) weights."""
     cfg = _read_config(run_dir)
     path = run_dir / f"{which}.pt"
@@ -236,8 +240,8 @@ def _run(run_dir: Path, which: str, num_classes: int | None, ema: bool) -> Resol
     classes = list(cfg.get("data", {}).get("classes") or [])
     if not classes:
         raise ValueError(f"{run_dir}: config.json lists no classes (data.classes): not a finished classification run")
-    n = len(classes) if num_classes is None else num_classes
-    net, name, arch = _run_model(cfg, n)
+    n = options.get("num_classes", len(classes))
+    net, name, arch = _run_model(cfg, options | {"num_classes": n})
     if n == len(classes):
         checkpoint.check_compatible(net, weights, f"checkpoint {path}")
         net.load_state_dict(weights)
@@ -258,7 +262,7 @@ def _run(run_dir: Path, which: str, num_classes: int | None, ema: bool) -> Resol
     return Resolved(net, pre, classes, where, name, arch, cfg, run_dir)
 
 
-def _pretrain_run(run_dir: Path, num_classes: int | None, ema: bool) -> Resolved:
+def _pretrain_run(run_dir: Path, options: dict[str, Any], ema: bool) -> Resolved:
     """A pre-training run's encoder (its last.pt; the decoder is dropped): without `num_classes` no head and no
     final norm, as it was pre-trained (FCMAE never pools, so that norm never learnt anything)."""
     if ema:
@@ -267,8 +271,8 @@ def _pretrain_run(run_dir: Path, num_classes: int | None, ema: bool) -> Resolved
     path = run_dir / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no weights yet ({path.name} is missing)")
-    net, name, arch = _run_model(cfg, num_classes or 0)
-    if not num_classes:
+    net, name, arch = _run_model(cfg, {"num_classes": 0} | options)
+    if not net.num_classes:
         net.norm = nn.Identity()
     load_checkpoint(net, path)
     data = cfg.get("data", {})
@@ -287,24 +291,20 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def _run_model(cfg: dict[str, Any], num_classes: int) -> tuple[nn.Module, str, str | None]:
-    """(the architecture a run's config builds, with `num_classes` outputs and no weights, its name, its arch)."""
+def _run_model(cfg: dict[str, Any], options: dict[str, Any]) -> tuple[nn.Module, str, str | None]:
+    """(the architecture a run's config builds, `options` over its own, without weights; its name; its arch)."""
     m = cfg["model"]
     name = str(m["name"])
     arch = name if is_hub_name(name) else split_name(name)[0]  # a tag would mean its published weights
     config_fields = {f.name for f in fields(ConvNeXtConfig)}  # the model options a run's config sets beside kwargs
     kwargs = {k: v for k, v in m.items() if k in config_fields and v is not None} | dict(m.get("kwargs") or {})
-    return create_model(arch, **kwargs | {"num_classes": num_classes}), name, None if is_hub_name(name) else arch
+    return create_model(arch, **kwargs | options), name, None if is_hub_name(name) else arch
 
 
 def _hub_preprocess(hub: HubModel) -> Preprocess:
     pp = hub.preprocess
     return Preprocess(int(pp["img_size"]), float(pp["crop_pct"]), tuple(pp["mean"]), tuple(pp["std"]),
                       interpolation=pp["interpolation"], crop_mode=pp["crop_mode"])  # fmt: skip
-
-
-def _head(num_classes: int | None) -> dict[str, int]:
-    return {} if num_classes is None else {"num_classes": num_classes}
 
 
 def _classes(net: nn.Module, given: list[str] | None = None) -> list[str] | None:

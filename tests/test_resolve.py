@@ -53,6 +53,8 @@ def test_a_registered_name_is_random_weights_said_so():
     assert small.model.num_classes == 4 and small.classes is None and small.label(3) == "3"
     with pytest.raises(KeyError, match="unknown model"):
         resolve("convnext_nope")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['drop_pth'\]"):
+        resolve("convnext_atto", drop_pth=0.1)
 
 
 def test_arch_tag_gives_the_published_weights_through_the_download_cache(monkeypatch, tmp_path):
@@ -91,9 +93,9 @@ def test_a_weight_file_in_any_layout(tmp_path, layout, file, wrap):
     same_outputs(by_shape.model, src)
     assert by_shape.model.cfg == src.cfg and by_shape.arch == "convnext_atto" and by_shape.classes is None
     assert by_shape.preprocess == Preprocess() and f"({layout} layout)" in by_shape.provenance
-    named = resolve(path, model="convnext_atto")
+    named = resolve(path, model="convnext_atto", drop_path_rate=0.1)  # an option the weights leave free
     same_outputs(named.model, src)
-    assert named.name == "convnext_atto" and named.model.num_classes == 7
+    assert (named.name, named.model.num_classes, named.model.cfg.drop_path_rate) == ("convnext_atto", 7, 0.1)
 
 
 def test_a_weight_file_with_ema_and_a_new_head(tmp_path):
@@ -148,8 +150,8 @@ def test_a_classification_run_folder(run):
     same_outputs(resolve(run, which="last").model, saved(run / "last.pt"), x)
     same_outputs(resolve(run, ema=True).model, saved(run / "best.pt", ema=True), x)
     with pytest.warns(UserWarning, match="head has 10 classes, the model 4: dropped"):
-        head = resolve(run, num_classes=4)
-    assert head.model.num_classes == 4 and head.classes is None
+        head = resolve(run, num_classes=4, drop_path_rate=0.2)  # fine-tuning the run: a new head, stochastic depth
+    assert (head.model.num_classes, head.model.cfg.drop_path_rate, head.classes) == (4, 0.2, None)
 
 
 def test_a_run_checkpoint_file_says_which(run):
