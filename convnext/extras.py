@@ -17,6 +17,7 @@ EXTRA_OF = {
     "pycocotools": "dense",
     "huggingface_hub": "hub",
     "tensorboard": "tensorboard",
+    "yaml": "yaml",
 }
 
 

@@ -113,19 +113,7 @@ def train_one_epoch(
         if not last_micro:
             continue
         lr = lr_fn(step)
-        set_lr(optimizer, lr)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update_parameters(getattr(model, "module", model))
+        optimizer_step(model, optimizer, lr, scaler, clip_grad, ema)
         step += 1
         steps += 1
         if info.is_main:
@@ -160,3 +148,27 @@ def train_one_epoch(
         "time": elapsed,
         "data_time": data_time,
     }
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float | None = None,
+    ema: nn.Module | None = None,
+) -> None:
+    """One update from the accumulated gradients: set the lr, unscale (fp16), clip, step, clear, update the EMA."""
+    set_lr(optimizer, lr)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update_parameters(getattr(model, "module", model))

@@ -7,6 +7,7 @@ metrics = fit(cfg)               # {"top1": ..., "top5": ..., "loss": ..., ...}
 model, cfg_dict = load_run("runs/try")
 """
 
+from convnext.config import apply_overrides
 from convnext.train.auto import auto_recipe
 from convnext.train.config import (
     PRESETS,
@@ -15,8 +16,6 @@ from convnext.train.config import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
-    apply_overrides,
-    from_dict,
     get_preset,
 )
 from convnext.train.fit import fit
@@ -33,7 +32,6 @@ __all__ = [
     "auto_recipe",
     "build_model",
     "fit",
-    "from_dict",
     "get_preset",
     "load_run",
 ]

@@ -182,43 +182,8 @@ def auto_recipe(
     batch = batch_size or min(BATCH, max(n // 8, 8))
     lr = LR_AT_128 * (batch / 128) ** 0.5
 
-    # ---- stem (and, with no --model, the model's size): the finest token grid up to 16x16 that the budget
-    # affords MIN_EPOCHS with, the full model before the quarter-size one at each grid
-    candidates = [p for p in (2, 4, 8, 16) if size // p >= 8] or [max(size // 8, 1)]
-    shapes = [(name, {})] + ([(f"{name} at a quarter of its blocks", QUARTER)] if model is None else [])
-    shape, rate = {}, None
-    if patch_size is not None and budget_min is None:
-        patch, why_patch = patch_size, f"stem {patch_size}x{patch_size} (given)"
-    elif budget_min is None:
-        patch = next((p for p in candidates if p >= 4), candidates[-1])
-        why_patch = f"stem {patch}x{patch}: the paper's 4x4 stem where the image allows an 8x8 token grid (no budget)"
-    else:
-
-        def bar(kw: dict[str, Any]) -> int:  # the passes a shape must make: more for the full model of two
-            return LARGE_MIN_EPOCHS if len(shapes) > 1 and not kw else MIN_EPOCHS
-
-        grids = [patch_size] if patch_size is not None else [p for p in candidates if size // p <= MAX_GRID]
-        order = [(p, label, kw) for p in grids or candidates[-1:] for label, kw in shapes]  # finest grid first
-        tried = []
-        for p, label, kw in order:
-            need = bar(kw) * n / (budget_min * 60)  # images/s
-            r = images_per_second(name, p, size, stats["classes"], min(batch, 128), at_least=need, device=dev, **kw)
-            tried.append((p, label, kw, r))
-            if r >= need:
-                break
-        # the first that affords its bar, else the finest grid on the smallest model (a finer grid beat more passes)
-        affordable = tried[-1][3] * budget_min * 60 / n >= bar(tried[-1][2])
-        patch, label, shape, rate = tried[-1] if affordable else tried[len(shapes) - 1]
-        measured = ", ".join(f"{p}x{p} {lab} {r:.0f} img/s = {r * budget_min * 60 / n:.1f} epochs"
-                             for p, lab, _, r in tried)  # fmt: skip
-        sizes = f"the larger model where it buys >= {LARGE_MIN_EPOCHS} epochs, else the smaller"
-        if patch_size is not None:
-            rule = f"the given stem; {sizes}" if len(shapes) > 1 else "the given model and stem"
-        else:
-            rule = f"the finest grid up to {MAX_GRID}x{MAX_GRID} that buys >= {MIN_EPOCHS} epochs in the budget" + (
-                f"; at each grid {sizes}; else the finest grid on the smaller model" if len(shapes) > 1 else ""
-            )
-        why_patch = f"model {label}, stem {patch}x{patch} ({size // patch}x{size // patch} tokens): {rule} ({measured})"
+    patch, shape, rate, why_patch = _choose_stem(name, model is None, size, n, stats["classes"], batch, budget_min,
+                                                 patch_size, dev)  # fmt: skip
     why.append(why_patch)
 
     # ---- how many passes the run will make, and regularisation for that many
@@ -227,22 +192,7 @@ def auto_recipe(
         planned = epochs or max(int(expected * 3) + 2, 100)  # a bound only: the budget fits the schedule
     else:
         expected = planned = epochs or DEFAULT_EPOCHS
-    photos = side >= size * 1.25
-    crop = "rrc" if photos else "pad"
-    regularise = expected >= REGULARISE_FROM[crop]
-    translate = max(size // TRANSLATE_DIV, 1)
-    why.append(
-        "crop: random-resized (area 35-100%) from a margin, as the images are larger than the training size"
-        if photos
-        else f"crop: reflect-pad by {translate}px (1/16 of the side) and a random crop, as the images are about the "
-        "training size; evaluation averages 6 views (flips x 1-pixel translations)"
-    )
-    why.append(
-        f"Mixup 0.8 / CutMix 1.0 and drop path 0.1: the run makes >= {REGULARISE_FROM[crop]} passes with {crop} crops"
-        if regularise
-        else f"no Mixup/CutMix, RandAugment or drop path: under {REGULARISE_FROM[crop]} passes with {crop} crops, too "
-        "few for them to pay back"
-    )
+    photos, crop, regularise, translate = _augmentation(side, size, expected, why)
     why.append(
         f"Muon on the blocks' matrices and AdamW on the rest, lr {lr:.3g} at batch {batch}, wd 0.05, warmup 3% of "
         "the steps, then linear to 0; EMA off"
@@ -295,3 +245,77 @@ def auto_recipe(
         recipe=why,
     )
     return cfg
+
+
+def _choose_stem(
+    name: str,
+    sizes_open: bool,
+    size: int,
+    n: int,
+    classes: int,
+    batch: int,
+    budget_min: float | None,
+    patch_size: int | None,
+    dev: torch.device,
+) -> tuple[int, dict[str, Any], float | None, str]:
+    """(stem patch, model shape overrides, measured img/s, the recipe line): the finest token grid up to 16x16 that
+    the budget affords MIN_EPOCHS with, the full model before the quarter-size one at each grid (`sizes_open`: no
+    --model was given, so the recipe may pick the quarter-size model)."""
+    candidates = [p for p in (2, 4, 8, 16) if size // p >= 8] or [max(size // 8, 1)]
+    shapes = [(name, {})] + ([(f"{name} at a quarter of its blocks", QUARTER)] if sizes_open else [])
+    shape, rate = {}, None
+    if patch_size is not None and budget_min is None:
+        patch, why_patch = patch_size, f"stem {patch_size}x{patch_size} (given)"
+    elif budget_min is None:
+        patch = next((p for p in candidates if p >= 4), candidates[-1])
+        why_patch = f"stem {patch}x{patch}: the paper's 4x4 stem where the image allows an 8x8 token grid (no budget)"
+    else:
+
+        def bar(kw: dict[str, Any]) -> int:  # the passes a shape must make: more for the full model of two
+            return LARGE_MIN_EPOCHS if len(shapes) > 1 and not kw else MIN_EPOCHS
+
+        grids = [patch_size] if patch_size is not None else [p for p in candidates if size // p <= MAX_GRID]
+        order = [(p, label, kw) for p in grids or candidates[-1:] for label, kw in shapes]  # finest grid first
+        tried = []
+        for p, label, kw in order:
+            need = bar(kw) * n / (budget_min * 60)  # images/s
+            r = images_per_second(name, p, size, classes, min(batch, 128), at_least=need, device=dev, **kw)
+            tried.append((p, label, kw, r))
+            if r >= need:
+                break
+        # the first that affords its bar, else the finest grid on the smallest model (a finer grid beat more passes)
+        affordable = tried[-1][3] * budget_min * 60 / n >= bar(tried[-1][2])
+        patch, label, shape, rate = tried[-1] if affordable else tried[len(shapes) - 1]
+        measured = ", ".join(f"{p}x{p} {lab} {r:.0f} img/s = {r * budget_min * 60 / n:.1f} epochs"
+                             for p, lab, _, r in tried)  # fmt: skip
+        sizes = f"the larger model where it buys >= {LARGE_MIN_EPOCHS} epochs, else the smaller"
+        if patch_size is not None:
+            rule = f"the given stem; {sizes}" if len(shapes) > 1 else "the given model and stem"
+        else:
+            rule = f"the finest grid up to {MAX_GRID}x{MAX_GRID} that buys >= {MIN_EPOCHS} epochs in the budget" + (
+                f"; at each grid {sizes}; else the finest grid on the smaller model" if len(shapes) > 1 else ""
+            )
+        why_patch = f"model {label}, stem {patch}x{patch} ({size // patch}x{size // patch} tokens): {rule} ({measured})"
+    return patch, shape, rate, why_patch
+
+
+def _augmentation(side: int, size: int, expected: float, why: list[str]) -> tuple[bool, str, bool, int]:
+    """(photos: the images are larger than the training size, crop kind, regularise, translate px) for a run that
+    makes `expected` passes; the recipe lines go to `why`."""
+    photos = side >= size * 1.25
+    crop = "rrc" if photos else "pad"
+    regularise = expected >= REGULARISE_FROM[crop]
+    translate = max(size // TRANSLATE_DIV, 1)
+    why.append(
+        "crop: random-resized (area 35-100%) from a margin, as the images are larger than the training size"
+        if photos
+        else f"crop: reflect-pad by {translate}px (1/16 of the side) and a random crop, as the images are about the "
+        "training size; evaluation averages 6 views (flips x 1-pixel translations)"
+    )
+    why.append(
+        f"Mixup 0.8 / CutMix 1.0 and drop path 0.1: the run makes >= {REGULARISE_FROM[crop]} passes with {crop} crops"
+        if regularise
+        else f"no Mixup/CutMix, RandAugment or drop path: under {REGULARISE_FROM[crop]} passes with {crop} crops, too "
+        "few for them to pay back"
+    )
+    return photos, crop, regularise, translate

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from convnext import config
 from convnext.config import apply_overrides  # noqa: F401  (callers move to convnext.config)
 from convnext.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from convnext.weights.specs import resolve_spec
@@ -326,10 +325,3 @@ def resolve_preprocessing(cfg: TrainConfig) -> list[str]:
         setattr(d, k, weights[k])
     return why
 
-
-# ---------------------------------------------------------------- until the callers move to convnext.config
-# train/__init__.py, train/runs.py, pretrain/runs.py and dense/train.py still import `from_dict` and
-# `apply_overrides` from here; this shim keeps train/runs.py's `from_dict(d)` (no class) working. It and the
-# `apply_overrides` import above go once they import convnext.config.
-def from_dict(d: dict[str, Any], cls: type = TrainConfig) -> Any:  # (callers move to convnext.config.from_dict)
-    return config.from_dict(d, cls)

@@ -9,10 +9,11 @@ from typing import Any
 
 from torch import nn
 
+from convnext.config import from_dict
 from convnext.engine import checkpoint as ckpt
 from convnext.engine.ema import ema_weights
 from convnext.registry import create_model
-from convnext.train.config import ModelConfig, from_dict
+from convnext.train.config import ModelConfig, TrainConfig
 
 
 def build_model(mcfg: ModelConfig, num_classes: int, init_weights: bool = True) -> nn.Module:
@@ -37,7 +38,7 @@ def load_run(run_dir: str | Path, which: str = "best", ema: bool = False) -> tup
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
     cfg_dict = json.loads(cfg_path.read_text())
-    cfg = from_dict(cfg_dict)
+    cfg = from_dict(cfg_dict, TrainConfig)
     path = run_dir / f"{which}.pt"
     if which == "best" and not path.exists():
         path = run_dir / "last.pt"

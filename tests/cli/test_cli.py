@@ -36,7 +36,7 @@ def test_an_error_in_a_loader_worker_is_its_own_line():
 def test_system_says_what_the_fast_path_runs_on(capsys):
     import json
 
-    from convnext import kernels
+    from convnext.fast import kernels
 
     assert main(["system", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -177,8 +177,8 @@ def test_fine_tuning_takes_the_weights_mean_std_and_resize_unless_given():
 def test_fine_tuning_run_normalises_and_evaluates_as_its_weights(image_folder, tiny_config, tmp_path, monkeypatch):
     """`--model NAME.TAG` with pretrained weights (here already in the download cache): config.json and the recipe
     lines record the weights' mean, std and eval resize, and evaluation uses them."""
-    from convnext.infer import load_model
     from convnext.registry import create_model
+    from convnext.resolve import resolve
     from convnext.train import fit
     from convnext.weights import WEIGHTS, WeightSpec
 
@@ -204,5 +204,5 @@ def test_fine_tuning_run_normalises_and_evaluates_as_its_weights(image_folder, t
     assert any(
         line.startswith("data: mean, std, interpolation of convnext_atto.local_test") for line in saved["recipe"]
     )
-    pre = load_model(str(tmp_path / "run")).preprocess  # the run evaluates as it was trained
+    pre = resolve(str(tmp_path / "run")).preprocess  # the run evaluates as it was trained
     assert (pre.mean, pre.interpolation) == ((0.3, 0.4, 0.5), "bilinear") and result["n"] > 0

@@ -23,7 +23,7 @@ def test_run_folder_contents_and_load_run(image_folder, tiny_config, tmp_path):
     assert result["n"] == 21  # 3 classes x 7 val images, each counted once
     assert 0 <= result["top1"] <= 100 and result["top1"] <= result["top5"]
     assert "ema_top1" in result
-    from convnext import kernels
+    from convnext.fast import kernels
 
     saved_result = json.loads((out / "results.json").read_text())
     assert saved_result["c_kernels"] == kernels.status()  # the run says what its CPU path ran on
@@ -79,7 +79,8 @@ def test_class_mismatch_between_train_and_val(image_folder, tiny_config, tmp_pat
 
 def test_val_without_a_class_is_scored_on_the_others(image_folder, tiny_config, tmp_path, caplog):
     """A val folder with no images of a rare class: trained on all three, scored on the two it has, as eval does."""
-    from convnext.infer import load_model, run_eval
+    from convnext.infer import run_eval
+    from convnext.resolve import resolve
 
     shutil.rmtree(image_folder / "val" / "square")
     out = tmp_path / "run"
@@ -90,7 +91,7 @@ def test_val_without_a_class_is_scored_on_the_others(image_folder, tiny_config, 
     assert json.loads((out / "config.json").read_text())["data"]["classes"] == ["circle", "square", "stripe"]
     model, _ = load_run(out, which="last")
     assert model.head.out_features == 3
-    loaded = load_model(str(out / "last.pt"))
+    loaded = resolve(str(out / "last.pt"))
     summary = run_eval(loaded, image_folder)
     assert summary["n"] == 14 and summary["per_class_accuracy"]["square"] is None
     assert summary["top1"] == pytest.approx(result["top1"])  # the same images, labels and model as the last epoch
