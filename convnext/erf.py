@@ -29,16 +29,14 @@ def load_images(
     """Up to `limit` images under `folder` (recursive, evenly spaced in sorted order), as eval input: resized,
     centre-cropped to img_size, normalised with mean/std. Returns (N, 3, img_size, img_size) float32."""
     from convnext.data import eval_transform, load_image
-    from convnext.data.decode import IMAGE_EXTENSIONS
+    from convnext.data.decode import find_images
     from convnext.data.transforms import first_resize_side
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images: no such folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = find_images(folder)
     files = files[:: max(len(files) // limit, 1)][:limit]  # spread over the list: every class folder, not the first
-    if not files:
-        raise FileNotFoundError(f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     tf = eval_transform(img_size, 1.0, mean, std)  # crop_pct 1: the whole short side, centre-cropped square
     return torch.stack([tf(load_image(f, first_resize_side(tf))) for f in files])
 

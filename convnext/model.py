@@ -171,7 +171,7 @@ class ConvNeXt(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)  # head norm, on pooled features
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(cfg.head_init_scale)
@@ -234,7 +234,7 @@ class ConvNeXt(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
-            _init_weights(self.head)
+            init_weights(self.head)
         self.cfg = self.cfg.with_(num_classes=num_classes)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -296,7 +296,7 @@ class FeatureInfo(list):
         return [f["reduction"] for f in self]
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
     """trunc_normal(std=0.02) for conv and linear weights, zero bias (the official init)."""
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         nn.init.trunc_normal_(m.weight, std=0.02)

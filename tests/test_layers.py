@@ -32,12 +32,6 @@ LAYERS = {
 }  # fmt: skip
 LOW = ("convnext.weights", "convnext.model", "convnext.data")  # the issue's rule: these never reach up into HIGH
 HIGH = ("convnext.train", "convnext.infer", "convnext.cli")
-# Arrows that still break the rules, in files their owners are changing: (importer, imported). Empty it, never grow it.
-KNOWN: set[tuple[str, str]] = set()
-# Private names still imported across modules: (importer, module, name). Empty it, never grow it.
-KNOWN_PRIVATE = {
-    ("convnext.pretrain.fcmae", "convnext.model", "_init_weights"),  # to become model.init_weights with its caller
-}
 
 
 def modules() -> dict[str, tuple[Path, bool]]:
@@ -167,7 +161,7 @@ def test_no_import_circle():
 
 
 def test_arrows_point_down():
-    up = [(m, t, line) for m in MODULES for t, _, line in EDGES[m] if layer(t) > layer(m) and (m, t) not in KNOWN]
+    up = [(m, t, line) for m in MODULES for t, _, line in EDGES[m] if layer(t) > layer(m)]
     assert not up, "\n".join(f"{m}:{line} (L{layer(m)}) imports {t} (L{layer(t)})" for m, t, line in up)
 
 
@@ -176,7 +170,7 @@ def test_weights_model_and_data_never_reach_training_inference_or_cli(low):
     inside = [m for m in MODULES if m == low or m.startswith(low + ".")]
     assert inside
     bad = [f"{m}:{line} imports {t}" for m in inside for t, _, line in EDGES[m]
-           if t.startswith(HIGH) and (m, t) not in KNOWN]  # fmt: skip
+           if t.startswith(HIGH)]  # fmt: skip
     assert not bad, "\n".join(bad)
 
 
@@ -184,11 +178,4 @@ def test_no_private_name_crosses_modules():
     """`from convnext.a import _b` (or `a._b`) elsewhere than in `convnext.a` couples a module to another's insides;
     dunders (`__version__`) are public."""
     taken = {(m, t, n) for m in MODULES for t, n, _ in EDGES[m] if n and n.startswith("_") and not n.startswith("__")}
-    assert not taken - KNOWN_PRIVATE, "\n".join(f"{m} imports {t}.{n}" for m, t, n in sorted(taken - KNOWN_PRIVATE))
-    assert KNOWN_PRIVATE <= taken, f"fixed, take them out of KNOWN_PRIVATE: {sorted(KNOWN_PRIVATE - taken)}"
-
-
-def test_known_exceptions_are_still_there():
-    """An arrow fixed in its file leaves KNOWN, so the list only shrinks."""
-    present = {(m, t) for m in MODULES for t, _, _ in EDGES[m]}
-    assert KNOWN <= present, f"fixed, take them out of KNOWN: {sorted(KNOWN - present)}"
+    assert not taken, "\n".join(f"{m} imports {t}.{n}" for m, t, n in sorted(taken))

@@ -88,8 +88,8 @@ def cmd_erf(args: argparse.Namespace) -> int:
     import torch
 
     from convnext.erf import area_shares, erf_map, load_images, plot_erfs, random_images
-    from convnext.infer import load_model
     from convnext.registry import create_model, split_name
+    from convnext.resolve import resolve
 
     checkpoints = args.checkpoint or []
     if len(checkpoints) > len(args.models):
@@ -101,7 +101,7 @@ def cmd_erf(args: argparse.Namespace) -> int:
         local = Path(name).exists()  # a run folder or a run's best.pt / last.pt
         tagged = split_name(name)[1] is not None and not local  # convnext_tiny.fb_in1k
         if ckpt or tagged or local:  # trained weights: the model is built the way their run or file says
-            loaded = load_model(name, ckpt, pretrained=tagged and ckpt is None)
+            loaded = resolve(ckpt, model=name) if ckpt else resolve(name)
             model, pre = loaded.model, loaded.preprocess
             size, mean, std = args.img_size or pre.img_size, pre.mean, pre.std
         else:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from convnext.fast import DepthwiseConv, ResponseNorm
-from convnext.model import Block, ConvNeXt, ConvNeXtConfig, _init_weights
+from convnext.model import Block, ConvNeXt, ConvNeXtConfig, init_weights
 
 
 def visible_count(grid: tuple[int, int], ratio: float) -> int:
@@ -174,7 +174,7 @@ class FCMAE(nn.Module):
         self.decoder = nn.Sequential(*(Block(d, block_cfg) for _ in range(cfg.decoder_depth)))
         self.pred = nn.Conv2d(d, self.stride**2 * self.in_chans, 1)
         for m in (self.proj, self.decoder, self.pred):
-            m.apply(_init_weights)
+            m.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:

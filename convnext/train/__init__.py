@@ -4,7 +4,7 @@ recipe, `fit`.
 from convnext.train import fit, get_preset, apply_overrides
 cfg = apply_overrides(get_preset("demo"), {"epochs": 3, "output": "runs/try"})
 metrics = fit(cfg)               # {"top1": ..., "top5": ..., "loss": ..., ...}
-model, cfg_dict = load_run("runs/try")
+trained = resolve("runs/try")   # convnext.resolve: .model, .classes, .preprocess, .run (config.json)
 """
 
 from convnext.config import apply_overrides
@@ -19,7 +19,7 @@ from convnext.train.config import (
     get_preset,
 )
 from convnext.train.fit import fit
-from convnext.train.runs import build_model, load_run
+from convnext.train.runs import build_model
 
 __all__ = [
     "PRESETS",
@@ -33,5 +33,4 @@ __all__ = [
     "build_model",
     "fit",
     "get_preset",
-    "load_run",
 ]

@@ -71,7 +71,7 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     curves.png, last.pt, best.pt and results.json.
 
     model: train this module (e.g. a timm or torchvision network, for comparisons) instead of building
-        `cfg.model`; it must output `len(classes)` logits. `load_run` cannot rebuild such a run.
+        `cfg.model`; it must output `len(classes)` logits. `convnext.resolve` cannot rebuild such a run.
     """
     cfg = copy.deepcopy(cfg)  # the run resolves fields (lr, classes); the caller's config stays as given
     with joined(cfg.device) as info, contextlib.ExitStack() as held:  # the lock is held until the run ends

@@ -181,11 +181,12 @@ def test_a_run_stopped_by_a_corrupt_image_resumes_to_the_same_weights(tmp_path):
 
 def test_backbone_from_a_training_run_folder(tmp_path):
     from convnext.dense.backbone import build_backbone
-    from convnext.train import apply_overrides, fit, get_preset, load_run
+    from convnext.resolve import resolve
+    from convnext.train import apply_overrides, fit, get_preset
 
     pre = tmp_path / "pre"  # a real `convnext train` run: the digits demo (atto, 2x2 stem, mean/std 0.5), cut short
     fit(apply_overrides(get_preset("demo"), {"epochs": 1, "budget_min": 0.02, "output": str(pre)}))
-    trained, _ = load_run(pre)
+    trained = resolve(pre).model
 
     cfg = BackboneConfig("convnext_femto", pretrained_run=str(pre))
     b = build_backbone(cfg)

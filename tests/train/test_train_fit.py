@@ -1,4 +1,5 @@
-"""fit(): the run folder, load_run, and every failure that must stop a run with one clear error before work."""
+"""fit(): the run folder, reading it back through resolve, and every failure that must stop a run with one clear
+error before work."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 from convnext.engine.checkpoint import load
-from convnext.train import fit, load_run
+from convnext.resolve import resolve
+from convnext.train import fit
 
 
-def test_run_folder_contents_and_load_run(image_folder, tiny_config, tmp_path):
+def test_run_folder_contents_and_resolving_it_back(image_folder, tiny_config, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(image_folder, out, ema=True, ema_decay=0.9)
     result = fit(cfg)
@@ -41,10 +43,11 @@ def test_run_folder_contents_and_load_run(image_folder, tiny_config, tmp_path):
     assert {"model", "ema", "optimizer", "scheduler", "rng", "epoch", "step", "config"} <= set(state)
     assert state["epoch"] == 2 and state["step"] == 2 * (36 // 6)
 
-    model, cfg_dict = load_run(out, which="last")
+    last = resolve(out, which="last")
+    model, cfg_dict = last.model, last.run
     assert not model.training and cfg_dict["data"]["img_size"] == 16
     torch.testing.assert_close(model.state_dict(), state["model"])
-    ema_model, _ = load_run(out, which="last", ema=True)
+    ema_model = resolve(out, which="last", ema=True).model
     assert not torch.equal(ema_model.head.weight, model.head.weight)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
@@ -89,7 +92,7 @@ def test_val_without_a_class_is_scored_on_the_others(image_folder, tiny_config, 
     assert "val has no images of 1 of the 3 classes (square); scored on the others" in caplog.text
     assert result["n"] == 14  # 2 classes x 7 val images
     assert json.loads((out / "config.json").read_text())["data"]["classes"] == ["circle", "square", "stripe"]
-    model, _ = load_run(out, which="last")
+    model = resolve(out, which="last").model
     assert model.head.out_features == 3
     loaded = resolve(str(out / "last.pt"))
     summary = run_eval(loaded, image_folder)
