@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from convnext.data.decode import BadImageError, find_images, load_image
 from convnext.data.transforms import first_resize_side
@@ -98,14 +98,21 @@ def evaluate(
 
 
 def eval_dataset(
-    data: str | Path, preprocess: Preprocess, model_classes: list[str] | None, run_cfg: dict | None = None, **kwargs
+    data: str | Path,
+    preprocess: Preprocess,
+    model_classes: list[str] | None,
+    run_cfg: dict | None = None,
+    map_classes: bool = False,
+    **kwargs,
 ) -> tuple[Dataset, list[str]]:
     """The images to evaluate on, with targets in the model's class order: (dataset, class names).
 
     data: an image folder (its `val/` split when it has one, else every image in it), or a dataset name that
         `convnext.data` knows (`cifar10`, `digits`, ...). A run's own dataset gives the split it held out.
-    Classes are matched to the model's by name; if the names differ but the counts agree (e.g. ImageNet wnid
-    folders for a model whose classes are words), by sorted order.
+    Classes are matched to the model's by name: a folder with some of the model's classes is scored on those, and
+    the images of classes the model lacks are left out (one warning names them). Classes that share no name with
+    the model's raise ValueError, unless `map_classes` asks to take them as the model's in sorted order (ImageNet
+    wnid folders for a model whose classes are words: the i-th folder class is the model's i-th; same count).
     """
     from convnext.data import ImageFolder, build_dataset
 
@@ -124,16 +131,34 @@ def eval_dataset(
         ds, classes = build_dataset(str(data), "val", preprocess.transform(), **kwargs)
     if not model_classes or classes == list(model_classes):
         return ds, list(model_classes or classes)
-    if set(classes) <= set(model_classes):
-        index = {c: i for i, c in enumerate(model_classes)}
-        return _Remapped(ds, [index[c] for c in classes]), list(model_classes)
-    if len(classes) == len(model_classes):
-        log.warning("class names of %s differ from the model's; matching them in sorted order", data)
-        return ds, list(model_classes)
-    raise ValueError(
-        f"{data} has {len(classes)} classes ({', '.join(classes[:5])}, ...) that do not match the model's "
-        f"{len(model_classes)} ({', '.join(model_classes[:5])}, ...)"
-    )
+    model_classes = list(model_classes)
+    shared = set(classes) & set(model_classes)
+    if not shared:
+        if not map_classes:
+            raise ValueError(
+                f"the classes of {data} share no name with the model's: {_some(classes)} against {_some(model_classes)}"
+                "; pass --map-classes to take them as the model's in sorted order"
+            )
+        if len(classes) != len(model_classes):
+            raise ValueError(
+                f"--map-classes takes the {len(classes)} classes of {data} as the model's in sorted order, but the "
+                f"model has {len(model_classes)}: {_some(classes)} against {_some(model_classes)}"
+            )
+        log.warning("the classes of %s are taken as the model's in sorted order (--map-classes): %s as %s", data,
+                    _some(classes), _some(model_classes))  # fmt: skip
+        return ds, model_classes
+    index = {c: i for i, c in enumerate(model_classes)}
+    table = [index.get(c, -1) for c in classes]  # dataset target -> model target; -1: a class the model lacks
+    if left_out := [c for c in classes if c not in index]:
+        ds = Subset(ds, [i for i, t in enumerate(ds.targets) if table[t] >= 0])
+        log.warning("%d classes of %s are not the model's and were left out: %s", len(left_out), data, _some(left_out))
+    return _Remapped(ds, table), model_classes
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """'[a, b, c, ... (12)]': the first few names and, when there are more, how many in all."""
+    more = f", ... ({len(names)})" if len(names) > shown else ""
+    return "[" + ", ".join(names[:shown]) + more + "]"
 
 
 class _Remapped(Dataset):
@@ -160,15 +185,16 @@ def run_eval(
     output_dir: str | Path | None = None,
     progress: bool = False,
     ema: nn.Module | None = None,
+    map_classes: bool = False,
     **dataset_kwargs,
 ) -> dict:
     """Evaluate a resolved model (and `ema`, the same source's EMA weights) on an image folder or a named dataset;
     writes metrics.json and confusion.png to output_dir.
 
     Returns the summary: top1, top5, loss, n, per_class_accuracy ({class: percent}), and "ema" (same keys) when
-    `ema` is given, plus "confusion_png" when output_dir is given.
+    `ema` is given, plus "confusion_png" when output_dir is given. `map_classes`: see `eval_dataset`.
     """
-    ds, classes = eval_dataset(data, loaded.preprocess, loaded.classes, loaded.run, **dataset_kwargs)
+    ds, classes = eval_dataset(data, loaded.preprocess, loaded.classes, loaded.run, map_classes, **dataset_kwargs)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.device(device).type == "cuda")
     summary: dict = {"model": loaded.name, "data": str(data), "preprocess": asdict(loaded.preprocess)}
     targets = {"": loaded.model} | ({"ema": ema} if ema is not None else {})

@@ -96,10 +96,12 @@ def test_eval_matches_classes_by_name(folder):
     assert got["top1"] == pytest.approx(want["top1"]) and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
-def test_eval_rejects_mismatched_classes(folder):
+def test_eval_rejects_classes_that_share_no_name(folder):
     loaded = Resolved(small(num_classes=4), PRE, ["w", "x", "y", "z"], "made here", "small")
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match=r"share no name .* \[w, x, y, z\]"):
         run_eval(loaded, folder)
+    with pytest.raises(ValueError, match="the model has 4"):  # sorted order needs as many classes
+        run_eval(loaded, folder, map_classes=True)
 
 
 # ----------------------------------------------------------------------------------------------- models

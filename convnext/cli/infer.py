@@ -31,6 +31,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=positive_int, default=None, help="override the weights' / run's eval size")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
     p.add_argument("--no-ema", action="store_true", help="skip the run's EMA weights")
+    p.add_argument("--map-classes", action="store_true",
+                   help="when the data's class names share none with the model's (ImageNet wnid folders for a model "
+                        "named by words), score the i-th class in sorted order as the model's i-th (same count); "
+                        "without it such data is refused.")  # fmt: skip
     p.add_argument("--output-dir", default=None, help="write metrics.json and confusion.png here (run: RUN/eval-DATA)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
@@ -137,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         output_dir=output_dir,
         progress=True,
         ema=ema,
+        map_classes=args.map_classes,
         **kwargs,
     )
     if args.json:
