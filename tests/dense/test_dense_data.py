@@ -126,7 +126,7 @@ def test_coco_bad_files_are_named(coco_folder):
     with pytest.raises(ValueError, match=r"b\.png is 48x32 but .*ann\.json says 64x64"):
         CocoDetection(coco_folder / "images", coco_folder / "ann.json")
     (coco_folder / "images" / "b.png").unlink()
-    with pytest.raises(ValueError, match="'b.png' .* not found"):
+    with pytest.raises(ValueError, match=r"1 image\(s\) not found in .*images: 'b\.png' \(id 2\)$"):
         CocoDetection(coco_folder / "images", coco_folder / "ann.json")
     (coco_folder / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json: not a COCO annotation file"):
