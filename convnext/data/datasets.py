@@ -1,4 +1,5 @@
-"""Datasets: image folders, CIFAR-10/100 (torchvision), and the embedded default `digits`.
+"""Datasets: image folders (of class folders; for pre-training also of plain images), CIFAR-10/100 (torchvision),
+and the embedded default `digits`.
 
 Every dataset yields `(PIL image or transformed tensor, int label)` and has `.classes`. Image files are read by
 `convnext.data.decode.load_image`, the decoder predict uses too; an unreadable one raises one `BadImageError` (a
@@ -24,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from convnext.data.decode import BadImageError, is_image_file, load_image
+from convnext.data.decode import BadImageError, find_images, is_image_file, load_image
 from convnext.data.transforms import first_resize_side
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation", "test")}
@@ -75,14 +76,37 @@ class ImageFolder(datasets.ImageFolder):
         return samples
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
-        path, target = self.samples[index]
-        try:
-            img = load_image(path, first_resize_side(self.transform))  # a large JPEG decodes at reduced scale
-        except BadImageError:
-            if self.skip_bad:
-                return None
-            raise
-        return (self.transform(img) if self.transform else img), target
+        return _read_sample(self.samples[index], self.transform, self.skip_bad)
+
+
+class ImageFiles(Dataset):
+    """Every image file under `root` (its subfolders too, `find_images`), unlabelled: target 0 and no classes.
+    Pre-training's folder of images, which needs no class folders."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, skip_bad: bool = False):
+        self.root = Path(root)
+        self.samples = [(str(p), 0) for p in find_images(self.root)]
+        self.targets = [0] * len(self.samples)
+        self.classes: list[str] = []
+        self.transform, self.skip_bad = transform, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        return _read_sample(self.samples[index], self.transform, self.skip_bad)
+
+
+def _read_sample(sample: tuple[str, int], transform: Callable | None, skip_bad: bool) -> tuple[Any, int] | None:
+    """(path, target) -> (image, transformed when `transform` is given, target); None for a bad file if `skip_bad`."""
+    path, target = sample
+    try:
+        img = load_image(path, first_resize_side(transform))  # a large JPEG decodes at reduced scale
+    except BadImageError:
+        if skip_bad:
+            return None
+        raise
+    return (transform(img) if transform else img), target
 
 
 class DigitsDataset(Dataset):
@@ -183,13 +207,16 @@ def build_dataset(
     split_seed: int = 0,
     skip_bad_images: bool = False,
     download: bool = True,
+    labels: bool = True,
 ) -> tuple[Dataset, list[str]]:
     """The `split` ("train" or "val") of `data`: an image folder path, `cifar10`/`cifar100`, or `digits`.
 
     Image folders: `root/train/<class>/*` and `root/val/<class>/*` (`val` may also be named `validation` or
     `test`); with no val folder, `val_split` of `root/train` (or of `root` itself when it holds the class folders)
-    is held out, stratified and seeded. CIFAR is read from `data_dir` (downloaded there when missing and
-    `download`). Returns the dataset and its class names.
+    is held out, stratified and seeded. A training folder with one class is refused (nothing to classify).
+    labels=False (pre-training): a folder that holds image files itself, not only class folders, is read whole
+    (subfolders too) as unlabelled images (`ImageFiles`), and one class is fine. CIFAR is read from `data_dir`
+    (downloaded there when missing and `download`). Returns the dataset and its class names.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
@@ -205,18 +232,27 @@ def build_dataset(
         raise FileNotFoundError(f"dataset {data!r} is neither a folder nor one of {', '.join(EMBEDDED + TORCHVISION)}")
     train_dir = _find_split_dir(root, "train")
     val_dir = _find_split_dir(root, "val")
-    if split == "train" and train_dir is not None:
-        if val_dir is not None:
-            return _checked(ImageFolder(train_dir, transform, skip_bad_images))
-        base = ImageFolder(train_dir, transform, skip_bad_images)
-    elif split == "val" and val_dir is not None:
-        return _checked(ImageFolder(val_dir, transform, skip_bad_images))
-    else:
-        base = ImageFolder(train_dir or root, transform, skip_bad_images)
+    if split == "val" and val_dir is not None:
+        return _checked(_read_folder(val_dir, transform, skip_bad_images, labels))
+    base = _read_folder(train_dir or root, transform, skip_bad_images, labels)
+    if labels and split == "train" and len(base.classes) == 1:
+        raise ValueError(
+            f"{train_dir or root} holds one class ({base.classes[0]}): classification needs two or more class "
+            "folders (<folder>/<class>/<image>)"
+        )
+    if split == "train" and val_dir is not None:
+        return _checked(base)
     if not 0 < val_split < 1:
         raise ValueError(f"{root} has no val folder; set data.val_split to a fraction in (0, 1) to hold one out")
     train_idx, val_idx = split_indices(base.targets, val_split, split_seed)
     return _checked(Subset(base, train_idx if split == "train" else val_idx))
+
+
+def _read_folder(folder: Path, transform: Callable | None, skip_bad: bool, labels: bool) -> Any:
+    """An ImageFolder of `folder`'s class folders; without labels, every image in it when it holds image files."""
+    if not labels and any(is_image_file(p) for p in folder.iterdir()):
+        return ImageFiles(folder, transform, skip_bad)
+    return ImageFolder(folder, transform, skip_bad)
 
 
 def _checked(ds: Any) -> tuple[Dataset, list[str]]:

@@ -116,8 +116,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
     # ---- data, then what it decides (input size, stem), all checked before any work
     d = cfg.data
     common = dict(data_dir=d.data_dir, val_split=d.val_split, skip_bad_images=d.skip_bad_images, download=d.download)
-    train_ds, _ = build_dataset(d.name, "train", None, **common)
-    val_ds, _ = build_dataset(d.name, "val", None, **common)
+    train_ds, _ = build_dataset(d.name, "train", None, labels=False, **common)
+    val_ds, _ = build_dataset(d.name, "val", None, labels=False, **common)
     stride, grid = _plan_input(cfg, train_ds)
     per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(train_ds))
     train_images, per_image = _train_source(cfg, train_ds, info)

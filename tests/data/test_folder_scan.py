@@ -1,5 +1,6 @@
-"""The image-folder scan under hostile layouts (a FIFO named like an image, a symlink loop, a second link), and the
-one image finder (`find_images`) that predict, ERF and the dense datasets list folders with."""
+"""The image-folder scan under hostile layouts (a FIFO named like an image, a symlink loop, a second link), a
+one-class training folder refused, unlabelled (flat) folders for pre-training, and the one image finder
+(`find_images`) that predict, ERF and the dense datasets list folders with."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnext.data.datasets import ImageFolder
+from convnext.cli import main
+from convnext.data.datasets import ImageFiles, ImageFolder, build_dataset
 from convnext.data.decode import IMAGE_EXTENSIONS, find_images, is_image_file
 
 
-def _folder(root: Path, per_class: int = 3) -> Path:
-    for name in ("cat", "dog"):
+def _folder(root: Path, per_class: int = 3, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    for name in classes:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / name / f"{i}.png")
@@ -78,3 +80,53 @@ def test_find_images_names_a_folder_without_images(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=f"in {tmp_path / 'empty'} or its subfolders"):
         find_images([tmp_path, tmp_path / "empty"])
+
+
+def _flat(root: Path, n: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_a_one_class_training_folder_is_refused(tmp_path):
+    flat = _folder(tmp_path / "flat", classes=("cat",))  # flat/cat/*.png
+    split = _folder(tmp_path / "split" / "train", classes=("cat",)).parent  # split/{train,val}/cat/*.png
+    _folder(split / "val", classes=("cat",))
+    for root, named in ((flat, flat), (split, split / "train")):
+        with pytest.raises(ValueError, match=f"^{named} holds one class \\(cat\\): classification needs two or more"):
+            build_dataset(str(root), "train")
+    assert len(build_dataset(str(split), "val")[0]) == 3  # a val folder of one of the classes is scored on it
+    assert len(build_dataset(str(flat), "train", labels=False)[0]) == 3 - 1  # pre-training needs no classes
+
+
+def test_train_refuses_a_one_class_folder_in_one_line_and_writes_nothing(tmp_path, capsys):
+    data, out = _folder(tmp_path / "data", per_class=6, classes=("cat",)), tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"convnext train: error: {data} holds one class (cat): classification needs two or more class "
+                   f"folders (<folder>/<class>/<image>)"]  # fmt: skip
+    assert not out.exists()
+
+
+def test_an_unlabelled_flat_folder_is_read_whole_with_a_val_share(tmp_path):
+    root = _flat(tmp_path / "pics", 9)
+    with pytest.raises(ValueError, match="expected .*/<class>/<image>"):
+        build_dataset(str(root), "train")  # classification needs class folders
+    _flat(root / "more", 1)  # subfolders are read too
+    train, classes = build_dataset(str(root), "train", labels=False, val_split=0.2)
+    val, _ = build_dataset(str(root), "val", labels=False, val_split=0.2)
+    assert classes == [] and (len(train), len(val)) == (8, 2)
+    names = {p for p, _ in train.dataset.samples}
+    assert len(names) == 10 and str(root / "more" / "0.png") in names
+    assert set(train.indices).isdisjoint(val.indices) and set(train.targets) == {0}
+    assert train[0][0].mode == "RGB" and train[0][1] == 0
+
+
+def test_unlabelled_flat_train_and_val_folders_are_read_as_they_are(tmp_path):
+    root = tmp_path / "pics"
+    _flat(root / "train", 5)
+    _flat(root / "val", 2)
+    train, _ = build_dataset(str(root), "train", labels=False)
+    val, _ = build_dataset(str(root), "val", labels=False)
+    assert isinstance(train, ImageFiles) and (len(train), len(val)) == (5, 2)
