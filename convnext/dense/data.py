@@ -2,7 +2,7 @@
 
 - `InstanceMaskFolder`: an image folder plus one instance-mask PNG per image (pixel value k = instance k,
   0 = background), as Penn-Fudan ships (`PNGImages/X.png`, `PedMasks/X_mask.png`); boxes come from the masks.
-- `CocoDetection`: a COCO-style JSON (boxes, polygons or RLE masks) read with pycocotools.
+- `CocoDetection`: a COCO-style JSON (boxes, polygons or RLE masks), checked here; masks decoded by pycocotools.
 - `SegmentationFolder`: images plus label PNGs of class ids with the same file stem (CamVid's `train` and
   `trainannot`, or any `images/` + `labels/`).
 
@@ -14,8 +14,14 @@ that move boxes and masks with the image. Bad input and what happens to it:
   dataset is built;
 - a label PNG with ids that are neither classes nor `ignore_ids`: a ValueError naming the file and the ids, or
   (`unknown_ids="ignore"`) those pixels are ignored in the loss and the metric;
-- an image and its mask/label of different sizes, a missing partner file, an unreadable image: a ValueError
-  naming the file(s), raised when the dataset is built.
+- an image and its mask/label of different sizes, a missing partner file, an unreadable image, two images (or
+  labels) with the same stem, ids outside 0..65535: a ValueError naming the file(s), raised when the dataset is built;
+- a COCO file: every entry checked when the dataset is built, each problem a ValueError of one line naming the
+  file, the annotation (image, category) id and the field: not an object with `images`, `annotations` and
+  `categories` lists, a missing or mistyped id, `file_name`, `category_id` or `bbox`, a category not listed, a
+  bbox that is not 4 finite numbers or has a negative side, a polygon value that is not finite or lies far outside
+  its image, an RLE not of its image's size; image files not found are listed together (count and names);
+  annotations whose `image_id` is no image's are left out with a warning that counts and names them.
 """
 
 from __future__ import annotations
@@ -69,21 +75,35 @@ def read_rgb(path: Path) -> tv_tensors.Image:
 
 
 def read_ids(path: Path) -> np.ndarray:
-    """A single-channel PNG of ids (mode L, P or I) as (H, W) int64; RGB labels are refused with the file named."""
+    """A single-channel PNG of ids (mode L, P or I) as (H, W) int64; RGB labels, and ids outside 0..65535 (a 32-bit
+    TIFF can hold them), are refused with the file named."""
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise ValueError(f"{path}: expected a single-channel PNG of ids (mode L or P), got mode {im.mode}")
-            return np.asarray(im).astype(np.int64)
+            ids = np.asarray(im).astype(np.int64)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path}: cannot decode label PNG ({e})") from None
+    if ids.size and (ids.min() < 0 or ids.max() > 65535):
+        raise ValueError(f"{path}: ids must be in 0..65535, found {ids.min()}..{ids.max()}")
+    return ids
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """The image files directly in `folder`, sorted; a FileNotFoundError when it is missing or holds none."""
+    """The image files directly in `folder`, sorted; a FileNotFoundError when it is missing or holds none, a
+    ValueError when two share a stem (images pair with their masks and labels by stem)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    return find_images(folder, recursive=False)
+    images = find_images(folder, recursive=False)
+    seen: dict[str, Path] = {}
+    for p in images:
+        if p.stem in seen:
+            raise ValueError(
+                f"{folder}: {seen[p.stem].name} and {p.name} have the same stem; images pair with masks and labels "
+                "by stem, so keep one"
+            )
+        seen[p.stem] = p
+    return images
 
 
 def _same_size(image: Path, other: Path, what: str) -> None:
