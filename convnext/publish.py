@@ -27,10 +27,12 @@ from convnext.weights.hf import (
     OURS_KEY,
     RESAMPLE,
     arch_of,
+    failure,
     first_line,
     huggingface_hub,
     is_transport_error,
 )
+from convnext.weights.io import apply_umask
 from convnext.weights.layouts import from_ours
 
 FOLDER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")  # what we write
@@ -150,6 +152,7 @@ def write_folder(folder: str | Path, texts: Mapping[str, Any], weights: Mapping[
             (tmp / name).write_text(text)
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        apply_umask(tmp / "model.safetensors")  # safetensors writes 0600
         if not folder.exists():
             os.replace(tmp, folder)
         else:
@@ -261,33 +264,43 @@ def push_files(
     message: str | None = None,
 ) -> str:
     """Create the model repo `repo_id` if needed and commit `files` to its top level in one commit (on branch
-    `revision`, made if missing); returns the commit's url."""
+    `revision`, made if missing); returns the commit's url. Every request waits at most `network_timeout()` s
+    ($CONVNEXT_TIMEOUT); none is repeated by this package (a commit is not safe to repeat), and giving up is one line
+    that names the endpoint and says whether the commit may have landed."""
     hf = huggingface_hub()
     check_repo_id(repo_id)
     api = hf.HfApi(token=push_token(token))
     ops = [hf.CommitOperationAdd(path_in_repo=Path(p).name, path_or_fileobj=str(p)) for p in files]
+    step = "creating the repo"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":
+            step = f"creating branch {revision}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step = "committing"
         info = api.create_commit(repo_id, ops, commit_message=message or "Upload with convnext push", revision=revision)
     except Exception as e:
-        explained = _push_error(e, repo_id, api.endpoint)
+        explained = _push_error(e, repo_id, api.endpoint, step)
         if explained is None:
             raise
         raise explained from e
     return str(info.commit_url)
 
 
-def _push_error(e: Exception, repo_id: str, endpoint: str) -> Exception | None:
+def _push_error(e: Exception, repo_id: str, endpoint: str, step: str) -> Exception | None:
     hf = huggingface_hub()
-    if isinstance(e, hf.utils.HfHubHTTPError):
-        status = getattr(getattr(e, "response", None), "status_code", "?")
+    answered = isinstance(e, hf.utils.HfHubHTTPError)
+    status = getattr(getattr(e, "response", None), "status_code", "?") if answered else None
+    unsure = step == "committing" and not (isinstance(status, int) and status < 500)  # no answer, or a 5xx
+    landed = (f"the commit may or may not have landed: look at {endpoint}/{repo_id} before pushing again" if unsure
+              else "nothing was committed")  # fmt: skip
+    if answered:
         server = " ".join(str(getattr(e, "server_message", None) or first_line(e)).split())
         if status in (401, 403):
             return PermissionError(f"push to {repo_id}: {endpoint} refused the token (HTTP {status}: {server}); it "
                                    "needs write access to the repo's namespace")  # fmt: skip
-        return ConnectionError(f"push to {repo_id}: {endpoint} answered HTTP {status} ({server})")
+        return ConnectionError(f"push to {repo_id}: {endpoint} answered HTTP {status} while {step} ({server}); "
+                               f"{landed}")  # fmt: skip
     if is_transport_error(e):
-        return ConnectionError(f"push to {repo_id}: cannot reach {endpoint} ({type(e).__name__}: {first_line(e)})")
+        return ConnectionError(f"push to {repo_id}: {endpoint} failed while {step} ({failure(e)}); {landed}")
     return None

@@ -2,6 +2,7 @@
 batch, norms kept in fp32 inside fp16/bf16 graphs, no overwriting, a failed check keeps no file, and the CLI."""
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def test_refuses_to_overwrite_unless_forced(v2_model, tmp_path):
     assert out.read_bytes() == b"precious"
     export_model(v2_model, "torchscript", out, img_size=32, force=True)
     assert out.read_bytes() != b"precious"
+
+
+@pytest.mark.parametrize("fmt", SUFFIX)
+def test_exported_files_get_the_mode_of_the_umask(v2_model, tmp_path, fmt):
+    """What a new file gets (0666 less the umask), not the 0600 of a temporary one."""
+    out = tmp_path / f"m{SUFFIX[fmt]}"
+    old = os.umask(0o027)
+    try:
+        export_model(v2_model, fmt, out, img_size=32)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o640
 
 
 def test_failed_parity_writes_nothing(v2_model, tmp_path):

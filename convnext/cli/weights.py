@@ -8,6 +8,8 @@ from pathlib import Path
 
 LAYOUT_CHOICES = ("ours", "official", "timm", "torchvision", "hf")
 SOURCE_HELP = "a training run (folder, best.pt or last.pt), a pretrained folder, an hf-hub:ORG/NAME or a weight file"
+NETWORK_HELP = ("Every request waits at most $CONVNEXT_TIMEOUT seconds (default 30) to connect and between two reads "
+                "of the answer; giving up is one line naming the endpoint.")  # fmt: skip
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +24,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("download", help="download published weights into the cache, checking their sha256")
+    p = sub.add_parser("download", help="download published weights into the cache, checking their sha256",
+                       epilog=f"{NETWORK_HELP} A download that fails on the way (no answer, a dropped connection, a "
+                       "short body, HTTP 5xx) is retried; only a whole, verified file is kept.")  # fmt: skip
     p.add_argument("name", help="arch.tag, or arch for its default weights (see `convnext list --pretrained`)")
     p.add_argument("--cache-dir", default=None, help="default: $CONVNEXT_HOME/weights or ~/.cache/convnext/weights")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("push", help="upload a run or weights to the Hugging Face Hub (safetensors, config, model card)")
+    p = sub.add_parser("push", help="upload a run or weights to the Hugging Face Hub (safetensors, config, model card)",
+                       epilog=f"{NETWORK_HELP} A push is not repeated (a commit is not safe to repeat); HF_ENDPOINT "
+                       "names another Hub.")  # fmt: skip
     p.add_argument("src", metavar="RUN_OR_FILE", help=SOURCE_HELP)
     p.add_argument("--repo", default=None, metavar="ORG/NAME", help="the Hub repo (created if missing)")
     p.add_argument("--model", default=None, help="weight file: the registered name it loads into (default: its shapes)")

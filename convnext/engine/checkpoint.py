@@ -1,5 +1,6 @@
 """Checkpoints as plain data (tensors, numbers, strings, dicts, lists): `torch.load(weights_only=True)` reads
-them. Writes are atomic (a temp file in the same folder, fsync, then rename), so a crash never leaves half a file.
+them. Writes are atomic (a temp file in the same folder, fsync, then rename), so a crash never leaves half a file;
+the file gets the mode the user's umask gives a new file.
 
 A training checkpoint holds: model, ema (or None), optimizer, scheduler (the schedule's resolved numbers),
 scaler (or None), rng, epoch, epoch_step (optimizer steps done in that epoch), step (global), best_top1, config,
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from convnext.weights.io import apply_umask
+
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
     """torch.save to `path` through a temp file + rename: `path` is the old file or the whole new one, never half.
@@ -30,6 +33,7 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -10,18 +10,26 @@ The weights are `WEIGHT_FILES`: model.safetensors, else pytorch_model.bin (refus
 any layout `convnext.weights` reads. Everything goes through huggingface_hub, so its cache (HF_HOME, HF_HUB_CACHE),
 token (HF_TOKEN, `hf auth login`), endpoint (HF_ENDPOINT) and HF_HUB_OFFLINE apply, and its downloads are atomic (a
 temporary file renamed into the cache when complete). huggingface_hub is imported only when a Hub name is used.
+
+The network settings of the whole package live here too: every call (weight downloads, Hub reads, `convnext push`)
+waits at most `network_timeout()` s ($CONVNEXT_TIMEOUT, default 30) to connect and between two reads, calls that are
+safe to repeat (downloads, Hub reads) are tried 1 + RETRIES times, and giving up is one line naming the endpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
-from collections.abc import Mapping
+import time
+import urllib.error
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from convnext.constants import IMAGENET_MEAN, IMAGENET_STD
 from convnext.model import VARIANTS, ConvNeXtConfig
@@ -35,15 +43,106 @@ DEFAULT_PREPROCESS = MappingProxyType({"img_size": 224, "crop_pct": 0.875, "mean
                                        "interpolation": "bicubic", "crop_mode": "center"})  # fmt: skip
 RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as ConvNextImageProcessor stores them
 
+TIMEOUT_ENV = "CONVNEXT_TIMEOUT"
+DEFAULT_TIMEOUT = 30.0  # seconds a network call waits to connect, and between two reads of the answer
+RETRIES = 2  # a call that is safe to repeat (a download, a Hub read) is tried 1 + RETRIES times
+RETRY_WAIT = 1.0  # seconds before the first repeat, doubled before each next one
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # answers worth asking again
+T = TypeVar("T")
+
 
 def huggingface_hub() -> Any:
-    """The huggingface_hub module, or one line naming the extra that installs it."""
-    from convnext.extras import require
+    """The huggingface_hub module, its HTTP client bounded by `network_timeout()` (see `bounded_client`); or one
+    line naming the extra that installs it."""
+    from convnext.extras import MissingExtraError, require
 
-    require("huggingface_hub", what="hf-hub: names and `convnext push`")
+    what = "hf-hub: names and `convnext push`"
+    require("huggingface_hub", what=what)
     import huggingface_hub
 
+    if not hasattr(huggingface_hub, "set_client_factory"):  # before 1.0 (requests): no way to bound every call
+        raise MissingExtraError(f"{what} need huggingface_hub 1.0 or newer, not {huggingface_hub.__version__}: "
+                                "pip install -U 'convnext[hub]'")  # fmt: skip
+    network_timeout()  # a bad $CONVNEXT_TIMEOUT is refused here, not inside a request
+    if bound_timeout not in huggingface_hub.get_session().event_hooks["request"]:
+        huggingface_hub.set_client_factory(bounded_client)
     return huggingface_hub
+
+
+# ----------------------------------------------------------------------------------------------- the network
+
+
+def network_timeout() -> float:
+    """$CONVNEXT_TIMEOUT, else DEFAULT_TIMEOUT: the seconds every network call of this package waits to connect and
+    between two reads. ValueError (one line) for anything but a number > 0."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the seconds a network call may wait, a number > 0")
+    return seconds
+
+
+def bound_timeout(request: Any) -> None:
+    """A request hook of huggingface_hub's client: whatever timeout the library gave the request (none for some
+    calls, a minute for its own retries), it waits at most `network_timeout()` s to connect, send and read."""
+    request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), network_timeout())
+
+
+def bounded_client() -> Any:
+    """huggingface_hub's own HTTP client with `bound_timeout` among its request hooks: the client factory
+    `huggingface_hub()` installs (it replaces one set before with `huggingface_hub.set_client_factory`)."""
+    from huggingface_hub.utils._http import default_client_factory
+
+    client = default_client_factory()
+    client.event_hooks["request"].append(bound_timeout)
+    return client
+
+
+def retry(call: Callable[[], T], transient: Callable[[Exception], bool], what: str) -> T:
+    """`call()`, repeated RETRY_WAIT, 2 RETRY_WAIT, ... s later while it raises a `transient` error, 1 + RETRIES
+    tries in all; then its last error. Only for calls that are safe to repeat."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if attempt == RETRIES or not transient(e):
+                raise
+            wait = RETRY_WAIT * 2**attempt
+            log.warning("%s: %s; trying again in %g s", what, failure(e), wait)
+            time.sleep(wait)
+            attempt += 1
+
+
+def failure(e: BaseException) -> str:
+    """A network error in a few words; a timeout says how long was waited and which setting changes it."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
+        e = e.reason
+    if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
+        return f"no answer within {network_timeout():g} s; {TIMEOUT_ENV} sets how long to wait"
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def http_status(e: Exception) -> int | None:
+    """The HTTP status of a huggingface_hub error that carries an answer; None for any other error."""
+    response = getattr(e, "response", None) if type(e).__module__.startswith("huggingface_hub") else None
+    return getattr(response, "status_code", None)
+
+
+def transient_hub_error(e: Exception) -> bool:
+    """Worth asking the Hub again: no answer, a dropped connection, a short body, or HTTP 408, 429, 5xx (not
+    huggingface_hub's own verdicts, an offline cache miss among them)."""
+    status = http_status(e)
+    if status is not None:
+        return status in RETRY_STATUS
+    return is_transport_error(e) and not type(e).__module__.startswith("huggingface_hub")
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -79,12 +178,36 @@ def hub_file(name: str, filename: str) -> Path:
     hf = huggingface_hub()
     repo, revision = parse_hub_name(name)
     try:
-        return Path(hf.hf_hub_download(repo, filename, revision=revision))
+        cached = None if hf.constants.HF_HUB_OFFLINE else _ask(hf, name, repo, filename, revision)
+        return cached or Path(hf.hf_hub_download(repo, filename, revision=revision, etag_timeout=network_timeout()))
     except Exception as e:
         explained = _explain(e, name, filename)
         if explained is None:
             raise
         raise explained from e
+
+
+def _ask(hf: Any, name: str, repo: str, filename: str, revision: str | None) -> Path | None:
+    """Ask the Hub about `filename` (a HEAD) with this package's timeout and retries before hf_hub_download, whose
+    own retries of that question wait a minute each: None once the Hub answers anything (hf_hub_download then
+    fetches the file, resuming a dropped body itself, or raises what the answer means); while it does not, the HF
+    cache's copy if there is one (as hf_hub_download would take); else the last error, after 1 + RETRIES tries."""
+    url = hf.hf_hub_url(repo, filename, revision=revision)
+
+    def head() -> Path | None:
+        try:
+            hf.get_hf_file_metadata(url, timeout=network_timeout())
+        except Exception as e:
+            if not transient_hub_error(e):
+                return None
+            cached = hf.try_to_load_from_cache(repo, filename, revision=revision)
+            if not isinstance(cached, str):
+                raise
+            log.warning("%s: %s (%s); using the cached %s", name, hf.constants.ENDPOINT, failure(e), filename)
+            return Path(cached)
+        return None
+
+    return retry(head, transient_hub_error, f"{name}: {filename} from {hf.constants.ENDPOINT}")
 
 
 def hub_weights(name: str) -> Path:
@@ -130,19 +253,18 @@ def _explain(e: Exception, name: str, filename: str) -> Exception | None:
         status = getattr(getattr(e, "response", None), "status_code", "?")
         if status in (401, 403):
             return PermissionError(f"{name}: {endpoint} refused access to {repo} (HTTP {status}); check the token")
-        return ConnectionError(f"{name}: {endpoint} answered HTTP {status} for {filename}")
+        return ConnectionError(f"{name}: {endpoint} answered HTTP {status} for {filename}; nothing was cached")
     if isinstance(e, errors.HFValidationError):
         return ValueError(f"{name}: not a valid Hub repository name ({first_line(e)})")
-    if is_transport_error(e):  # a dropped connection, a short or corrupt body: huggingface_hub kept nothing of it
-        return ConnectionError(f"{name}: downloading {filename} from {endpoint} failed ({type(e).__name__}: "
-                               f"{first_line(e)}); nothing was cached")  # fmt: skip
+    if is_transport_error(e):  # no answer, a dropped connection, a short or corrupt body: nothing of it is kept
+        return ConnectionError(f"{name}: downloading {filename} from {endpoint} failed ({failure(e)}); nothing was "
+                               "cached")  # fmt: skip
     return None
 
 
 def is_transport_error(e: Exception) -> bool:
-    """An OSError or an error of the HTTP client huggingface_hub uses (httpx, or requests before 1.0)."""
-    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2",
-                                                                          "requests", "urllib3")  # fmt: skip
+    """An OSError or an error of the HTTP client huggingface_hub uses (httpx; httpx2 from huggingface_hub 2)."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
 
 
 def first_line(e: Exception) -> str:

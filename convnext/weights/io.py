@@ -194,6 +194,14 @@ def _listing(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def apply_umask(path: str | Path) -> None:
+    """Give `path` the mode `open()` gives a new file, 0666 less the umask: files made through a temporary file
+    (tempfile.mkstemp, safetensors' writer) are 0600, which nobody else can read whatever the user's umask."""
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_weights(
     sd: Mapping[str, Tensor],
     path: str | Path,
@@ -218,6 +226,7 @@ def save_weights(
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
         else:
             torch.save({wrap_key: dict(sd)} if wrap_key else dict(sd), tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

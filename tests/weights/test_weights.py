@@ -3,6 +3,7 @@ the download cache against a real local HTTP server, and `convnext convert` / `c
 
 import hashlib
 import logging
+import os
 import re
 import threading
 import warnings
@@ -27,6 +28,7 @@ from convnext.weights import (
     resolve_spec,
     save_weights,
 )
+from convnext.weights.hf import RETRIES
 
 SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}  # a 4-stage ConvNeXt small enough for every test
 
@@ -433,8 +435,10 @@ def test_interrupted_download_does_not_poison_the_cache(server, tmp_path):
     cache.mkdir()
     (cache / "convnext_atto.local_test.pth.1234.partial").write_bytes(b"left over by a killed process")
     for sha in (digest, None):  # caught by the length check even where no hash is published
-        with pytest.raises(RuntimeError, match="interrupted"):
+        server.hits.clear()
+        with pytest.raises(ConnectionError, match="interrupted"):
             load_pretrained(small(), spec_for(server.url + "/cut/w.pth", sha), cache_dir=cache)
+        assert len(server.hits) == 1 + RETRIES  # a short body is tried again
         assert not (cache / "convnext_atto.local_test.pth").exists()
     model = small(seed=6)
     load_pretrained(model, spec_for(url, digest), cache_dir=cache)  # a later good download goes through
@@ -496,6 +500,27 @@ def test_cli_convert_and_refuse_overwrite(tmp_path):
     (folder / "kept").mkdir(parents=True)
     assert main(["convert", str(dst), str(folder), "--force"]) == 2  # --force never replaces a folder
     assert (folder / "kept").is_dir()
+
+
+def test_convert_writes_files_with_the_mode_of_the_umask(tmp_path):
+    """convert (safetensors, torch.save, a transformers folder) and a training checkpoint give their files what
+    `open` gives a new file, 0666 less the umask, not the 0600 of the temporary file they are written through."""
+    from convnext.engine.checkpoint import save_atomic
+
+    src = tmp_path / "src.pth"
+    torch.save(small().state_dict(), src)
+    old = os.umask(0o027)
+    try:
+        assert main(["convert", str(src), str(tmp_path / "a.safetensors")]) == 0
+        assert main(["convert", str(src), str(tmp_path / "a.pth")]) == 0
+        assert main(["convert", str(src), str(tmp_path / "hf_folder"), "--to", "hf"]) == 0
+        save_atomic({"step": 1}, tmp_path / "run" / "last.pt")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "a.safetensors", tmp_path / "a.pth", tmp_path / "run" / "last.pt",
+             *(tmp_path / "hf_folder").iterdir()]  # fmt: skip
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert len(files) == 6 and set(modes.values()) == {"0o640"}, modes
 
 
 def test_cli_download(server, tmp_path, monkeypatch, capsys):
