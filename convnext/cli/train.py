@@ -21,7 +21,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "Any config field can be set as --section.field VALUE (e.g. --optim.lr 1e-3 --data.mixup 0). "
         "Also runs under `torchrun --nproc_per_node N -m convnext train ...`.",
     )
-    p.add_argument("--model", default=None, help="registered model name (default: the preset's)")
+    p.add_argument(
+        "--model", default=None, metavar="NAME|SOURCE", help="a registered name (random weights; default: the "
+        "preset's) or the weights to start from: arch.tag (published), hf-hub:org/name, a pretrained folder, a "
+        "`convnext train` or `convnext pretrain` run folder. With weights and no --preset the automatic recipe "
+        "fine-tunes",
+    )  # fmt: skip
+    p.add_argument("--pretrained", action="store_true", help="start from the published weights of --model (without "
+                   "--model: the largest published weights the budget trains for enough passes)")  # fmt: skip
     p.add_argument("--data", default=None, help="image folder, cifar10, cifar100, or digits (embedded)")
     p.add_argument("--output", default=None, help="run folder to create (default: the preset's, runs/<preset>)")
     p.add_argument(
@@ -47,6 +54,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from convnext.train import TrainConfig, auto_recipe, fit, get_preset
+    from convnext.train.finetune import finetune_recipe
+    from convnext.train.start import is_source, starting_weights
 
     pre: dict[str, Any] = {}  # what a pre-training run fixes: the architecture, its weights, its normalisation
     if args.pretrained_run:
@@ -67,12 +76,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = pre.get("model.name", model)
         data = args.data or given.get("data.name")
         preset = args.preset or given.get("preset") or ("demo" if data in (None, "digits") else "auto")
+        weights, checkpoint = None, given.get("model.checkpoint")
+        if not pre and (model or checkpoint) and (is_source(model) or args.pretrained or checkpoint):
+            weights = starting_weights(model, args.pretrained, checkpoint)  # one error now if they cannot be read
+            model = weights.arch if weights is not None else model
         if preset == "auto" and set(field_paths(TrainConfig)) <= set(given):
             cfg = TrainConfig()  # every field given (a run's config.json): no recipe to choose from the data
         elif preset != "auto":
             cfg = get_preset(preset, model)
+            if weights is not None:  # the weights' normalisation where the preset leaves it to them
+                own = {k: v for k, v in weights.overrides.items() if not k.startswith("data.") or cfg.data.mean is None}
+                apply_overrides(cfg, own)
+            elif args.pretrained:
+                cfg.model.pretrained = True
         elif data is None:
             raise ValueError("--preset auto needs --data (an image folder, cifar10 or cifar100)")
+        elif weights is not None or args.pretrained:
+            cfg = finetune_recipe(
+                data, weights, img_size=args.img_size or given.get("data.img_size"),
+                budget_min=args.budget_min or given.get("budget_min"), epochs=args.epochs or given.get("epochs"),
+                batch_size=args.batch_size or given.get("batch_size"),
+                data_dir=args.data_dir or given.get("data.data_dir"), device=args.device or given.get("device"),
+            )  # fmt: skip
         else:
             shape = any(k.split(".")[:2] == ["model", "kwargs"] for k in given)  # a shape given: the recipe keeps it
             cfg = auto_recipe(

@@ -192,7 +192,7 @@ def auto_recipe(
         planned = epochs or max(int(expected * 3) + 2, 100)  # a bound only: the budget fits the schedule
     else:
         expected = planned = epochs or DEFAULT_EPOCHS
-    photos, crop, regularise, translate = _augmentation(side, size, expected, why)
+    photos, crop, regularise, translate = augmentation(side, size, expected, why)
     why.append(
         f"Muon on the blocks' matrices and AdamW on the rest, lr {lr:.3g} at batch {batch}, wd 0.05, warmup 3% of "
         "the steps, then linear to 0; EMA off"
@@ -299,7 +299,7 @@ def _choose_stem(
     return patch, shape, rate, why_patch
 
 
-def _augmentation(side: int, size: int, expected: float, why: list[str]) -> tuple[bool, str, bool, int]:
+def augmentation(side: int, size: int, expected: float, why: list[str]) -> tuple[bool, str, bool, int]:
     """(photos: the images are larger than the training size, crop kind, regularise, translate px) for a run that
     makes `expected` passes; the recipe lines go to `why`."""
     photos = side >= size * 1.25

@@ -56,6 +56,7 @@ from convnext.extras import require
 from convnext.fast import FastConvNeXt, keep_freed_memory, kernels, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.fast import usable as fast_usable
 from convnext.model import ConvNeXt
+from convnext.registry import split_name
 from convnext.train.config import TrainConfig, resolve_preprocessing
 from convnext.train.runs import build_model
 from convnext.train.whiten import whiten_stem
@@ -132,6 +133,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     if cfg.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     _check_config(cfg)
+    if split_name(cfg.model.name)[1] and not (cfg.model.checkpoint or cfg.model.pretrained or cfg.resume):
+        cfg.model.pretrained = True  # a tag means its weights, as in eval and predict
+        cfg.recipe.append(f"model: {cfg.model.name} names published weights: the run starts from them")
     cfg.recipe += resolve_preprocessing(cfg)  # mean, std and eval resize of the weights the run starts from
     run = RunFolder(cfg.resume or cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite)
     cfg.output = str(run.path)

@@ -8,9 +8,10 @@ import logging
 
 from torch import nn
 
-from convnext.registry import create_model
+from convnext.registry import create_model, split_name
 from convnext.resolve import resolve
 from convnext.train.config import ModelConfig
+from convnext.train.start import arch_for
 
 log = logging.getLogger("convnext.train")
 
@@ -20,9 +21,10 @@ def build_model(mcfg: ModelConfig, num_classes: int, init_weights: bool = True) 
     starts from (`model.checkpoint` in any layout, or `model.pretrained`'s published weights), the head adapted to
     the classes and one line saying which weights came from where."""
     kwargs = mcfg.build_kwargs()
-    if init_weights and mcfg.checkpoint:
-        start = resolve(mcfg.checkpoint, model=mcfg.name, num_classes=num_classes, **kwargs)
-    elif init_weights and mcfg.pretrained:
+    if init_weights and mcfg.checkpoint:  # a file goes into the named model; a run, folder or Hub repo names its own
+        model = arch_for(mcfg.checkpoint, mcfg.name)
+        start = resolve(mcfg.checkpoint, model=model, num_classes=num_classes, **kwargs)
+    elif init_weights and (mcfg.pretrained or split_name(mcfg.name)[1] is not None):  # a tag means its weights
         start = resolve(mcfg.name, pretrained=True, num_classes=num_classes, **kwargs)
     else:
         return create_model(mcfg.name.split(".")[0], num_classes=num_classes, **kwargs)

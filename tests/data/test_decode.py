@@ -71,7 +71,7 @@ def test_odd_images_decode_as_predict_does(odd):
 
 def test_train_eval_predict_erf_and_dense_see_the_same_pixels(odd):
     root, files = odd
-    train, _ = build_dataset(str(root), "train")  # no transform: the decoded PIL images
+    train, _ = build_dataset(str(root), "train", labels=False)  # no transform: the decoded PIL images
     by_name = {Path(p).stem: i for i, (p, _) in enumerate(train.samples)}
     for k, p in files.items():
         expected = np.asarray(predict_load_image(p))
@@ -101,11 +101,12 @@ def test_a_bad_file_is_named_on_every_path(tmp_path):
     for read in (load_image, predict_load_image, read_rgb):
         with pytest.raises(BadImageError, match=f"cannot read image {bad}: unreadable or truncated"):
             read(bad)
-    train, _ = build_dataset(str(tmp_path), "train", val_split=0.5)
+    train, _ = build_dataset(str(tmp_path), "train", val_split=0.5, labels=False)
     base = train.dataset
     with pytest.raises(ValueError, match=f"cannot read image {bad}"):  # what --skip-bad-images catches
         base[next(i for i, (p, _) in enumerate(base.samples) if p == str(bad))]
-    skipping, _ = build_dataset(str(tmp_path), "train", Preprocess(16, 1.0).transform(), skip_bad_images=True)
+    skipping, _ = build_dataset(str(tmp_path), "train", Preprocess(16, 1.0).transform(), skip_bad_images=True,
+                                 labels=False)
     _, _, skipped = collate_skip([skipping.dataset[i] for i in range(len(skipping.dataset))])
     assert skipped == 1
     _, x, err = _ImageFiles([bad], Preprocess(16, 1.0).transform())[0]
@@ -178,5 +179,5 @@ def test_a_large_jpeg_decodes_at_reduced_scale_with_the_pixels_kept(tmp_path):
     assert torch.equal(torch.stack([val[i][0] for i in range(len(val))]), expected)
     assert torch.equal(torch.stack([predicted[i][1] for i in range(len(val))]), expected)
     assert torch.equal(load_images(root / "val", 32, limit=2, mean=pre.mean, std=pre.std), expected)
-    train, _ = build_dataset(str(root), "train", decode_transform(32))
+    train, _ = build_dataset(str(root), "train", decode_transform(32), labels=False)
     assert torch.equal(train[0][0], decode_transform(32)(load_image(root / "train" / "big" / "a.jpg", 32)))
