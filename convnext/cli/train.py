@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from convnext.cli.args import add_config_flags, build_config, positive_float, positive_int, print_config, run_config
@@ -77,7 +78,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = args.data or given.get("data.name")
         preset = args.preset or given.get("preset") or ("demo" if data in (None, "digits") else "auto")
         weights, checkpoint = None, given.get("model.checkpoint")
-        if not pre and (model or checkpoint) and (is_source(model) or args.pretrained or checkpoint):
+        # the weights are read now (one error before any work) where the recipe needs them: the automatic fine-tune,
+        # or a preset given a run, folder, Hub repo or file (a preset and a tag: the preset loads it when it runs)
+        named_weights = is_source(model) and not (preset != "auto" and not Path(model).exists() and ":" not in model)
+        if not pre and (model or checkpoint) and (named_weights or checkpoint or args.pretrained and preset == "auto"):
             weights = starting_weights(model, args.pretrained, checkpoint)  # one error now if they cannot be read
             model = weights.arch if weights is not None else model
         if preset == "auto" and set(field_paths(TrainConfig)) <= set(given):

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from convnext.data.decode import IMAGE_EXTENSIONS, BadImageError
+from convnext.data.decode import BadImageError, find_images
 from convnext.dense.config import DetectConfig, SegmentConfig
 from convnext.dense.data import read_rgb
 from convnext.dense.train import segment_logits
@@ -65,18 +65,12 @@ def draw_classes(
 
 
 def image_files(paths: list[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); a FileNotFoundError names a missing path."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such image or folder")
-    if not out:
-        raise ValueError(f"no images in {', '.join(map(str, paths))}")
-    return out
+    """Files as given, folders expanded to their images (`data.decode.find_images`, not recursing); a missing path
+    is a FileNotFoundError naming it."""
+    missing = [str(p) for p in map(Path, paths) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: no such image or folder")
+    return find_images(paths, recursive=False)
 
 
 @torch.inference_mode()

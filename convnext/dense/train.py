@@ -28,11 +28,11 @@ from tqdm import tqdm
 from convnext.config import from_dict
 from convnext.data import SeededDataset
 from convnext.dense.backbone import backbone_of, build_backbone, detector
+from convnext.dense.coco import CocoDetection
 from convnext.dense.config import DetectConfig, SegmentConfig
 from convnext.dense.data import (
     CAMVID_CLASSES,
     CAMVID_PALETTE,
-    CocoDetection,
     LabelSpec,
     SegmentationFolder,
     camvid,
@@ -298,7 +298,7 @@ def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, 
         if info.distributed:
             raise ValueError("detect/segment train runs in one process for now; start it without torchrun")
         run = RunFolder(r.resume or r.output, resume=r.resume is not None, overwrite=r.overwrite, files=RUN_FILES)
-        r.output = str(run.path)
+        r.output, r.resume = str(run.path), r.resume if run.resume else None  # stopped before a checkpoint: anew
         task.device = info.device
         if r.threads and info.device.type == "cpu":
             torch.set_num_threads(r.threads)

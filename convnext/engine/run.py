@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -18,21 +19,28 @@ from typing import Any
 
 from convnext.engine import checkpoint as ckpt
 
+log = logging.getLogger("convnext.train")
+
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
+
+
+def _take(f: Any, run_dir: Path) -> None:
+    """Lock the open lock file `f`, or one clear error naming the process that holds it."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RuntimeError(
+            f"another run is writing to {run_dir} (pid {f.read().strip() or '?'}); wait for it or choose another "
+            "--output"
+        ) from None
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir/.lock` for the run: a second run started on the same folder is refused, not interleaved."""
     with open(run_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RuntimeError(
-                f"another run is writing to {run_dir} (pid {f.read().strip() or '?'}); wait for it or "
-                "choose another --output"
-            ) from None
+        _take(f, run_dir)
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
@@ -42,9 +50,19 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _check_not_held(run_dir: Path) -> None:
+    """One clear error when another process holds `run_dir`'s lock (it is writing a run there)."""
+    if (run_dir / ".lock").is_file():
+        with open(run_dir / ".lock", "a+") as f:
+            _take(f, run_dir)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class RunFolder:
     """One run's folder. `RunFolder(path, resume=..., overwrite=...)` checks it (nothing is written yet);
     `claim(held)` makes it and holds its lock while `held` lives; then `write_json`, `save` and `keep_best` fill it.
+    A folder whose run stopped before its first checkpoint (in set-up, or Ctrl-C early) is started again by the same
+    command, and `--resume` of it starts it from the beginning (each said in one line).
 
     files: the names this job writes; with --overwrite they are removed only in `claim`, when data and model are
     built, so a run that fails in set-up loses nothing. subfolders: folders of the job's own (pictures) that
@@ -81,11 +99,21 @@ class RunFolder:
         nearest = next(d for d in (run_dir, *run_dir.parents) if d.exists())
         if not os.access(nearest, os.W_OK):
             raise PermissionError(f"--output {run_dir}: {nearest} is not writable")
-        if self.resume:
+        _check_not_held(run_dir)  # a second run on a busy folder is refused now, before its data is read
+        # what a run that stopped in set-up or before its first checkpoint leaves: its config and the lock it held
+        started = (run_dir / "config.json").is_file() and (run_dir / ".lock").is_file()
+        if self.resume and not self.last.is_file() and started:
+            log.info("%s stopped before its first checkpoint: --resume starts it again from the beginning", run_dir)
+            self.resume = False
+        elif self.resume:
             if not self.last.is_file():
                 raise FileNotFoundError(f"nothing to resume: {self.last} does not exist")
             return []
         existing = [f for f in files if (run_dir / f).exists()]
+        if existing and started and not self.last.is_file():
+            log.info("%s holds a run that stopped before its first checkpoint (%s): starting it again", run_dir,
+                     ", ".join(existing))  # fmt: skip
+            return existing
         if existing and not overwrite:
             raise ValueError(
                 f"{run_dir} already holds a run ({', '.join(existing)}); continue it with --resume {run_dir}, "
@@ -120,8 +148,7 @@ class RunFolder:
         """last.pt, atomically: the old file or the whole new one."""
         ckpt.save_atomic(payload, self.last)
 
-    def keep_best(self) -> None:
-        """best.pt becomes a copy of last.pt (through a temp file: a crash leaves the previous best)."""
-        tmp = self.path / ".best.pt.tmp"
-        shutil.copyfile(self.last, tmp)
-        tmp.replace(self.best)
+    def keep_best(self, payload: dict[str, Any]) -> None:
+        """best.pt, atomically: the weights (and EMA) of the best scored epoch with the config, no optimizer state
+        (a run resumes from last.pt; best.pt is for evaluation and fine-tuning)."""
+        ckpt.save_atomic(payload, self.best)

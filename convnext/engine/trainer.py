@@ -312,7 +312,9 @@ class Trainer:
             self.last_good = None
             if self.info.is_main:
                 if improved:
-                    self.run.keep_best()
+                    self.run.keep_best({"model": self.model.state_dict(), "config": self.config, "step": self.step,
+                                        "epoch": self.epoch, "best": self.best,
+                                        "ema": self.ema.state_dict() if self.ema is not None else None})  # fmt: skip
                 self.task.epoch_end(self.model, self.metrics.rows())
                 log.info(self._line(row))
             budget.paused += time.perf_counter() - t_end

@@ -12,7 +12,9 @@
   runs the whole MLP over tiles of rows in cache in a C kernel), and LayerNorm at small C in a C kernel
   (`ChannelsLayerNorm`); depthwise grad-input as a flipped forward convolution and depthwise grad-weight in a C
   kernel (`convnext.fast.kernels`).
-Measured in `benchmarks/NOTES.md`. A `Plan` is only read here (`plan_ways`, `_tiled`): this module imports neither the
+Measured in `benchmarks/NOTES.md`. Why one module of ~500 lines: each op's forward, its custom backward and the
+autograd Function tying them are read together (a backward is only checked against its own forward), and the block
+that composes them sits below them. A `Plan` is only read here (`plan_ways`, `_tiled`): this module imports neither the
 plan's measuring nor the compiler, both of which build on it.
 """
 

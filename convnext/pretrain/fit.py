@@ -111,7 +111,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
     _check_config(cfg)
     run = RunFolder(cfg.resume or cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite, files=RUN_FILES,
                     subfolders=(PICTURES,))  # fmt: skip
-    cfg.output = str(run.path)
+    cfg.output, cfg.resume = str(run.path), cfg.resume if run.resume else None  # stopped before a checkpoint: anew
 
     # ---- data, then what it decides (input size, stem), all checked before any work
     d = cfg.data

@@ -8,8 +8,8 @@ architecture, resolution, normalisation, head) and picks, each reason a `recipe:
   starts at 0.001 of its usual scale, as the paper fine-tunes), their mean/std and interpolation, no stem whitening;
 - the resolution: the weights' own where the budget affords `MIN_EPOCHS` passes at it (timed on this machine,
   as the from-scratch recipe times its stems), else the data's own size (never under the weights' total stride);
-- AdamW with layer-wise lr decay `LAYER_DECAY` (the head at the full lr, each layer below at `LAYER_DECAY` x the one
-  above: what fine-tuning from pre-trained weights keeps), lr `LR_AT_128` at batch 128 (square-root scaled), weight
+- AdamW, by whether the weights' head is kept (they already solve this task: lr 1e-4, layer-wise decay 0.75) or new
+  (another task: lr 5e-4, no layer-wise decay), at batch 128 (square-root scaled; `LR_AT_128`), weight
   decay 0.05, a warmup of `WARMUP_SHARE` of the steps and a cosine to 1e-6; label smoothing 0.1;
 - crops, flips, Mixup/CutMix and drop path by the passes the run makes, as from scratch (`auto.augmentation`).
 
@@ -32,10 +32,13 @@ from convnext.weights import resolve_spec
 log = logging.getLogger("convnext.train")
 
 MIN_EPOCHS = 5  # the fewest passes the weights' own resolution may leave the budget
-# AdamW, at batch 128, square-root scaled with the batch. One epoch on digits from a 6-epoch run on digits (93.06%):
-# 1e-4 92.78, 5e-4 91.94 (2e-5 92.78): the higher lr moves weights that were already at their minimum (NOTES)
-LR_AT_128 = 1e-4
-LAYER_DECAY = 0.75
+# AdamW at batch 128 (square-root scaled with the batch) and layer-wise lr decay, by whether the weights' head is
+# kept (they already solve this task) or new (another task). Kept: one epoch on digits from a 6-epoch run there
+# (93.06%): lr 1e-4 92.78, 5e-4 91.94 (layer decay 0.75). New: CamVid 64 px patches from a 3-minute CIFAR-10 run,
+# 1.5 min (scratch recipe 81.33): lr 1e-4 with layer decay 0.75 68.61, without 75.72; 5e-4 without 87.94, 1e-3
+# without 88.61 (one seed each; benchmarks/NOTES.md)
+LR_AT_128 = {"kept": 1e-4, "new": 5e-4}
+LAYER_DECAY = {"kept": 0.75, "new": None}
 WARMUP_SHARE = 0.05
 DEFAULT_EPOCHS = 30  # without a budget
 # the published ImageNet-1k weights `--pretrained` picks from when no --model is given, smallest first
@@ -89,8 +92,10 @@ def finetune_recipe(
     else:
         expected = planned = epochs or DEFAULT_EPOCHS
     photos, crop, regularise, translate = augmentation(side, size, expected, why)
-    lr = LR_AT_128 * (batch / 128) ** 0.5
-    why.append(f"AdamW, lr {lr:.3g} at batch {batch} with layer-wise decay {LAYER_DECAY} (the head at the full lr), "
+    head_kind = "kept" if start.classes == classes else "new"
+    lr, decay = LR_AT_128[head_kind] * (batch / 128) ** 0.5, LAYER_DECAY[head_kind]
+    layers = f"layer-wise decay {decay} (the head at the full lr)" if decay else "no layer-wise decay"
+    why.append(f"AdamW, lr {lr:.3g} at batch {batch} with {layers}, as the head is {head_kind} (measured, NOTES); "
                f"wd 0.05, warmup {WARMUP_SHARE:.0%} of the steps then cosine to 1e-6; label smoothing 0.1; EMA off")
     amp = gpu_amp(dev)
     cfg = TrainConfig(
@@ -102,8 +107,8 @@ def finetune_recipe(
             mixup=0.8 if regularise else 0.0, cutmix=1.0 if regularise else 0.0, label_smoothing=0.1,
             num_workers=2, tta_flip=True, tta_shift=0 if photos else 1,
         ),
-        optim=OptimConfig(name="adamw", lr=lr, base_lr=LR_AT_128, base_batch=128, weight_decay=0.05,
-                          layer_decay=LAYER_DECAY),
+        optim=OptimConfig(name="adamw", lr=lr, base_lr=LR_AT_128[head_kind], base_batch=128, weight_decay=0.05,
+                          layer_decay=decay),
         sched=ScheduleConfig(name="cosine", warmup_epochs=WARMUP_SHARE * planned, min_lr=1e-6),
         output="runs/finetune", epochs=planned, batch_size=batch, budget_min=budget_min, ema=False, amp=amp,
         channels_last=dev.type == "cuda", device=device or "auto", eval_every=max(1, round(expected / 5)), recipe=why,

@@ -11,19 +11,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, mix_transform, train_transform
+from convnext.data import SeededDataset, build_dataset, collate_skip, eval_transform, train_transform
 from convnext.data.cache import (
     BatchAugment,
     CachedImages,
@@ -32,33 +29,32 @@ from convnext.data.cache import (
     decode_all,
     decode_transform,
     fits_in_memory,
+    memory_available,
     typical_short_side,
 )
 from convnext.data.datasets import align_classes, set_transform
-from convnext.data.transforms import tta_logits
 from convnext.engine.distributed import (
     DistInfo,
     ResumableSampler,
     ShardSampler,
-    all_reduce_sum,
     broadcast_object,
     joined,
     per_rank_batch,
     wrap,
 )
 from convnext.engine.ema import build_ema
-from convnext.engine.loop import autocast
 from convnext.engine.optim import build_optimizer, scaled_lr
-from convnext.engine.report import plot_curves
 from convnext.engine.run import RunFolder
 from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
 from convnext.extras import require
 from convnext.fast import FastConvNeXt, keep_freed_memory, kernels, plan_from_rows, plan_pointwise, plan_to_rows
 from convnext.fast import usable as fast_usable
+from convnext.flops import activation_memory
 from convnext.model import ConvNeXt
 from convnext.registry import split_name
 from convnext.train.config import TrainConfig, resolve_preprocessing
 from convnext.train.runs import build_model
+from convnext.train.task import ClassificationTask
 from convnext.train.whiten import whiten_stem
 
 log = logging.getLogger("convnext.train")
@@ -79,53 +75,6 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
         return _fit(cfg, info, model, held)
 
 
-@dataclass
-class ClassificationTask:
-    """The engine's task for image classification."""
-
-    cfg: TrainConfig
-    info: DistInfo
-    val_loader: Any
-    num_classes: int
-    run_dir: Path
-    best_key: str = "val_top1"
-    columns: tuple[str, ...] = (
-        "epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_loss", "ema_top1",
-        "ema_top5", "img_per_s", "epoch_time_s", "elapsed_s", "skipped_images", "data_wait_pct",
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        d = self.cfg.data
-        self.mix = mix_transform(self.num_classes, d.mixup, d.cutmix, d.switch_prob, d.mix_prob)
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: int) -> torch.Tensor:
-        x, y = _to_device(x, y, self.info.device, self.cfg.channels_last)
-        if self.mix is not None:
-            x, y = self.mix(x, y)
-        with autocast(self.info.device, self.cfg.amp):
-            logits = model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.data.label_smoothing)
-
-    def evaluate(self, model: nn.Module, ema: nn.Module | None) -> dict[str, Any]:
-        d, kw = self.cfg.data, {"info": self.info, "amp": self.cfg.amp, "channels_last": self.cfg.channels_last}
-        kw |= {"tta_flip": d.tta_flip, "tta_shift": d.tta_shift}
-        m = evaluate(model, self.val_loader, desc="eval", **kw)
-        row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
-        if ema is not None:
-            e = evaluate(ema.module, self.val_loader, desc="eval EMA", **kw)
-            row |= {"ema_loss": e["loss"], "ema_top1": e["top1"], "ema_top5": e["top5"]}
-        if m["skipped"]:
-            row["val_skipped"] = m["skipped"]
-        return row
-
-    def summary(self, row: dict[str, Any]) -> str:
-        out = f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% loss {row['val_loss']:.4f}"
-        return out + (f"  EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else "")
-
-    def epoch_end(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
-        plot_curves(rows, self.run_dir / "curves.png")
-
-
 def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: contextlib.ExitStack) -> dict[str, Any]:
     t_setup = time.perf_counter()
     if not info.is_main:
@@ -138,18 +87,20 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         cfg.recipe.append(f"model: {cfg.model.name} names published weights: the run starts from them")
     cfg.recipe += resolve_preprocessing(cfg)  # mean, std and eval resize of the weights the run starts from
     run = RunFolder(cfg.resume or cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite)
-    cfg.output = str(run.path)
+    cfg.output, cfg.resume = str(run.path), cfg.resume if run.resume else None  # stopped before a checkpoint: anew
     for line in cfg.recipe:
         log.info("recipe: %s", line)
     data = _data(cfg, info)
     per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(data.train))
-    data.decode(cfg)
 
     # ---- model, EMA, optimizer (same init on every rank; then per-rank randomness)
     torch.manual_seed(cfg.seed)
     model = module if module is not None else build_model(cfg.model, len(data.classes), init_weights=not cfg.resume)
     if cfg.model.stem_init not in ("default", "whiten"):
         raise ValueError(f"model.stem_init must be default or whiten, not {cfg.model.stem_init!r}")
+    if isinstance(model, ConvNeXt):
+        _check_size(model, cfg.data.img_size, per_rank, info)
+    data.decode(cfg)
     fresh = module is None and not (cfg.resume or cfg.model.pretrained or cfg.model.checkpoint)
     if cfg.model.stem_init == "whiten" and fresh:
         images = data.train_cache.images if data.train_cache is not None else _sample_images(cfg)
@@ -315,55 +266,6 @@ def _fast_path(
     return FastConvNeXt(model, plan), plan, "on"
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Any,
-    *,
-    info: DistInfo,
-    amp: str = "none",
-    channels_last: bool = False,
-    tta_flip: bool = False,
-    tta_shift: int = 0,
-    desc: str = "eval",
-) -> dict[str, Any]:
-    """Top-1, top-5 (in %), mean cross-entropy and image count over `loader`, summed over all processes.
-    With `tta_flip` / `tta_shift` the logits are the mean over the views `data.tta_logits` makes."""
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, skipped
-    bar = tqdm(loader, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
-    for x, y, n_bad in bar:
-        sums[4] += n_bad
-        if len(y) == 0:
-            continue
-        x, y = _to_device(x, y, info.device, channels_last)
-        with autocast(info.device, amp):
-            logits = tta_logits(model, x, tta_flip, tta_shift)
-        k = min(5, logits.shape[1])
-        hit = logits.topk(k, dim=1).indices.eq(y[:, None])
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-        sums[1] += hit[:, 0].sum().item()
-        sums[2] += hit.any(dim=1).sum().item()
-        sums[3] += len(y)
-    bar.close()
-    sums = all_reduce_sum(sums, info)
-    n = max(float(sums[3]), 1.0)
-    return {
-        "loss": float(sums[0]) / n,
-        "top1": 100.0 * float(sums[1]) / n,
-        "top5": 100.0 * float(sums[2]) / n,
-        "n": int(sums[3]),
-        "skipped": int(sums[4]),
-    }
-
-
 def _check_config(cfg: TrainConfig) -> None:
     """Values no run can use, refused before the data is read or the run folder is touched."""
     bad = []
@@ -379,6 +281,14 @@ def _check_config(cfg: TrainConfig) -> None:
         bad.append(f"fast_plan must be timed or default, got {cfg.fast_plan!r}")
     if cfg.data.translate is not None and cfg.data.translate < 0:
         bad.append(f"data.translate must be >= 0 pixels, got {cfg.data.translate}")
+    d = cfg.data
+    rates = {"model.drop_path_rate": cfg.model.drop_path_rate, "data.label_smoothing": d.label_smoothing}
+    bad += [f"{k} must be in [0, 1), got {v}" for k, v in rates.items() if v is not None and not 0 <= v < 1]
+    chances = {"data.re_prob": d.re_prob, "data.mix_prob": d.mix_prob, "data.switch_prob": d.switch_prob}
+    bad += [f"{k} must be a probability in [0, 1], got {v}" for k, v in chances.items() if not 0 <= v <= 1]
+    lr = cfg.optim.lr
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        bad.append(f"optim.lr must be a positive number, got {lr}")
     if bad:
         raise ValueError("; ".join(bad))
     if cfg.tensorboard:
@@ -421,3 +331,22 @@ def _cache_plan(cfg: TrainConfig, train_ds: Any, val_ds: Any, info: DistInfo) ->
     set_transform(train_ds, decode_transform(size))
     set_transform(val_ds, decode_transform(d.img_size, d.crop_pct, d.interpolation))
     return size
+
+
+def _check_size(model: ConvNeXt, img_size: int, per_rank: int, info: DistInfo) -> None:
+    """Refuse, before the data is decoded, an input size the model cannot take (under its total stride: the last
+    stage would have no pixels) or whose activations for one micro-batch would not fit in the free memory (CPU)."""
+    c = model.cfg
+    stride = c.patch_size * 2 ** (len(c.depths) - 1)
+    if img_size < stride:
+        raise ValueError(f"data.img_size {img_size} is smaller than the model's total stride {stride} (stem "
+                         f"{c.patch_size} x {2 ** (len(c.depths) - 1)}): the last stage would have no pixels")
+    if info.device.type != "cpu":
+        return
+    probe = 2 * stride  # measured at a small size, scaled by the pixels
+    saved_mb, _ = activation_memory(model, probe)
+    need = saved_mb * 2**20 * (img_size / probe) ** 2 * per_rank
+    free = memory_available()
+    if free is not None and need > free:
+        raise ValueError(f"data.img_size {img_size} at {per_rank} images per step needs about {need / 2**30:.1f} "
+                         f"GiB for activations, {free / 2**30:.1f} GiB is free: lower --img-size or --batch-size")

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from convnext.dense.coco import CocoDetection
 from convnext.dense.data import (
-    CocoDetection,
     InstanceMaskFolder,
     LabelSpec,
     SegmentationFolder,
@@ -219,7 +219,7 @@ def test_coco_short_polygons_dropped_when_built(coco_folder, caplog):
     data["annotations"][0]["segmentation"] = [[10, 10], [10, 10, 30, 10], [10, 10, 30, 10, 30, 30, 10, 30]]
     data["annotations"][1]["segmentation"] = [[50, 40, 64, 40, 64], [50, "x", 64, 40, 64, 50]]
     (coco_folder / "ann.json").write_text(json.dumps(data))
-    with caplog.at_level("INFO", logger="convnext.dense.data"):
+    with caplog.at_level("INFO", logger="convnext.dense.coco"):
         ds = CocoDetection(coco_folder / "images", coco_folder / "ann.json")
     assert ds.dropped_polygons == 4 and "dropped 4 polygons of fewer than 3 points" in caplog.text
     _, t = ds[0]

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from convnext.cli import main
-from convnext.dense.data import CocoDetection, LabelSpec, SegmentationFolder, pennfudan
+from convnext.dense.coco import CocoDetection
+from convnext.dense.data import LabelSpec, SegmentationFolder, pennfudan
 
 NAN, INF = float("nan"), float("inf")
 

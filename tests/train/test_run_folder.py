@@ -7,6 +7,7 @@ import fcntl
 import os
 
 import pytest
+import torch
 
 from convnext.engine.run import run_lock
 from convnext.train import auto_recipe, fit
@@ -127,3 +128,70 @@ def test_an_unknown_model_option_is_one_line_and_writes_nothing(image_folder, tm
     err = capsys.readouterr().err
     assert "unknown option(s) ['foo']" in err and "Traceback" not in err
     assert not (out / "config.json").exists() and not (out / "last.pt").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(image_folder, tiny_config, tmp_path, caplog):
+    """What an early Ctrl-C or a failure in set-up leaves (config.json and the lock, no last.pt) is started again
+    by the same command, and by --resume, each said in one line."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / ".lock").write_text("999")
+    with caplog.at_level("INFO", logger="convnext.train"):
+        result = fit(tiny_config(image_folder, out, epochs=1))
+    assert "stopped before its first checkpoint (config.json): starting it again" in caplog.text
+    assert result["epochs"] == 1 and (out / "last.pt").is_file()
+
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "config.json").write_text("{}")
+    (again / ".lock").write_text("")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="convnext.train"):
+        fit(tiny_config(image_folder, again, epochs=1, resume=str(again)))
+    assert "--resume starts it again from the beginning" in caplog.text and (again / "last.pt").is_file()
+
+
+def test_a_busy_folder_is_refused_before_the_data_is_read(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        pid = os.fork()
+        if pid == 0:  # another process: the data folder is missing, but the lock is what it must hear about first
+            try:
+                fit(tiny_config(tmp_path / "missing", out, overwrite=True))
+                os._exit(1)
+            except RuntimeError as e:
+                os._exit(0 if "another run is writing" in str(e) else 2)
+            except Exception:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_best_pt_holds_the_weights_not_the_optimizer(image_folder, tiny_config, tmp_path):
+    from convnext.engine.checkpoint import load
+
+    out = tmp_path / "run"
+    fit(tiny_config(image_folder, out, epochs=1, ema=True, ema_decay=0.9))
+    best, last = load(out / "best.pt"), load(out / "last.pt")
+    assert set(best) == {"model", "ema", "config", "step", "epoch", "best"} and "optimizer" in last
+    assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+    assert (out / "best.pt").stat().st_size < (out / "last.pt").stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"data.img_size": 7}, "smaller than the model's total stride 16"),
+     ({"data.img_size": 100000}, "GiB for activations"),
+     ({"model.drop_path_rate": 1.5}, r"model.drop_path_rate must be in \[0, 1\), got 1.5"),
+     ({"data.label_smoothing": -0.1}, r"data.label_smoothing must be in \[0, 1\)"),
+     ({"optim.lr": -1e-3}, "optim.lr must be a positive number, got -0.001")],
+)  # fmt: skip
+def test_sizes_and_rates_no_run_can_use_are_refused_before_any_work(image_folder, tiny_config, tmp_path, overrides,
+                                                                     message):  # fmt: skip
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        fit(tiny_config(image_folder, out, **overrides))
+    assert not out.exists()
