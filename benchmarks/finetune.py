@@ -217,17 +217,11 @@ def plain_loop(spec: dict) -> dict:
             opt.step()
             spent += time.perf_counter() - start
             steps += 1
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(val.samples), 200):
-            chunk = val.samples[i : i + 200]
-            x = torch.stack([test_tf(val.loader(p)) for p, _ in chunk])
-            correct += (model(x).argmax(1) == torch.tensor([c for _, c in chunk])).sum().item()
+    top1 = sibling("folder_vs_resnet18").held_out_top1(model, val, test_tf)
     if spec.get("save"):
         torch.save(model.state_dict(), spec["save"])
     return {
-        "top1": round(100 * correct / len(val.samples), 2),
+        "top1": top1,
         "steps": steps,
         "epochs": round(steps * batch / len(images), 2),
         "train_s": round(spent, 1),

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -184,14 +185,7 @@ def resnet18_loop(data: Path, size: int, minutes: float, threads: int, seed: int
             loss.backward()
             opt.step()
             seen += batch
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(val.samples), 200):
-            chunk = val.samples[i : i + 200]
-            x = torch.stack([test_tf(val.loader(p)) for p, _ in chunk])
-            correct += (model(x).argmax(1) == torch.tensor([c for _, c in chunk])).sum().item()
-    top1 = round(100 * correct / len(val.samples), 2)
+    top1 = held_out_top1(model, val, test_tf)
     return {"model": "torchvision resnet18 (plain AdamW loop)", "top1": top1, "img_per_s": round(seen / budget, 1)}
 
 
@@ -239,3 +233,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def held_out_top1(model: nn.Module, val: Any, test_tf: Any) -> float:
+    """Top-1 (%) of `model` on an ImageFolder `val` through `test_tf`, in eval mode, 200 images at a time."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(val.samples), 200):
+            chunk = val.samples[i : i + 200]
+            x = torch.stack([test_tf(val.loader(p)) for p, _ in chunk])
+            correct += (model(x).argmax(1) == torch.tensor([c for _, c in chunk])).sum().item()
+    return round(100 * correct / len(val.samples), 2)
