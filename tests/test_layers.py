@@ -5,9 +5,9 @@ resolved; a package's `__init__` is a module of its own (importing `convnext.wei
 Layers, bottom to top (the ARCHITECTURE.md table); an arrow may point down or stay within its layer, never up:
   L0  model, roadmap, constants, extras, viz     the networks, variants, shared constants; no convnext imports
   L1  weights/                                   specs, layouts, io, download cache, Hub reading
-  L2  registry, data/, flops                     names -> models, datasets and transforms
+  L2  registry, data/, flops, scores, onnx_model   names -> models, datasets, transforms, metrics, ORT runner
   L3  resolve, engine/, config                   any source -> model + preprocessing; the run engine; config
-  L4  train/, pretrain/, dense/, infer, export, bench, publish, fast/, erf    jobs and uses
+  L4  train/, pretrain/, dense/, infer, export, bench, publish, fast/, erf, cam, quantize    jobs and uses
   L5  cli/, __main__, the package's own __init__
 """
 
@@ -24,10 +24,11 @@ ROOT = Path(convnext.__file__).parent
 LAYERS = {
     "convnext.model": 0, "convnext.roadmap": 0, "convnext.constants": 0, "convnext.extras": 0, "convnext.viz": 0,
     "convnext.weights": 1,
-    "convnext.registry": 2, "convnext.data": 2, "convnext.flops": 2,
+    "convnext.registry": 2, "convnext.data": 2, "convnext.flops": 2, "convnext.scores": 2, "convnext.onnx_model": 2,
     "convnext.resolve": 3, "convnext.engine": 3, "convnext.config": 3,
     "convnext.train": 4, "convnext.pretrain": 4, "convnext.dense": 4, "convnext.infer": 4, "convnext.export": 4,
-    "convnext.bench": 4, "convnext.publish": 4, "convnext.fast": 4, "convnext.erf": 4,
+    "convnext.bench": 4, "convnext.publish": 4, "convnext.fast": 4, "convnext.erf": 4, "convnext.cam": 4,
+    "convnext.quantize": 4,
     "convnext.cli": 5, "convnext.__main__": 5, "convnext": 5,
 }  # fmt: skip
 LOW = ("convnext.weights", "convnext.model", "convnext.data")  # the issue's rule: these never reach up into HIGH
