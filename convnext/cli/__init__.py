@@ -11,10 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
-from convnext.cli import core, dense, infer, pretrain, roadmap, train, weights
+from convnext.cli import core, dense, deploy, infer, pretrain, roadmap, train, weights
 from convnext.engine import interrupt
 
-FAMILIES = [core, roadmap, train, pretrain, weights, infer, dense]
+FAMILIES = [core, roadmap, train, pretrain, weights, infer, deploy, dense]
 
 
 def build_parser() -> argparse.ArgumentParser:

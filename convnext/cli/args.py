@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,3 +78,50 @@ def run_config(run_dir: str, cls: type[T]) -> T:
 def print_config(cfg: Any) -> None:
     """`--print-config`: the resolved config as JSON (what `--config` reads back to the same config)."""
     print(json.dumps(to_dict(cfg), indent=2))
+
+
+MODEL_HELP = ("registered name (convnext_tiny, convnext_tiny.fb_in1k), a training run folder or its best.pt / last.pt, "
+              "a weight file, a pretrained folder or hf-hub:ORG/NAME")  # fmt: skip
+
+
+def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--checkpoint", default=None, help="weights in any layout loaded into MODEL (or alone: any source)")
+    p.add_argument("--pretrained", action="store_true", help="load the name's published weights")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
+
+
+def device_of(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(name: str):
+    import torch
+
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_args(args: argparse.Namespace, ema: bool = False, img_size: int | None = None):
+    """What the model and --checkpoint arguments name (`convnext.resolve`): a checkpoint is loaded into the model
+    named beside it, or, alone, is the source."""
+    from convnext.resolve import resolve
+
+    if args.checkpoint is not None:
+        return resolve(args.checkpoint, model=args.model, ema=ema, img_size=img_size)
+    if args.model is None:
+        raise ValueError("name a model (a registered name, a run folder, a weight file, an hf-hub: repo) or give "
+                         "--checkpoint")  # fmt: skip
+    return resolve(args.model, pretrained=args.pretrained, ema=ema, img_size=img_size)
+
+
+def warn_random(loaded) -> None:
+    if loaded.random:
+        print(
+            f"warning: {loaded.name} has random weights; pass --pretrained, --checkpoint FILE or a run folder",
+            file=sys.stderr,
+        )
