@@ -1,17 +1,26 @@
-"""torchrun / DistributedDataParallel plumbing: process group (gloo on CPU, nccl on CUDA), samplers, reductions.
+"""torchrun / SLURM / DistributedDataParallel / FSDP plumbing: process group (gloo on CPU, nccl on CUDA), samplers,
+and every collective the jobs run.
 
-Launch with `torchrun --nproc_per_node N -m convnext train ...`; without torchrun's environment everything here
-degrades to a single process. Only rank 0 logs and writes files.
+Launch with `torchrun --nproc_per_node N -m convnext train ...` (or `srun` under SLURM: its variables are read when
+torchrun's are absent); without either environment everything here degrades to a single process. Only rank 0 logs
+and writes files.
+
+Collectives go through this module only (tests/engine/test_collectives.py checks it): each moves its tensor to the
+device the process group serves (this process's GPU for nccl, the CPU for gloo) and back, so a job can hand in a
+CPU tensor under nccl or a CUDA tensor under gloo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +30,8 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 log = logging.getLogger("convnext.train")
+
+DEFAULT_PORT = 29500  # torchrun's default, used under SLURM when MASTER_PORT is not set
 
 
 @dataclass(frozen=True)
@@ -52,15 +63,41 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,9],cpu1" -> "gpu03", "a1,b2" -> "a1"."""
+    m = re.match(r"([^,\[]*)(?:\[([^\]\-,]+)[^\]]*\]([^,]*))?", nodelist.strip())
+    if not m or not m.group(1) and not m.group(2):
+        raise ValueError(f"SLURM_NODELIST {nodelist!r} names no host")
+    return m.group(1) + (m.group(2) or "") + (m.group(3) or "")
+
+
+def launch_env(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else SLURM's (srun: SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID), else one process. Under SLURM it also sets what `init_process_group` reads: RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR (the first host of SLURM_NODELIST unless set) and MASTER_PORT (29500 unless set)."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    if world > 1:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if "MASTER_ADDR" not in env:
+            if not nodes:
+                raise ValueError("SLURM_NTASKS > 1 but neither MASTER_ADDR nor SLURM_NODELIST is set")
+            env["MASTER_ADDR"] = first_host(nodes)
+        env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    return rank, world, local
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join torchrun's process group when WORLD_SIZE > 1 (nccl for CUDA, gloo for CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the process group when there is more than one process (nccl for CUDA, gloo for CPU)."""
+    rank, world, local_rank = launch_env()
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, dev)
 
 
@@ -69,10 +106,35 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------- collectives (the only calls in the package)
+def served_devices(backend: str) -> set[str]:
+    """Device types a backend's collectives take: "nccl" -> {"cuda"}, "gloo" -> {"cpu"}, "cpu:gloo,cuda:nccl" ->
+    both. (gloo also takes CUDA tensors, through a host copy of its own; here it gets CPU tensors.)"""
+    out = set()
+    for part in backend.lower().split(","):
+        dev, _, name = part.rpartition(":")
+        out.add(dev or ("cuda" if name == "nccl" else "cpu"))
+    return out
+
+
+def group_device(t: torch.Tensor | None = None) -> torch.device:
+    """The device a collective on `t` runs on: `t`'s own when the group serves it, else the one it serves (this
+    process's current GPU for nccl)."""
+    served = served_devices(str(dist.get_backend()))
+    if t is not None and t.device.type in served:
+        return t.device
+    return torch.device("cuda", torch.cuda.current_device()) if "cuda" in served else torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over processes (a no-op in one process)."""
+    """Sum `t` over processes, in place, on the device the group serves (`t` stays where it is); a no-op in one
+    process. Returns `t`."""
     if info.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dev = group_device(t)
+        x = t if t.device == dev else t.to(dev)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        if x is not t:
+            t.copy_(x)
     return t
 
 
@@ -85,6 +147,45 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in one process)."""
+    if not info.distributed:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj: object, info: DistInfo) -> list | None:
+    """Every rank's `obj` in rank order on rank 0, None elsewhere ([obj] in one process)."""
+    if not info.distributed:
+        return [obj]
+    out: list | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def check_same_file(path: Path, info: DistInfo, what: str = "run folder") -> bool:
+    """Whether every rank sees rank 0's `path` (a file rank 0 has just written) with the same bytes; a rank that
+    does not logs one warning line. A resumed multi-process run needs its run folder on a shared filesystem."""
+    if not info.distributed:
+        return True
+    mine = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    theirs = broadcast_object(mine if info.is_main else None, info)  # also waits for rank 0's write
+    if mine == theirs:
+        return True
+    seen = "does not exist" if mine == "missing" else "differs"
+    log.warning("rank %d: %s (the %s) %s here: put the run folder on a filesystem every machine shares, or a "
+                "resume will not find it", info.rank, path, what, seen)  # fmt: skip
+    return False
+
+
+# ---------------------------------------------------------------- samplers
 class ResumableSampler(Sampler[int]):
     """DistributedSampler's shuffled shard for an epoch, starting `skip` samples in (for resuming mid-epoch).
 
@@ -123,8 +224,8 @@ class ShardSampler(Sampler[int]):
 
 @contextlib.contextmanager
 def joined(device: str = "auto") -> Iterator[DistInfo]:
-    """This process's place in the run: joins torchrun's process group (when WORLD_SIZE > 1) for as long as the
-    block runs, and leaves it after, if it was the one that joined."""
+    """This process's place in the run: joins the process group (when there is more than one process) for as long
+    as the block runs, and leaves it after, if it was the one that joined."""
     started = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:
@@ -134,12 +235,46 @@ def joined(device: str = "auto") -> Iterator[DistInfo]:
             cleanup()
 
 
+# ---------------------------------------------------------------- model wrappers
 def wrap(model: nn.Module, info: DistInfo, **ddp_kwargs: Any) -> nn.Module:
     """DistributedDataParallel around `model` in a process group, else `model` itself."""
     if not info.distributed:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
+
+
+def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
+    """BatchNorm layers as SyncBatchNorm in a CUDA process group (statistics over the global batch). PyTorch's
+    SyncBatchNorm has no CPU kernel: a CPU group keeps per-process statistics, and says so once."""
+    if not info.distributed or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if info.device.type != "cuda":
+        if info.is_main:
+            log.warning("BatchNorm statistics are per process: SyncBatchNorm needs CUDA")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: a ConvNeXt's blocks (stem, downsamples and head go with the root)."""
+    units = [b for s in getattr(model, "stages", []) for b in getattr(s, "blocks", [])]
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no stages of blocks to shard")
+    return units
+
+
+def shard(model: nn.Module, info: DistInfo) -> nn.Module:
+    """FSDP2 (`fully_shard`) on each block, then the root: parameters, gradients and optimizer state are split over
+    the ranks; each block's full weights exist only during its forward and backward. Returns `model` (in place)."""
+    if not info.distributed:
+        raise ValueError("--shard needs a process group of 2 or more processes: start with torchrun or srun")
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in shard_units(model):
+        fully_shard(unit)
+    fully_shard(model)
+    return model
 
 
 def per_rank_batch(batch_size: int, accum_steps: int, info: DistInfo, n_train: int) -> int:

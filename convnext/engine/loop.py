@@ -60,6 +60,7 @@ def train_one_epoch(
     total: int | None = None,
     log_every_s: float = 60.0,
     carry: tuple[float, int] = (0.0, 0),
+    check_every: int = 50,
 ) -> dict[str, Any]:
     """Train over `loader` (batches of (inputs, targets, n_skipped)); one optimizer step per `accum_steps` batches.
 
@@ -71,12 +72,18 @@ def train_one_epoch(
     same answer on every rank) ends the epoch early. `carry` is that pair from the part of this epoch trained before
     a resume, so a resumed epoch's loss covers the whole epoch.
     Off a terminal (no progress bar: nohup, SLURM, a pipe) a log line every `log_every_s` seconds says where it is.
+    The loss stays on the device: whether it was ever non-finite is kept there too and read (one host sync, one
+    all-reduce) every `check_every` optimizer steps, by `loss_so_far()` (so before every mid-epoch save) and at the
+    epoch's end (before the trainer's save): a NaN raises NonFiniteLossError before any state holding it is saved.
     Returns {"loss", "loss_sum", "loss_images", "images", "img_per_s", "steps", "step", "skipped", "stopped", "lr",
     "time", "data_time"}; "images" and "img_per_s" count all processes; "data_time" is the seconds spent waiting
     for the next batch.
     """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    dev = next(iter(model.parameters()), torch.zeros(())).device
+    # (sum of per-image losses, non-finite losses), on the device: read at check points only
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=dev)  # the first step with a non-finite loss, here
     seen, skipped, micro, steps, stopped, lr = 0, 0, 0, 0, False, lr_fn(step)
     start = time.perf_counter()
     bar = tqdm(loader, total=total, desc=desc, disable=True if not info.is_main else None, leave=False, unit="batch")
@@ -84,9 +91,18 @@ def train_one_epoch(
     batches, data_time = iter(bar), 0.0
     quiet_bar, last_log = bar.disable, start
 
+    def checked(extra: list[float]) -> torch.Tensor:
+        """sums + `extra`, summed over processes; raises NonFiniteLossError when any process saw a bad loss."""
+        total = all_reduce_sum(torch.cat([sums.cpu(), torch.tensor([seen, *extra], dtype=torch.float64)]), info)
+        if total[1] > 0:
+            at = int(first_bad)
+            where = f"at optimizer step {at}" if at >= 0 else f"on another process by optimizer step {step}"
+            raise NonFiniteLossError(f"loss is nan or inf {where} ({desc})")
+        return total
+
     def loss_so_far() -> tuple[float, int]:
-        total = all_reduce_sum(torch.tensor([float(loss_sum), seen], dtype=torch.float64), info)
-        return carry[0] + float(total[0]), carry[1] + int(total[1])
+        total = checked([])
+        return carry[0] + float(total[0]), carry[1] + int(total[2])
 
     while True:
         t_data = time.perf_counter()
@@ -102,13 +118,13 @@ def train_one_epoch(
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             loss = loss_fn(model, inputs, targets, step * accum_steps + micro % accum_steps)
-            check = all_reduce_sum(loss.detach().clone().cpu(), info)
-            if not torch.isfinite(check):
-                raise NonFiniteLossError(f"loss is {check.item()} at optimizer step {step} ({desc})")
             scaled = loss / accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         micro += 1
-        loss_sum += loss.detach().double().cpu() * len(targets)
+        value = loss.detach().double()
+        bad = ~torch.isfinite(value)
+        first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+        sums += torch.stack([value * len(targets), bad.double()])  # no host sync: no copy either way
         seen += len(targets)
         if not last_micro:
             continue
@@ -116,13 +132,16 @@ def train_one_epoch(
         optimizer_step(model, optimizer, lr, scaler, clip_grad, ema)
         step += 1
         steps += 1
+        if check_every and steps % check_every == 0:
+            checked([])
         if info.is_main:
             rate = seen * info.world_size / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
             if quiet_bar and time.perf_counter() - last_log >= log_every_s:
                 last_log = time.perf_counter()
                 where = f"{steps}/{total // accum_steps}" if total else str(steps)
                 log.info("%s  step %s  loss %.4f  lr %.3g  %.0f img/s", desc, where, loss.item(), lr, rate)
+            elif not quiet_bar and (steps % max(check_every, 1) == 0 or steps == 1):  # .item() waits for the GPU
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
         interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed (convnext/engine/interrupt.py)
         if on_step is not None:
             on_step(step, steps, loss_so_far)
@@ -131,8 +150,8 @@ def train_one_epoch(
             break
     bar.close()
     elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, skipped], dtype=torch.float64), info)
-    n = int(totals[1])
+    totals = checked([float(skipped)])
+    n = int(totals[2])
     loss_total, loss_images = carry[0] + float(totals[0]), carry[1] + n
     return {
         "loss": loss_total / max(loss_images, 1),
@@ -142,7 +161,7 @@ def train_one_epoch(
         "img_per_s": n / max(elapsed, 1e-9),
         "steps": steps,
         "step": step,
-        "skipped": int(totals[2]),
+        "skipped": int(totals[3]),
         "stopped": stopped,
         "lr": lr,
         "time": elapsed,

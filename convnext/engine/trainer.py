@@ -18,12 +18,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from convnext.engine import checkpoint as ckpt
 from convnext.engine.budget import BudgetClock
-from convnext.engine.distributed import DistInfo, ResumableSampler, all_reduce_sum, broadcast_object
+from convnext.engine.distributed import (
+    DistInfo,
+    ResumableSampler,
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    check_same_file,
+)
 from convnext.engine.loop import NonFiniteLossError, train_one_epoch
 from convnext.engine.optim import lr_at, shrink_schedule
 from convnext.engine.report import MetricsLog
@@ -71,6 +77,7 @@ class Loop:
     eval_every: int = 1
     max_steps: int | None = None
     tensorboard: bool = False
+    early_stop: int = 0  # stop after this many evaluated epochs without a better best_key (not budgeted runs)
 
 
 @dataclass
@@ -135,6 +142,7 @@ class Trainer:
         self.sched, self.config, self.forward = sched, config, forward if forward is not None else model
         self.ema, self.scaler, self.extra, self.skipped_at_setup = ema, scaler, extra or {}, skipped_at_setup
         self.epoch, self.epoch_step, self.step, self.best = 0, 0, 0, -math.inf
+        self.stale = 0  # evaluated epochs since best_key last improved (early stopping)
         self.carry = (0.0, 0)  # the resumed epoch's loss so far: (sum of per-image losses, images)
         self.metrics: MetricsLog | None = None
         self.last_good: tuple | None = None  # (epoch, epoch_step, step, loss so far, rng) after the last step
@@ -158,6 +166,7 @@ class Trainer:
             self.sched.update(state["scheduler"])
         self.epoch, self.epoch_step, self.step = state["epoch"], state["epoch_step"], state["step"]
         self.best = state.get("best", -math.inf)
+        self.stale = state.get("stale", 0)
         if self.epoch_step > 0 and state.get("epoch_loss"):
             self.carry = (float(state["epoch_loss"][0]), int(state["epoch_loss"][1]))
         rngs = state["rng"]
@@ -176,13 +185,15 @@ class Trainer:
         if self.epoch >= self.loop.epochs or self.step >= self.sched["total_steps"]:
             log.info("the run is already finished (%d steps)", self.step)
 
+    def early_stopped(self) -> bool:
+        """Whether `loop.early_stop` evaluated epochs passed without improvement (never for a budgeted run: it
+        keeps its schedule)."""
+        return bool(self.loop.early_stop) and self.loop.budget_min is None and self.stale >= self.loop.early_stop
+
     def save(self, epoch: int, epoch_step: int, step: int, epoch_loss: list | None, rngs: list | None = None) -> None:
         """Write last.pt: the one checkpoint payload of every job (`rngs`: each process's RNG state at the step)."""
         if rngs is None:
-            rngs = [ckpt.rng_state()]
-            if self.info.distributed:
-                rngs = [None] * self.info.world_size
-                dist.all_gather_object(rngs, ckpt.rng_state())
+            rngs = all_gather_object(ckpt.rng_state(), self.info)
         if not self.info.is_main:
             return
         self.run.save({
@@ -197,6 +208,7 @@ class Trainer:
             "step": step,
             "steps_per_epoch": self.loop.steps_per_epoch,
             "best": self.best,
+            "stale": self.stale,
             "epoch_loss": epoch_loss,
             "config": self.config,
             **self.extra,
@@ -212,6 +224,7 @@ class Trainer:
             self.metrics = MetricsLog(self.run.path, tensorboard=self.loop.tensorboard, columns=self.task.columns)
             if self.run.resume:
                 self.metrics.truncate_after(self.epoch)  # rows of finished epochs stay; a half epoch's is redone
+        check_same_file(self.run.path / "config.json", self.info)  # one line when a rank sees another folder
         try:
             with self._saved_on_interrupt():
                 out = self._epochs()
@@ -256,7 +269,7 @@ class Trainer:
         epochs_run = self.epoch
         source = self.loader if hasattr(self.loader, "set_epoch") else getattr(self.loader, "dataset", None)
         for epoch in range(self.epoch, loop.epochs):
-            if self.step >= sched["total_steps"]:
+            if self.step >= sched["total_steps"] or self.early_stopped():
                 break
             offset = self.epoch_step
             self.sampler.set_epoch(epoch, skip=offset * loop.micro_batch * loop.accum_steps)
@@ -303,7 +316,11 @@ class Trainer:
             self.epoch = epoch + 1 if done_epoch else epoch
             epochs_run = epoch + 1
             value = _number(row.get(self.task.best_key)) if self.task.best_key else -math.inf
+            if not getattr(self.task, "best_larger", True):  # a loss: the smallest is the best
+                value = -value if value != -math.inf else value
             improved = value > self.best
+            if row.get("eval"):
+                self.stale = 0 if improved else self.stale + 1
             self.best = max(self.best, value)
             if self.info.is_main:  # the row first: a run killed after the save below has it; one killed before
                 self.metrics.append({k: v for k, v in row.items() if k != "eval"})  # redoes the epoch and its row
@@ -323,6 +340,10 @@ class Trainer:
             if spent:
                 log.info("time budget of %.1f min spent after %d steps", loop.budget_min, self.step)
             if r["stopped"]:
+                break
+            if self.early_stopped():
+                log.info("early stop after epoch %d: %s did not improve for %d evaluated epochs (best %.4g)",
+                         epoch + 1, self.task.best_key, self.stale, abs(self.best))  # fmt: skip
                 break
         return {"row": row, "epochs": epochs_run, "steps": self.step, "images": trained["images"],
                 "train_time": trained["time"], "train_s": budget.clock(), "t0": budget.t0}  # fmt: skip
