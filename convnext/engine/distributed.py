@@ -175,8 +175,12 @@ def check_same_file(path: Path, info: DistInfo, what: str = "run folder") -> boo
     does not logs one warning line. A resumed multi-process run needs its run folder on a shared filesystem."""
     if not info.distributed:
         return True
-    mine = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-    theirs = broadcast_object(mine if info.is_main else None, info)  # also waits for rank 0's write
+
+    def digest() -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+    theirs = broadcast_object(digest() if info.is_main else None, info)  # the others read after rank 0 wrote
+    mine = theirs if info.is_main else digest()
     if mine == theirs:
         return True
     seen = "does not exist" if mine == "missing" else "differs"

@@ -1,16 +1,25 @@
 """torchrun with 2 CPU processes (gloo) gives the same weights as 1 process with the same global batch, and its
-evaluation counts every validation image exactly once (21 images: 11 on one rank, 10 on the other)."""
+evaluation counts every validation image exactly once (21 images: 11 on one rank, 10 on the other). The 2-process
+run goes through tests/engine/test_collectives.py's guard: a collective handed a tensor on a device its group does
+not serve fails it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
-import sys
+from pathlib import Path
 
 import torch
 
 from convnext.engine.checkpoint import load
+
+_spec = importlib.util.spec_from_file_location(
+    "collective_guard", Path(__file__).resolve().parents[1] / "engine" / "test_collectives.py"
+)
+guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(guard)
 
 
 def test_two_processes_match_one(image_folder, tmp_path, run_cli, tiny_args):
@@ -27,12 +36,13 @@ def test_two_processes_match_one(image_folder, tmp_path, run_cli, tiny_args):
     assert r.returncode == 0, r.stderr
 
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GUARD_LOG": str(tmp_path / "guard")}
     r = subprocess.run(
-        [*cmd, "-m", "convnext", *args, "--output", str(two)], env=env, capture_output=True, text=True, timeout=180
+        [*guard.guarded_cmd(2), *args, "--output", str(two)], env=env, capture_output=True, text=True, timeout=180
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    counts = guard.guard_counts(tmp_path / "guard")
+    assert len(counts) == 2 and all(c.get("all_reduce", 0) >= 4 for c in counts), counts  # the guard saw them
 
     a, b = load(one / "last.pt"), load(two / "last.pt")
     assert a["step"] == b["step"] == 12
