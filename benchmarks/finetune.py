@@ -40,6 +40,7 @@ max-min where there are two seeds) is printed and written to `benchmarks/results
     python benchmarks/finetune.py                                  # 3 min a row, 10 min a source, seed 0
     python benchmarks/finetune.py --seeds 0,1 --layouts all --budget-min 5
     python benchmarks/finetune.py --targets camvid64 --rows auto-ft,timm
+    python benchmarks/finetune.py --fcmae-min 1,6 --rows auto-ft,auto-ft-fcmae,scratch   # the FCMAE curve
     python benchmarks/finetune.py --quick                          # smoke run: tiny budgets and data, one target
 """
 
@@ -278,9 +279,12 @@ def needed_sources(rows: list[str], layouts: list[str]) -> set[str]:
     return need | ({"resnet18"} if "resnet18" in rows else set())
 
 
-def make_sources(cifar: Path, work: Path, minutes: float, threads: int, need: set[str]) -> dict[str, Path]:
+def make_sources(
+    cifar: Path, work: Path, minutes: float, threads: int, need: set[str], fcmae_min: tuple[float, ...] = ()
+) -> dict[str, Path]:
     """The source weights on CIFAR-10 at 64 px (module doc) that `need` names (of LAYOUTS, "fcmae", "resnet18"),
-    each made once under `work`/source-<minutes>m. Returns name -> path, with "run" whenever a layout is needed."""
+    each made once under `work`/source-<minutes>m, and FCMAE sources pre-trained for each of `fcmae_min` minutes
+    ("fcmae@<m>m"). Returns name -> path, with "run" whenever a layout is needed."""
     where = work / f"source-{minutes:g}m"
     common = ["--data", str(cifar), "--img-size", "64", "--model", "convnext_atto", "--budget-min", f"{minutes:g}",
               "--seed", "0", "--overwrite"]  # fmt: skip
@@ -293,6 +297,11 @@ def make_sources(cifar: Path, work: Path, minutes: float, threads: int, need: se
         out["fcmae"] = where / "fcmae"
         if not finished(out["fcmae"]):
             convnext("pretrain", "--output", str(out["fcmae"]), *common, threads=threads)
+    for m in fcmae_min:  # the curve: FCMAE sources pre-trained for other minutes
+        out[f"fcmae@{m:g}m"] = work / f"source-{m:g}m" / "fcmae"
+        if not finished(out[f"fcmae@{m:g}m"]):
+            longer = [*common[: common.index("--budget-min")], "--budget-min", f"{m:g}", "--seed", "0", "--overwrite"]
+            convnext("pretrain", "--output", str(out[f"fcmae@{m:g}m"]), *longer, threads=threads)
     for layout, file in (("timm-pth", "timm.pth"), ("timm-safetensors", "timm.safetensors")):
         if layout in need:
             out[layout] = convert(out["run"] / "best.pt", where / file, "timm")
@@ -316,6 +325,8 @@ def source_summary(sources: dict[str, Path]) -> dict:
         out["run_recipe"] = json.loads((sources["run"] / "config.json").read_text()).get("recipe") or []
     if "fcmae" in sources:
         out["fcmae_loss"] = json.loads((sources["fcmae"] / "results.json").read_text())["loss"]
+    for name in (n for n in sources if n.startswith("fcmae@")):
+        out[f"{name}_loss"] = json.loads((sources[name] / "results.json").read_text())["loss"]
     if "resnet18" in sources:
         out["resnet18_top1"] = json.loads((sources["resnet18"].parent / "result.json").read_text())["top1"]
     return out
@@ -328,7 +339,7 @@ def source_args(row: str, layout: str, sources: dict[str, Path]) -> list[str]:
     if row == "auto-ft":
         return ["--model", str(sources[layout])]
     if row == "auto-ft-fcmae":
-        return ["--model", str(sources["fcmae"])]
+        return ["--model", str(sources[layout if layout.startswith("fcmae@") else "fcmae"])]
     if row == "scratch":
         return ["--model", "convnext_atto"]
     if row == "preset-finetune":
@@ -369,11 +380,17 @@ def run_ours(target: Path, run: Path, start: list[str], minutes: float, seed: in
 # ------------------------------------------------------------------------------------------------ report
 
 
-def row_names(rows: list[str], layouts: list[str]) -> list[str]:
-    """The table's rows: auto-ft once per layout (`auto-ft` for the run folder, `auto-ft:<layout>` else)."""
+def row_names(rows: list[str], layouts: list[str], fcmae_min: tuple[float, ...] = ()) -> list[str]:
+    """The table's rows: auto-ft once per layout (`auto-ft` for the run folder, `auto-ft:<layout>` else), and
+    auto-ft-fcmae once more per point of the FCMAE curve (`auto-ft-fcmae:fcmae@<m>m`)."""
     names = []
     for row in rows:
-        names += [row if layout == "run" else f"{row}:{layout}" for layout in layouts] if row == "auto-ft" else [row]
+        if row == "auto-ft":
+            names += [row if layout == "run" else f"{row}:{layout}" for layout in layouts]
+        elif row == "auto-ft-fcmae":
+            names += [row] + [f"{row}:fcmae@{m:g}m" for m in fcmae_min]
+        else:
+            names.append(row)
     return names
 
 
@@ -417,6 +434,15 @@ def markdown(report: dict) -> str:
         "|---|" + "---|" * len(sizes),
         *(f"| {n} | " + " | ".join(cell(top1.get((t, n), [])) for t in sizes) + " |" for n in names),
     ]
+    curve = [(a["source_min"], "auto-ft-fcmae")] + [(m, f"auto-ft-fcmae:fcmae@{m:g}m") for m in a.get("fcmae_min", [])]
+    curve = sorted((m, n) for m, n in curve if n in names)
+    if len(curve) > 1 and "scratch" in names:
+        lines += ["", "FCMAE: minutes of pre-training against the gain in top-1 over the scratch row (points):", "",
+                  "| pre-training min | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]  # fmt: skip
+        for m, n in curve:
+            gains = [statistics.mean(top1[t, n]) - statistics.mean(top1[t, "scratch"]) if top1.get((t, n)) and
+                     top1.get((t, "scratch")) else None for t in sizes]  # fmt: skip
+            lines.append(f"| {m:g} | " + " | ".join("-" if g is None else f"{g:+.2f}" for g in gains) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -436,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--layouts", default="run", help=f"auto-ft's sources: run, all, or a comma list of {LAYOUTS}")
     p.add_argument("--seeds", default="0", help="comma list; each row is run once per seed")
+    p.add_argument("--fcmae-min", default="", help="comma list of further FCMAE pre-training minutes: the curve of "
+                   "pre-training minutes against the gain over scratch (auto-ft-fcmae once per point)")  # fmt: skip
     p.add_argument("--peer-lr", type=float, default=1e-4, help="the timm and ResNet-18 rows' AdamW lr")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shared", type=Path, default=SHARED, help="folder of cifar10-jpg.tar, camvid.tar, pennfudan.tar")
@@ -462,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in ROWS if r in rows] + [r for r in rows if r not in ROWS]  # auto-ft first: the peers take its size
     layouts = list(LAYOUTS) if args.layouts == "all" else args.layouts.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
+    fcmae_min = tuple(float(m) for m in args.fcmae_min.split(",") if m)
+    if fcmae_min and "auto-ft-fcmae" not in rows:
+        p.error("--fcmae-min: the curve's rows are auto-ft-fcmae's; include it in --rows")
     for name, got, known in (("--targets", targets, TARGETS), ("--rows", rows, ROWS), ("--layouts", layouts, LAYOUTS)):
         if unknown := [g for g in got if g not in known]:
             p.error(f"{name}: unknown {', '.join(unknown)} ({', '.join(known)})")
@@ -472,14 +503,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cifar = unpack(args.shared / "cifar10-jpg.tar", work / "data" / ("cifar10-slice" if args.quick else "cifar10"),
                    per_folder=16 if args.quick else None) / "cifar10-images"  # fmt: skip
-    sources = make_sources(cifar, work, args.source_min, args.threads, needed_sources(rows, layouts))
+    sources = make_sources(cifar, work, args.source_min, args.threads, needed_sources(rows, layouts), fcmae_min)
     records = []
     for target_name in targets:
         target = build_target(target_name, work, args.shared, cifar, args.quick)
         for seed in seeds:
             here = work / f"{target_name}-{args.budget_min:g}m" / f"seed{seed}"
             size = None
-            for name in row_names(rows, layouts):
+            for name in row_names(rows, layouts, fcmae_min):
                 row, _, layout = name.partition(":")
                 if row in PEERS:
                     init = str(sources["timm-pth"] if row == "timm" else sources["resnet18"])
@@ -498,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": system_info() | {"threads": args.threads},
         "args": {"budget_min": args.budget_min, "source_min": args.source_min, "seeds": args.seeds,
-                 "peer_lr": args.peer_lr, "threads": args.threads, "quick": args.quick, "layouts": layouts},
+                 "peer_lr": args.peer_lr, "threads": args.threads, "quick": args.quick, "layouts": layouts,
+                 "fcmae_min": list(fcmae_min)},
         "sources": source_summary(sources),
         "rows": records,
     }  # fmt: skip
