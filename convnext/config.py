@@ -6,7 +6,8 @@ or dotted keys, `{"optim.lr": 1e-3}`, alike) or command-line flags (`["--optim.l
 checked against its field before any work: an unknown field, or a value that is not of the field's type, is one
 ValueError line naming the source (a file, or "flag"), the dotted field, what was given and what is allowed.
 Mapping values must already have the field's type (an int is taken for a float, a list for a tuple); flag values
-are text, parsed to the field's type (`none`, `true`, `0.5,1` or `[0.5, 1]`, JSON for mappings).
+are text, parsed to the field's type (`none`, `true`, `0.5,1` or `[0.5, 1]`, JSON for mappings). A number field takes
+finite numbers only (nan and inf are refused), and a field of any type takes plain data (what JSON holds).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -81,19 +83,23 @@ def read_config_file(path: str | Path, cls: type, keep: Sequence[str] = ()) -> d
 
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # also: an integer too long, nesting too deep
+            raise ValueError(f"{path}: not valid YAML ({_first_line(e)})") from None
     elif suffix == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: not valid JSON ({_first_line(e)})") from None
     else:
         raise ValueError(f"{path}: give a .json, .yaml or .yml file")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
     kept = {k: data.pop(k) for k in keep if k in data}
     return {**kept, **parse_overrides(data, cls, str(path))}
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def field_paths(cls: type) -> list[str]:
@@ -182,12 +188,16 @@ def _item_types(t: Any, n: int | None) -> list[Any] | None:
 def _coerce(value: Any, t: Any, path: str, parse: bool) -> Any:
     """`value` as type `t`: data of that type (an int taken for a float, a list for a tuple), or, with `parse`,
     a flag's text parsed to it. A ValueError names the field, what was given and what is allowed."""
-    given = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    given = _shown(value)
     bad = ValueError(f"{path}: expected {_describe(t)}, got {given}")
     text = value.strip() if parse and isinstance(value, str) else None
     origin, args = typing.get_origin(t), typing.get_args(t)
     if t is Any:
-        return _parse_any(value) if text is not None else value
+        value = _parse_any(value) if text is not None else value
+        if not _plain(value):  # it is saved in config.json (and nesting too deep to check is not plain)
+            raise ValueError(f"{path}: expected plain data (null, true/false, numbers, text, lists, mappings with "
+                             f"text keys), got {given}")  # fmt: skip
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None or (text is not None and text.lower() in ("none", "null")):
             if NoneType in args:
@@ -208,14 +218,18 @@ def _coerce(value: Any, t: Any, path: str, parse: bool) -> Any:
     if t in (int, float):
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, int) or (t is float and isinstance(value, float)):
-            return t(value)
-        if text is not None:
-            try:
-                return t(text)
-            except ValueError:
-                raise bad from None
-        raise bad
+        try:
+            if isinstance(value, int) or (t is float and isinstance(value, float)):
+                number = t(value)
+            elif text is not None:
+                number = t(text)
+            else:
+                raise bad
+        except (ValueError, OverflowError):  # not a number; an integer too large for a float
+            raise bad from None
+        if t is float and not math.isfinite(number):
+            raise ValueError(f"{path}: expected a finite number, got {given}")
+        return number
     if t is str:
         if isinstance(value, str):
             return value
@@ -235,9 +249,9 @@ def _coerce(value: Any, t: Any, path: str, parse: bool) -> Any:
         return tuple(out) if origin is tuple else out
     if t is dict or origin is dict:
         value = _json(text, bad) if text is not None else value
-        if not isinstance(value, Mapping):
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise bad
-        return dict(value)
+        return {k: _coerce(v, Any, f"{path}.{k}", False) for k, v in value.items()}
     if dataclasses.is_dataclass(t):
         if isinstance(value, t):
             return value
@@ -245,10 +259,35 @@ def _coerce(value: Any, t: Any, path: str, parse: bool) -> Any:
     raise TypeError(f"{path}: the config layer does not read fields of type {t}")
 
 
+def _shown(value: Any) -> str:
+    """`value` as the error lines show it: its repr, cut at 80 characters."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer of more digits than Python prints; nesting too deep
+        return "a value too long to print"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _plain(value: Any) -> bool:
+    """Whether `value` is plain data that config.json can hold (what JSON reads: YAML also gives dates, bytes...)."""
+    try:
+        return _plain_data(value)
+    except RecursionError:
+        return False
+
+
+def _plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain_data(v) for v in value)
+    return isinstance(value, Mapping) and all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+
+
 def _json(text: str, bad: ValueError) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON; an integer too long or nesting too deep for the parser
         raise bad from None
 
 
@@ -261,7 +300,7 @@ def _parse_any(text: str) -> Any:
         return low == "true"
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return text
 
 
