@@ -18,6 +18,8 @@ EXTRA_OF = {
     "huggingface_hub": "hub",
     "tensorboard": "tensorboard",
     "yaml": "yaml",
+    "mlflow": "track",
+    "wandb": "track",
 }
 
 

@@ -49,14 +49,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
     p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    p.add_argument("--select", default=None, metavar="METRIC", help="the val metric that picks best.pt: top1 "
+                   "(default), macro_f1, balanced_accuracy or loss")  # fmt: skip
+    p.add_argument("--early-stop", type=int, default=None, metavar="N", help="stop after N evaluated epochs "
+                   "without a better --select metric (budgeted runs keep their schedule)")  # fmt: skip
+    p.add_argument("--log", default=None, metavar="mlflow|wandb", help="also log to MLflow and/or Weights & "
+                   "Biases (comma-separated), offline into the run folder (pip install 'convnext[track]')")  # fmt: skip
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from convnext.engine.report import TRACKERS
+    from convnext.extras import require
     from convnext.train import TrainConfig, auto_recipe, fit, get_preset
     from convnext.train.finetune import finetune_recipe
+    from convnext.train.fit import selection_problems
     from convnext.train.start import is_source, starting_weights
+
+    trackers = [t.strip() for t in args.log.split(",") if t.strip()] if args.log else None
+    bad = selection_problems(args.select or "top1", args.early_stop or 0, trackers or [])
+    if bad:  # one line before the data is read
+        raise ValueError("; ".join(bad))
+    for t in dict.fromkeys(trackers or []):
+        require(TRACKERS[t], what=f"--log {t}")
 
     pre: dict[str, Any] = {}  # what a pre-training run fixes: the architecture, its weights, its normalisation
     if args.pretrained_run:
@@ -115,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 data_dir=args.data_dir or given.get("data.data_dir"),
                 threads=given.get("threads"),
                 device=args.device or given.get("device"),
+                balance=given.get("data.balance"),
             )
         if pre:
             apply_overrides(cfg, pre)
@@ -138,6 +155,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data.skip_bad_images": args.skip_bad_images or None,
         "overwrite": args.overwrite or None,
         "resume": args.resume,
+        "select": args.select,
+        "early_stop": args.early_stop,
+        "trackers": trackers,
     }
     cfg = build_config(args, TrainConfig, start, flags)
     if args.print_config:

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from convnext.data import build_dataset
 from convnext.data.cache import decode_transform, typical_short_side
 from convnext.data.datasets import align_classes, set_transform
+from convnext.engine.balance import MODES as BALANCE_MODES
+from convnext.engine.balance import class_counts, imbalance_ratio, targets_of
 from convnext.engine.distributed import resolve_device
 from convnext.engine.optim import build_optimizer
 from convnext.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
@@ -74,6 +76,9 @@ MAX_GRID = 16  # the finest first-stage token grid a budgeted run considers (Res
 # atto with a quarter of its blocks, timm's zepto widths: at 32 px its 2x2 stem (16x16 tokens) trains as fast as
 # atto's 4x4 (8x8 tokens) and scored 64.0 vs 61.2% in 3 minutes on CIFAR-10 (benchmarks/NOTES.md)
 QUARTER: dict[str, Any] = {"depths": (1, 1, 2, 1), "dims": (32, 64, 128, 256)}
+# class imbalance (largest class over smallest) from which the recipe re-balances, and how (benchmarks/NOTES.md)
+IMBALANCE_FROM = 3.0
+BALANCE = "weights"
 
 
 def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dict[str, Any]:
@@ -93,7 +98,21 @@ def data_stats(data: str, data_dir: str | None = None, probes: int = 256) -> dic
     x = torch.cat(pixels, 1) if pixels else torch.full((3, 1), 0.5)
     mean = tuple(round(v, 4) for v in x.mean(1).tolist())
     std = tuple(round(max(v, 1e-3), 4) for v in x.std(1).tolist())
-    return {"n": len(ds), "classes": len(classes), "short_side": side, "mean": mean, "std": std}
+    counts = class_counts(targets_of(ds), len(classes))
+    return {"n": len(ds), "classes": len(classes), "short_side": side, "mean": mean, "std": std, "counts": counts}
+
+
+def choose_balance(counts: list[int], given: str | None = None) -> tuple[str, str]:
+    """(data.balance, the recipe line) for a training set with these class counts: nothing below
+    `IMBALANCE_FROM` (a balanced folder trains exactly as before), else `BALANCE` (benchmarks/NOTES.md)."""
+    ratio = imbalance_ratio(counts)
+    sizes = f"classes of {min(counts)} to {max(counts)} images (ratio {ratio:.1f}:1)"
+    if given not in (None, "auto"):
+        return given, f"class balance: {given} (given); {sizes}"
+    if ratio < IMBALANCE_FROM:
+        return "none", f"class balance: none, {sizes} is under {IMBALANCE_FROM:g}:1"
+    how = {"sampler": "class-balanced sampling", "weights": "cross-entropy weighted by inverse class frequency"}
+    return BALANCE, f"class balance: {how[BALANCE]}, {sizes} is at least {IMBALANCE_FROM:g}:1"
 
 
 def images_per_second(
@@ -161,15 +180,19 @@ def auto_recipe(
     data_dir: str | None = None,
     threads: int | None = None,
     device: str | None = None,
+    balance: str | None = None,
 ) -> TrainConfig:
     """A TrainConfig for training `model` (default convnext_atto) from scratch on `data` (see the module doc);
-    the stem is timed where the run trains: on `device` (auto: a GPU when there is one), on `threads` threads."""
+    the stem is timed where the run trains: on `device` (auto: a GPU when there is one), on `threads` threads;
+    `balance`: data.balance as given (None: chosen from the class counts)."""
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     if budget_min is not None and not budget_min > 0:
         raise ValueError(f"--budget-min must be > 0 minutes, got {budget_min}")
     if img_size is not None and img_size < 1:
         raise ValueError(f"--img-size must be >= 1, got {img_size}")
+    if balance not in (None, *BALANCE_MODES):
+        raise ValueError(f"data.balance must be one of {', '.join(BALANCE_MODES)}, got {balance!r}")
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
@@ -198,6 +221,8 @@ def auto_recipe(
         "the steps, then linear to 0; EMA off"
     )
     why.append(f"stem initialised as patch whitening of the training images; layer scale starts at {LAYER_SCALE}")
+    balanced, line = choose_balance(stats["counts"], balance)
+    why.append(line)
     amp = gpu_amp(dev)
     if dev.type == "cuda":
         why.append(f"on the GPU: channels-last, mixed precision {amp} (speeds above timed there)")
@@ -230,6 +255,7 @@ def auto_recipe(
             num_workers=2,
             tta_flip=True,
             tta_shift=0 if photos else 1,
+            balance=balanced,
         ),
         optim=OptimConfig(name=OPTIMIZER, lr=lr, base_lr=LR_AT_128, base_batch=128, weight_decay=0.05),
         sched=ScheduleConfig(name="linear", warmup_epochs=0.03 * planned, min_lr=0.0),

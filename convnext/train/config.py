@@ -72,6 +72,9 @@ class DataConfig:
     tta_flip: bool = False  # evaluate (and predict) on the mean of the image's and its mirror's logits
     tta_shift: int = 0  # and of the image translated by this many pixels both ways (data.tta_logits)
     classes: list[str] = field(default_factory=list)  # filled in from the dataset when the run starts
+    # imbalanced classes: none | sampler (every class equally likely per draw) | weights (cross-entropy weighted by
+    # inverse class frequency) | auto (the rule of `train.auto.choose_balance` on the training set's class counts)
+    balance: str = "none"
 
 
 @dataclass
@@ -126,6 +129,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     ckpt_every_steps: int = 0  # also save last.pt every N optimizer steps (mid-epoch); 0 = at epoch ends only
     tensorboard: bool = False
+    trackers: list[str] = field(default_factory=list)  # mlflow and/or wandb, offline into the run folder (`--log`)
+    select: str = "top1"  # the val metric that picks best.pt: top1 | macro_f1 | balanced_accuracy | loss
+    early_stop: int = 0  # stop after this many evaluated epochs without a better `select`; 0 = off; not budgeted runs
     resume: str | None = None  # a run folder to continue
     overwrite: bool = False  # allow writing into a run folder that already has a run
     recipe: list[str] = field(default_factory=list)  # why each default was chosen (the `auto` recipe fills it)

@@ -33,6 +33,8 @@ from convnext.data.cache import (
     typical_short_side,
 )
 from convnext.data.datasets import align_classes, set_transform
+from convnext.engine.balance import MODES as BALANCE_MODES
+from convnext.engine.balance import BalancedSampler, class_counts, class_weights, imbalance_ratio, targets_of
 from convnext.engine.distributed import (
     DistInfo,
     ResumableSampler,
@@ -44,17 +46,19 @@ from convnext.engine.distributed import (
 )
 from convnext.engine.ema import build_ema
 from convnext.engine.optim import build_optimizer, scaled_lr
+from convnext.engine.report import TRACKERS, Trackers
 from convnext.engine.run import RunFolder
 from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
 from convnext.extras import require
-from convnext.fast import FastConvNeXt, keep_freed_memory, kernels, plan_from_rows, plan_pointwise, plan_to_rows
+from convnext.fast import FastConvNeXt, cached_plan, keep_freed_memory, kernels, plan_from_rows, plan_to_rows
 from convnext.fast import usable as fast_usable
 from convnext.flops import activation_memory
 from convnext.model import ConvNeXt
 from convnext.registry import split_name
+from convnext.train.auto import choose_balance
 from convnext.train.config import TrainConfig, resolve_preprocessing
 from convnext.train.runs import build_model
-from convnext.train.task import ClassificationTask
+from convnext.train.task import SELECT, ClassificationTask
 from convnext.train.whiten import whiten_stem
 
 log = logging.getLogger("convnext.train")
@@ -91,6 +95,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     for line in cfg.recipe:
         log.info("recipe: %s", line)
     data = _data(cfg, info)
+    weights = _balance(cfg, data)
     per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(data.train))
 
     # ---- model, EMA, optimizer (same init on every rank; then per-rank randomness)
@@ -131,10 +136,15 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         forward = torch.compile(forward)
 
     loop = Loop(cfg.epochs, steps_per_epoch, per_rank, cfg.accum_steps, o.clip_grad, cfg.budget_min,
-                cfg.ckpt_every_steps, cfg.eval_every, tensorboard=cfg.tensorboard)  # fmt: skip
+                cfg.ckpt_every_steps, cfg.eval_every, tensorboard=cfg.tensorboard,
+                early_stop=cfg.early_stop)  # fmt: skip
+    if cfg.early_stop and cfg.budget_min is not None:
+        log.info("early stopping does not apply to budgeted runs: the run keeps the schedule fitted to its budget")
     s = cfg.sched
     sched = schedule(loop, round(s.warmup_epochs * steps_per_epoch), round(s.step_epochs * steps_per_epoch))
-    task = ClassificationTask(cfg, info, val_loader, len(data.classes), run.path)
+    trackers = Trackers(cfg.trackers, run.path, cfg.to_dict(), resume=bool(cfg.resume)) if info.is_main else None
+    task = ClassificationTask(cfg, info, val_loader, len(data.classes), run.path, class_weights=weights,
+                              trackers=trackers if cfg.trackers else None)  # fmt: skip
     trainer = Trainer(
         task, run, model=model, optimizer=optimizer, loader=train_loader, sampler=sampler, info=info, loop=loop,
         lr=LrShape(o.lr, s.name, s.min_lr, s.warmup_lr, s.gamma), sched=sched, config=cfg.to_dict(),
@@ -148,16 +158,32 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         len(data.val), len(data.classes), cfg.epochs, steps_per_epoch, cfg.batch_size, per_rank, info.world_size,
         cfg.accum_steps, o.lr, info.device,
     )  # fmt: skip
-    out = trainer.fit(held)
+    if state is not None and trainer.early_stopped():
+        log.info("the run stopped early at epoch %d (no better %s for %d evaluated epochs): nothing left to train; "
+                 "--early_stop 0 goes on", trainer.epoch, cfg.select, trainer.stale)  # fmt: skip
+    try:
+        out = trainer.fit(held)
+    except BaseException:
+        if task.trackers is not None:
+            task.trackers.finish(None, failed=True)
+        raise
     row = out["row"]
     result = {
         "top1": row["val_top1"],
         "top5": row["val_top5"],
         "loss": row["val_loss"],
         "n": row.get("val_n"),
+        "macro_f1": row.get("val_macro_f1"),  # in %, as top-1
+        "balanced_accuracy": row.get("val_balanced_accuracy"),
         "classes": list(data.classes),
         **{k: row[k] for k in ("ema_top1", "ema_top5", "ema_loss") if k in row},
-        "best_top1": max(trainer.best, row["val_top1"]),
+        **({"best_top1": max(trainer.best, row["val_top1"])} if cfg.select == "top1" else {}),
+        "select": cfg.select,  # the metric that picked best.pt, and its best value
+        f"best_{cfg.select}": _best(trainer.best, row, cfg.select),
+        # stopped before the schedule's end by --early-stop: after which epoch, and why
+        "early_stop": {"after_epoch": trainer.epoch, "patience": cfg.early_stop, "metric": cfg.select}
+        if trainer.early_stopped()
+        else None,
         "train_loss": row.get("train_loss"),
         "img_per_s": out["images"] / out["train_time"] if out["train_time"] else None,  # training, all processes
         "epochs": out["epochs"],
@@ -172,7 +198,37 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     }
     if info.is_main:
         run.write_json("results.json", result)
+    if task.trackers is not None:
+        files = [run.path / f for f in ("results.json", "config.json", "metrics.csv", "curves.png")]
+        task.trackers.finish(result, files)
     return result
+
+
+def _best(best: float, row: dict[str, Any], select: str) -> float:
+    """The best value of the selected metric over the run, counting the final evaluation (losses were negated)."""
+    key, larger = SELECT[select]
+    final = row.get(key, math.nan)
+    if larger:
+        return max(best, final)
+    return min(-best, final) if math.isfinite(best) else final
+
+
+def _balance(cfg: TrainConfig, data: _Data) -> torch.Tensor | None:
+    """Resolve `data.balance` (auto: `train.auto.choose_balance` on the training set's class counts, said in a
+    recipe line) and return the cross-entropy's class weights for `weights` (None otherwise)."""
+    d = cfg.data
+    if d.balance == "none":
+        return None
+    counts = class_counts(targets_of(data.train), len(data.classes))
+    if d.balance == "auto":
+        d.balance, line = choose_balance(counts)
+        cfg.recipe.append(line)
+        log.info("recipe: %s", line)
+    if d.balance == "weights":
+        log.info("data: cross-entropy weighted by inverse class frequency (classes %d..%d images, ratio %.1f)",
+                 min(counts), max(counts), imbalance_ratio(counts))  # fmt: skip
+        return class_weights(counts)
+    return None
 
 
 class _Data:
@@ -222,8 +278,11 @@ def _data(cfg: TrainConfig, info: DistInfo) -> _Data:
 def _loaders(cfg: TrainConfig, info: DistInfo, data: _Data, per_rank: int) -> tuple[Any, Any, ResumableSampler]:
     """(train loader, val loader, train sampler): batches cut from the cache, or a DataLoader over the images."""
     d = cfg.data
+    balanced = d.balance == "sampler"
     if data.train_cache is not None:
-        sampler = ResumableSampler(data.train_cache, info, cfg.seed, shuffle=True, drop_last=True)
+        sampler: Any = ResumableSampler(data.train_cache, info, cfg.seed, shuffle=True, drop_last=True)
+        if balanced:
+            sampler = BalancedSampler(data.train_cache.targets.tolist(), len(data.classes), info, cfg.seed)
         augment = BatchAugment(
             d.img_size, crop=d.crop, scale=d.scale, hflip=d.hflip, translate=d.translate, mean=d.mean, std=d.std
         )
@@ -235,6 +294,8 @@ def _loaders(cfg: TrainConfig, info: DistInfo, data: _Data, per_rank: int) -> tu
         return train, val, sampler
     train_set = SeededDataset(data.train, cfg.seed)
     sampler = ResumableSampler(train_set, info, cfg.seed, shuffle=True, drop_last=True)
+    if balanced:
+        sampler = BalancedSampler(targets_of(data.train), len(data.classes), info, cfg.seed)
     args = dict(num_workers=d.num_workers, pin_memory=d.pin_memory and info.device.type == "cuda",
                 collate_fn=collate_skip)  # fmt: skip
     train = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, generator=torch.Generator(),
@@ -248,8 +309,9 @@ def _fast_path(
 ) -> tuple[nn.Module, Any, str]:
     """(the module to run, its plan, what the fast path is): the same parameters and math with faster kernels
     (convnext/fast/). In float32 each 1x1 product is timed both ways at this run's micro-batch and image size, as
-    optimize() does. A resumed run keeps the plan it was saved with: products run another way round differ in the
-    last bits, and resume is exact."""
+    optimize() does, once per machine and shape: the plan is kept in the plan cache and every later run takes it, so
+    the same command and seed give the same bits. A resumed run keeps the plan it was saved with: products run
+    another way round differ in the last bits, and resume is exact."""
     if not (cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt)):
         return model, None, "not used"
     if not fast_usable():
@@ -261,7 +323,8 @@ def _fast_path(
     elif cfg.amp == "none" and cfg.fast_plan == "timed":
         if info.is_main:  # timed once, on rank 0, and handed to every rank: all run the same products
             shape = (per_rank, model.cfg.in_chans, cfg.data.img_size, cfg.data.img_size)
-            plan = plan_pointwise(model, torch.empty(shape), torch.float32)
+            plan, source = cached_plan(model, torch.empty(shape), torch.float32)
+            log.info("1x1 plan for %s at %s: %s", cfg.model.name, shape, source)
         plan = plan_from_rows(broadcast_object(plan_to_rows(plan) if info.is_main else None, info))
     return FastConvNeXt(model, plan), plan, "on"
 
@@ -289,10 +352,28 @@ def _check_config(cfg: TrainConfig) -> None:
     lr = cfg.optim.lr
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         bad.append(f"optim.lr must be a positive number, got {lr}")
+    if d.balance not in BALANCE_MODES:
+        bad.append(f"data.balance must be one of {', '.join(BALANCE_MODES)}, got {d.balance!r}")
+    bad += selection_problems(cfg.select, cfg.early_stop, cfg.trackers)
     if bad:
         raise ValueError("; ".join(bad))
     if cfg.tensorboard:
         require("tensorboard", what="--tensorboard true")
+    for t in dict.fromkeys(cfg.trackers):
+        require(TRACKERS[t], what=f"--log {t}")
+
+
+def selection_problems(select: str, early_stop: int, trackers: list[str]) -> list[str]:
+    """What is wrong with `--select`, `--early-stop` and `--log` (checked before the data is read)."""
+    bad = []
+    if select not in SELECT:
+        bad.append(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
+    if early_stop < 0:
+        bad.append(f"--early-stop must be >= 0 evaluated epochs (0 = off), got {early_stop}")
+    unknown = [t for t in trackers if t not in TRACKERS]
+    if unknown:
+        bad.append(f"--log must name {' or '.join(TRACKERS)}, got {', '.join(map(repr, unknown))}")
+    return bad
 
 
 def _sample_images(cfg: TrainConfig, count: int = 2048) -> torch.Tensor:
@@ -339,8 +420,10 @@ def _check_size(model: ConvNeXt, img_size: int, per_rank: int, info: DistInfo) -
     c = model.cfg
     stride = c.patch_size * 2 ** (len(c.depths) - 1)
     if img_size < stride:
-        raise ValueError(f"data.img_size {img_size} is smaller than the model's total stride {stride} (stem "
-                         f"{c.patch_size} x {2 ** (len(c.depths) - 1)}): the last stage would have no pixels")
+        raise ValueError(
+            f"data.img_size {img_size} is smaller than the model's total stride {stride} (stem "
+            f"{c.patch_size} x {2 ** (len(c.depths) - 1)}): the last stage would have no pixels"
+        )
     if info.device.type != "cpu":
         return
     probe = 2 * stride  # measured at a small size, scaled by the pixels
@@ -348,5 +431,7 @@ def _check_size(model: ConvNeXt, img_size: int, per_rank: int, info: DistInfo) -
     need = saved_mb * 2**20 * (img_size / probe) ** 2 * per_rank
     free = memory_available()
     if free is not None and need > free:
-        raise ValueError(f"data.img_size {img_size} at {per_rank} images per step needs about {need / 2**30:.1f} "
-                         f"GiB for activations, {free / 2**30:.1f} GiB is free: lower --img-size or --batch-size")
+        raise ValueError(
+            f"data.img_size {img_size} at {per_rank} images per step needs about {need / 2**30:.1f} "
+            f"GiB for activations, {free / 2**30:.1f} GiB is free: lower --img-size or --batch-size"
+        )
