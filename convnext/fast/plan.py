@@ -4,14 +4,24 @@ oneDNN's convolution or a matmul, the grad-weight either way round, pwconv2's fu
 the whole MLP tiled in a C kernel: which wins depends on the CPU and the shape (benchmarks/NOTES.md), so each is
 timed at the run's batch and input size. `convnext.fast.ops` reads the plan; `plan_to_rows` / `plan_from_rows`
 keep it as plain data in a checkpoint, so a resumed run takes the paths it was saved with (a product run the other
-way round differs in the last bits).
+way round differs in the last bits). `cached_plan` times a plan once per machine and shape and keeps it in
+`$CONVNEXT_CACHE/plans.json` (default `~/.cache/convnext`): near-ties flip from one timing to the next, and every
+later run of the same command then makes the same products, so the same seed gives the same bits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import json
+import logging
+import os
+import platform
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -19,7 +29,9 @@ from convnext.fast import kernels
 from convnext.fast.ops import Plan, conv1x1, mlp_backward, mlp_forward, plan_ways, weight_and_bias_grad
 from convnext.model import ConvNeXt
 
+log = logging.getLogger(__name__)
 TILED_MIN_BYTES = 8 * 2**20  # the tiled MLP is timed where the 4C-wide hidden tensor is larger than this (cache)
+PLANS_FILE = "plans.json"
 
 
 def plan_to_rows(plan: Plan) -> list[list]:
@@ -30,6 +42,96 @@ def plan_to_rows(plan: Plan) -> list[list]:
 def plan_from_rows(rows: list[list]) -> Plan:
     """`plan_to_rows` undone."""
     return {(product, r, k, n, getattr(torch, dtype)): bool(choice) for product, r, k, n, dtype, choice in rows}
+
+
+def plan_cache_path() -> Path:
+    """Where timed plans are kept: plans.json beside the C kernels' folder ($CONVNEXT_CACHE or ~/.cache/convnext)."""
+    return kernels.cache_dir().parent / PLANS_FILE
+
+
+def plan_key(model: ConvNeXt, shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    """What a timed plan depends on, as a string: the CPU, torch, the thread count, the stages' widths and strides,
+    the input shape and dtype, and which products are timed at all (the tiled MLP's kernel and its bound)."""
+    key = {
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": {"depths": list(model.cfg.depths), "dims": list(model.cfg.dims), "patch_size": model.cfg.patch_size},
+        "input": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "tiled_mlp": [kernels.tiled_mlp_available(), TILED_MIN_BYTES],
+    }
+    return json.dumps(key, sort_keys=True)
+
+
+def cached_plan(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dtype) -> tuple[Plan, str]:
+    """(`plan_pointwise`'s plan, where it came from): the one kept for this machine and shape in `plan_cache_path()`,
+    or timed now and kept there for every later run. Where two processes time the same key at once, the first one
+    written wins and both run it. A file that cannot be read as plans is set aside with one warning and rewritten."""
+    path, key = plan_cache_path(), plan_key(model, tuple(example_input.shape), dtype)
+    rows = _read_plans(path).get(key)
+    if rows is not None:
+        return plan_from_rows(rows), f"kept in {path}"
+    plan = plan_pointwise(model, example_input, dtype)
+    try:
+        with _locked(path):
+            plans = _read_plans(path, warn=False)  # as it is now: another process may have written the key meanwhile
+            if key in plans:
+                return plan_from_rows(plans[key]), f"kept in {path}"
+            plans[key] = plan_to_rows(plan)
+            _write_atomic(path, json.dumps({"plans": plans}, indent=1) + "\n")
+    except OSError as e:  # a read-only home: the run goes on with the plan it timed, as before the cache
+        log.warning("could not keep the timed 1x1 plan in %s (%s): the next run times its own", path, e)
+        return plan, "timed now (not kept)"
+    return plan, f"timed now, kept in {path}"
+
+
+def _read_plans(path: Path, warn: bool = True) -> dict[str, list]:
+    """{key: rows} from the cache file; {} where it is missing, and where it is not such a file (with a warning)."""
+    try:
+        plans = json.loads(path.read_text())["plans"]
+        if not isinstance(plans, dict) or not all(isinstance(rows, list) for rows in plans.values()):
+            raise ValueError("plans is not a {key: rows} object")
+        for rows in plans.values():
+            plan_from_rows(rows)  # every row must read back as a plan
+        return plans
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if warn:
+            log.warning("ignoring the plan cache %s, which cannot be read (%s: %s); it will be rewritten",
+                        path, type(e).__name__, e)  # fmt: skip
+        return {}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`.lock for the block (processes that share the cache write one at a time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file in the same folder and a rename: readers see old or new, whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or what `platform` knows where there is none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def plan_pointwise(model: ConvNeXt, example_input: torch.Tensor, dtype: torch.dtype, runs: int = 3) -> Plan:
