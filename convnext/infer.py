@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from convnext.data.decode import BadImageError, find_images, load_image
 from convnext.data.transforms import first_resize_side
+from convnext.features import linear_probe as linear_probe  # re-exported: convnext.infer.linear_probe
 from convnext.resolve import Preprocess, Resolved
+from convnext.scores import confusion
 
 log = logging.getLogger(__name__)
 
@@ -56,45 +59,66 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     preprocess: Preprocess | None = None,
+    without_tta: bool = False,
 ) -> dict:
-    """Score a classifier on (images, targets) batches (logits through `preprocess.logits`: flip-averaged for a
-    run trained with data.tta_flip).
+    """Score a classifier on (images, targets) batches (logits through `preprocess.logits`: averaged over the
+    test-time views when it has tta_flip / tta_shift).
 
     Returns {"top1", "top5" (percent; top-k with k = min(5, classes)), "loss" (mean cross-entropy), "n",
-    "per_class" (accuracy in percent, None for a class with no images), "confusion" (rows = true class)}.
+    "per_class" (accuracy in percent, None for a class with no images), "confusion" (rows = true class), and per
+    image in loader order "targets", "preds" (top-1) and "confidence" (its softmax probability) as numpy arrays};
+    with `without_tta` also "top1_without_tta": the plain view's top-1, from the same pass.
     """
     from tqdm import tqdm
 
     device = torch.device(device)
+    preprocess = preprocess or Preprocess()
     model.eval()
     k = min(5, num_classes)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    loss_sum, topk_correct, n = 0.0, 0, 0
+    targets, preds, confidence = [], [], []
+    loss_sum, topk_correct, plain_correct = 0.0, 0, 0
     for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = (preprocess or Preprocess()).logits(model, x)
+            logits = preprocess.logits(model, x)
+            if without_tta:
+                plain_correct += (model(x).argmax(dim=1) == y).sum().item()
         if logits.shape[1] != num_classes:
             raise ValueError(f"model has {logits.shape[1]} outputs but the data has {num_classes} classes")
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(k, dim=1).indices  # (B, k)
-        topk_correct += (top == y[:, None]).any(dim=1).sum().item()
-        confusion += torch.bincount(y.cpu() * num_classes + top[:, 0].cpu(), minlength=num_classes**2).view(
-            num_classes, num_classes
-        )
-        n += y.numel()
-    if n == 0:
+        topk_correct += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
+        conf, top = logits.softmax(dim=1).max(dim=1)
+        targets.append(y.cpu())
+        preds.append(top.cpu())
+        confidence.append(conf.cpu())
+    if not targets:
         raise ValueError("no images to evaluate")
-    per_class_n = confusion.sum(dim=1)
-    correct = confusion.diag()
-    return {
-        "top1": 100.0 * correct.sum().item() / n,
+    t, p = torch.cat(targets).numpy(), torch.cat(preds).numpy()
+    cm = confusion(t, p, num_classes)
+    n = len(t)
+    out = {
+        "top1": 100.0 * float(np.trace(cm)) / n,
         "top5": 100.0 * topk_correct / n,
         "loss": loss_sum / n,
         "n": n,
-        "per_class": [100.0 * c / t if t else None for c, t in zip(correct.tolist(), per_class_n.tolist())],
-        "confusion": confusion.tolist(),
+        "per_class": [100.0 * c / r if r else None for c, r in zip(np.diag(cm).tolist(), cm.sum(1).tolist())],
+        "confusion": cm.tolist(),
+        "targets": t,
+        "preds": p,
+        "confidence": torch.cat(confidence).numpy(),
     }
+    return out | ({"top1_without_tta": 100.0 * plain_correct / n} if without_tta else {})
+
+
+def with_tta(preprocess: Preprocess) -> Preprocess:
+    """`--tta`: the views of `data.tta_logits`, flipped too; the shifts stay those of the run's recipe (its
+    data.tta_shift) so a run is scored with the views it was trained to be scored with."""
+    return replace(preprocess, tta_flip=True)
+
+
+def tta_views(preprocess: Preprocess) -> int:
+    """How many views `preprocess.logits` averages: 1, 2 (flip), 3 (shifts) or 6 (both)."""
+    return (3 if preprocess.tta_shift > 0 else 1) * (2 if preprocess.tta_flip else 1)
 
 
 def eval_dataset(
@@ -186,39 +210,74 @@ def run_eval(
     progress: bool = False,
     ema: nn.Module | None = None,
     map_classes: bool = False,
+    tta: bool = False,
+    pairs: int = 5,
     **dataset_kwargs,
 ) -> dict:
     """Evaluate a resolved model (and `ema`, the same source's EMA weights) on an image folder or a named dataset;
-    writes metrics.json and confusion.png to output_dir.
+    writes the report (metrics.json and PNGs, `report_eval.write_report`) to output_dir.
 
-    Returns the summary: top1, top5, loss, n, per_class_accuracy ({class: percent}), and "ema" (same keys) when
-    `ema` is given, plus "confusion_png" when output_dir is given. `map_classes`: see `eval_dataset`.
+    Returns the summary: top1, top5, loss, n, per_class_accuracy ({class: percent}), macro_f1, weighted_f1,
+    balanced_accuracy, ece (fractions), per_class ({class: {precision, recall, f1, support}}), and "ema" (the same
+    top-1/top-5/loss/accuracy keys) when `ema` is given, plus the PNG paths when output_dir is given.
+    `tta`: score with `with_tta(preprocess)` and add "tta" {views, top1_without, gain}. `pairs`: how many most
+    confused pairs the report shows. `map_classes`: see `eval_dataset`.
     """
+    from convnext.report_eval import report_numbers, write_report
+
     ds, classes = eval_dataset(data, loaded.preprocess, loaded.classes, loaded.run, map_classes, **dataset_kwargs)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.device(device).type == "cuda")
-    summary: dict = {"model": loaded.name, "data": str(data), "preprocess": asdict(loaded.preprocess)}
+    pre = with_tta(loaded.preprocess) if tta else loaded.preprocess
+    summary: dict = {"model": loaded.name, "data": str(data), "preprocess": asdict(pre)}
     targets = {"": loaded.model} | ({"ema": ema} if ema is not None else {})
-    confusion = None
+    report: dict = {}
     for key, model in targets.items():
-        r = evaluate(model, loader, len(classes), device, amp_dtype, progress, loaded.preprocess)
+        r = evaluate(model, loader, len(classes), device, amp_dtype, progress, pre, without_tta=tta)
         result = {name: r[name] for name in ("top1", "top5", "loss", "n")}
         result["per_class_accuracy"] = dict(zip(classes, r["per_class"]))
+        if tta:
+            gain = r["top1"] - r["top1_without_tta"]
+            result["tta"] = {"views": tta_views(pre), "top1_without": r["top1_without_tta"], "gain": gain}
         if key:
             summary[key] = result
-        else:
-            summary |= result
-            confusion = r["confusion"]
+            continue
+        report = report_numbers(r["targets"], r["preds"], r["confidence"], classes, pairs)
+        summary |= result | {k: report[k] for k in ("macro_f1", "weighted_f1", "balanced_accuracy", "ece", "per_class")}
+        _name_examples(report["most_confused"], ds)
     if output_dir is not None:
-        from convnext.viz import plot_confusion_matrix
-
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        # folder names that are not UTF-8 arrive as surrogate escapes, which the plot's text cannot draw
-        shown = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in classes]
-        png = plot_confusion_matrix(confusion, shown, out / "confusion.png", title=f"{loaded.name} on {data}")
-        summary["confusion_png"] = str(png)
-        (out / "metrics.json").write_text(json.dumps(summary | {"confusion": confusion}, indent=1) + "\n")
+        pngs = write_report(out, report, classes, lambda i: _picture(ds, i, pre), f"{loaded.name} on {data}")
+        summary |= pngs
+        metrics = summary | {k: report[k] for k in ("confusion", "reliability", "most_confused")}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return summary
+
+
+def _picture(ds: Dataset, i: int, pre: Preprocess) -> np.ndarray:
+    """The i-th evaluated image as the model saw it (resized, cropped): uint8 (H, W, 3)."""
+    from convnext.cam import to_image
+
+    return to_image(ds[i][0], pre.mean, pre.std)
+
+
+def _name_examples(pairs: list[dict], ds: Dataset) -> None:
+    """Add "files" (the image files of each pair's examples) where the dataset knows them (an image folder)."""
+    for pair in pairs:
+        files = [_file_of(ds, i) for i in pair["examples"]]
+        if all(files):
+            pair["files"] = files
+
+
+def _file_of(ds: Dataset, i: int) -> str | None:
+    """The file behind item i of an image folder, through the Subset / class-remapping wrappers; else None."""
+    while True:
+        if isinstance(ds, Subset):
+            ds, i = ds.dataset, ds.indices[i]
+        elif isinstance(ds, _Remapped):
+            ds = ds.dataset
+        else:
+            samples = getattr(ds, "samples", None)
+            return str(samples[i][0]) if isinstance(samples, list) and i < len(samples) else None
 
 
 # ----------------------------------------------------------------------------------------------- predict
@@ -250,7 +309,15 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
     return [i for i, _ in good], batch, errors
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class CamRequest:
+    """`predict --cam`: overlays into `folder`, for output `class_index` (None: each image's top class)."""
+
+    folder: Path
+    class_index: int | None = None
+    method: str = "gradcam"  # gradcam | gradcam++
+
+
 def predict(
     loaded: Resolved,
     inputs: Iterable[str | Path],
@@ -260,33 +327,87 @@ def predict(
     device: str | torch.device = "cpu",
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    tta: bool = False,
+    features: bool = False,
+    cam: CamRequest | None = None,
 ) -> Iterator[dict]:
     """Yield {"path", "topk": [{"label", "prob"}, ...]} or {"path", "error"} per image, in input order.
 
     `inputs` are files and folders (searched recursively for image files, `data.decode.find_images`). Bad files never
-    stop the batch.
+    stop the batch. `tta`: probabilities from `with_tta(preprocess)`. `features`: add "features", the pooled, normed
+    features (`forward_head(pre_logits=True)`, float32 numpy (C,); averaged over the same views as the logits).
+    `cam`: add "cam", the path of the class activation map overlay written for the image (on the plain view).
     """
     from tqdm import tqdm
 
     paths = find_images(inputs)
     device = torch.device(device)
-    loader = DataLoader(
-        _ImageFiles(paths, loaded.preprocess.transform()),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-    )
+    pre = with_tta(loaded.preprocess) if tta else loaded.preprocess
+    loader = DataLoader(_ImageFiles(paths, pre.transform()), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate)  # fmt: skip
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
     for indices, batch, errors in loader:
         results: dict[int, dict] = {i: {"path": str(paths[i]), "error": err} for i, err in errors.items()}
         if batch is not None:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = loaded.preprocess.logits(loaded.model, batch.to(device))
+            batch = batch.to(device)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits, pooled = _outputs(loaded.model, pre, batch, features)
             probs = logits.softmax(dim=1)
             p, idx = probs.topk(min(topk, probs.shape[1]), dim=1)
             for row, i in enumerate(indices):
                 top = [{"label": loaded.label(c), "prob": v} for c, v in zip(idx[row].tolist(), p[row].tolist())]
                 results[i] = {"path": str(paths[i]), "topk": top}
+                if pooled is not None:
+                    results[i]["features"] = pooled[row].cpu().numpy()
+            if cam is not None:
+                _write_cams(loaded, pre, batch, [paths[i] for i in indices], indices, cam, results)
         bar.update(len(results))
         yield from (results[i] for i in sorted(results))
     bar.close()
+
+
+def _outputs(model: nn.Module, pre: Preprocess, x: torch.Tensor, features: bool):
+    """(logits, pooled features or None) of a batch, both averaged over the preprocessing's test-time views, from
+    one pass through the backbone."""
+    if not features:
+        return pre.logits(model, x), None
+
+    pooled_width = []
+
+    def both(v: torch.Tensor) -> torch.Tensor:
+        fmap = model.forward_features(v)
+        pooled = model.forward_head(fmap, pre_logits=True)  # (B, C)
+        pooled_width[:] = [pooled.shape[1]]
+        return torch.cat([model.forward_head(fmap), pooled], dim=1)
+
+    out = pre.logits(both, x)
+    width = out.shape[1] - pooled_width[0]
+    return out[:, :width], out[:, width:]
+
+
+def _write_cams(loaded: Resolved, pre: Preprocess, batch: torch.Tensor, files: list[Path], indices: list[int],
+                request: CamRequest, results: dict[int, dict]) -> None:  # fmt: skip
+    """Write the CAM overlay of each image of the batch and add its path to the image's result."""
+    from convnext.cam import grad_cam, save_overlay, to_image
+
+    wanted = None if request.class_index is None else torch.full((len(files),), request.class_index)
+    maps, used = grad_cam(loaded.model, batch, wanted, request.method)
+    for row, (i, file) in enumerate(zip(indices, files)):
+        label = "".join(c if c.isalnum() or c in "-_" else "_" for c in loaded.label(int(used[row])))
+        path = request.folder / f"{i:05d}-{file.stem}-{label}.png"
+        save_overlay(path, to_image(batch[row], pre.mean, pre.std), maps[row])
+        results[i] |= {"cam": str(path), "cam_class": loaded.label(int(used[row]))}
+
+
+def class_index(loaded: Resolved, name: str, flag: str = "--cam-class") -> int:
+    """The output index of class `name` (a class name, or an index where the model's classes are unknown)."""
+    if loaded.classes:
+        if name in loaded.classes:
+            return loaded.classes.index(name)
+        raise ValueError(
+            f"{flag}: {name!r} is not one of the model's {len(loaded.classes)} classes {_some(loaded.classes)}"
+        )
+    n = int(getattr(loaded.model, "num_classes", 0) or 0)
+    if name.isdigit() and int(name) < n:
+        return int(name)
+    raise ValueError(f"{flag}: the model's classes have no names; give an output index in [0, {n})")

@@ -28,7 +28,7 @@ LAYERS = {
     "convnext.resolve": 3, "convnext.engine": 3, "convnext.config": 3,
     "convnext.train": 4, "convnext.pretrain": 4, "convnext.dense": 4, "convnext.infer": 4, "convnext.export": 4,
     "convnext.bench": 4, "convnext.publish": 4, "convnext.fast": 4, "convnext.erf": 4, "convnext.cam": 4,
-    "convnext.quantize": 4,
+    "convnext.quantize": 4, "convnext.report_eval": 4, "convnext.features": 4,
     "convnext.cli": 5, "convnext.__main__": 5, "convnext": 5,
 }  # fmt: skip
 LOW = ("convnext.weights", "convnext.model", "convnext.data")  # the rule: these never reach up into HIGH
