@@ -6,12 +6,19 @@ resize), evaluate (COCO box/mask mAP; mIoU), and return the metrics. The engine 
 them what every job has: the run folder (config.json, metrics.csv/.jsonl, last.pt every `ckpt_every_steps` steps,
 at every epoch end and on an error or Ctrl-C, best.pt, results.json), exact resume after SIGKILL (augmentation is
 a function of (seed, epoch, index)), the time budget's refits, accumulation and autocast.
+
+Under torchrun (or srun) the model trains as DistributedDataParallel (BatchNorm as SyncBatchNorm on CUDA), each
+process evaluates its shard of the validation images and rank 0 scores them all, each image once. The random draws
+of a micro-batch (drop path, dropout, the R-CNN's proposal sampling) come from a generator keyed by (seed, the
+micro-batch's place in the global order) and the sampler deals the shuffled images out in micro-batch blocks, so
+N processes train as one process accumulating N micro-batches of the same size (BatchNorm's batches included).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -45,7 +52,19 @@ from convnext.dense.data import (
 from convnext.dense.metrics import CocoEvaluator, ConfusionMatrix
 from convnext.dense.segmentation import Segmentor, predict_slide, predict_whole, segmentation_loss
 from convnext.engine import checkpoint as ckpt
-from convnext.engine.distributed import ResumableSampler, joined, per_rank_batch
+from convnext.engine.distributed import (
+    DistInfo,
+    ResumableSampler,
+    ShardSampler,
+    all_reduce_sum,
+    broadcast_buffers,
+    broadcast_object,
+    gather_object,
+    joined,
+    per_rank_batch,
+    sync_batchnorm,
+    wrap,
+)
 from convnext.engine.loop import autocast
 from convnext.engine.optim import no_weight_decay, param_groups
 from convnext.engine.run import RunFolder
@@ -165,16 +184,42 @@ def _plain(target: dict, device: torch.device) -> dict:
 # ---------------------------------------------------------------- evaluation
 @torch.inference_mode()
 def evaluate_detection(
-    model: nn.Module, dataset: Dataset, device: torch.device, masks: bool = True, num_workers: int = 0
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    masks: bool = True,
+    num_workers: int = 0,
+    info: DistInfo | None = None,
 ) -> dict[str, float]:
-    """COCO box (and mask) AP of `model` on `dataset`; keys box_AP, box_AP50, ..., mask_AP, ..."""
+    """COCO box (and mask) AP of `model` on `dataset`; keys box_AP, box_AP50, ..., mask_AP, ..., images (scored).
+    In a process group each rank scores its shard (`ShardSampler`) and rank 0 pools them: every image once."""
+    info = info or DistInfo()
     model.eval()
-    evaluator = CocoEvaluator(("bbox", "segm") if masks else ("bbox",))
-    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_lists, num_workers=num_workers)
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=None):
+    kinds = ("bbox", "segm") if masks else ("bbox",)
+    evaluator = CocoEvaluator(kinds)
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_lists, num_workers=num_workers,
+                        sampler=ShardSampler(len(dataset), info))  # fmt: skip
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=True if not info.is_main else None):
         outputs = model([im.as_subclass(torch.Tensor).to(device) for im in images])
         evaluator.update(targets, [{k: v.cpu() for k, v in o.items()} for o in outputs])
-    return evaluator.compute()
+    if not info.distributed:
+        return evaluator.compute() | {"images": len(evaluator.images)}
+    parts = gather_object((evaluator.images, evaluator.gts, evaluator.dets), info)  # RLE masks: small
+    pooled = _pooled(parts, kinds) if parts is not None else None
+    result = pooled.compute() | {"images": len(pooled.images)} if pooled is not None else None
+    return broadcast_object(result, info)
+
+
+def _pooled(parts: list[tuple[list, list, dict]], kinds: tuple[str, ...]) -> CocoEvaluator:
+    """One evaluator holding every rank's images, ground truth and detections, ids renumbered to stay unique."""
+    out = CocoEvaluator(kinds)
+    for images, gts, dets in parts:
+        first_image, first_ann = len(out.images), len(out.gts)
+        out.images += [{**im, "id": im["id"] + first_image} for im in images]
+        out.gts += [{**g, "id": g["id"] + first_ann, "image_id": g["image_id"] + first_image} for g in gts]
+        for kind in kinds:
+            out.dets[kind] += [{**d, "image_id": d["image_id"] + first_image} for d in dets[kind]]
+    return out
 
 
 def fit_within(image: torch.Tensor, scale: tuple[int, int]) -> torch.Tensor:
@@ -203,17 +248,25 @@ def segment_logits(
 
 @torch.inference_mode()
 def evaluate_segmentation(
-    model: nn.Module, dataset: Dataset, cfg: SegmentConfig, device: torch.device, num_workers: int = 0
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: SegmentConfig,
+    device: torch.device,
+    num_workers: int = 0,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
-    """mIoU, pixel accuracy (aAcc), mean class accuracy and per-class IoU, scored at the labels' full size."""
+    """mIoU, pixel accuracy (aAcc), mean class accuracy, per-class IoU and the images scored, at the labels' full
+    size.
+    In a process group each rank scores its shard and the pixel counts are summed: every image once."""
+    info = info or DistInfo()
     model.eval()
     cm = ConfusionMatrix(cfg.data.num_classes, 255)
-    for image, label in tqdm(
-        DataLoader(dataset, batch_size=1, num_workers=num_workers), desc="eval", leave=False, disable=None
-    ):
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, sampler=ShardSampler(len(dataset), info))
+    for image, label in tqdm(loader, desc="eval", leave=False, disable=True if not info.is_main else None):
         logits = segment_logits(model, image.as_subclass(torch.Tensor).to(device), cfg, tuple(label.shape[-2:]))
         cm.update(logits.argmax(1).cpu(), label.as_subclass(torch.Tensor))
-    result = cm.compute()
+    all_reduce_sum(cm.mat, info)
+    result = cm.compute() | {"images": int(all_reduce_sum(torch.tensor(len(loader)), info))}
     names = cfg.data.classes or [str(i) for i in range(cfg.data.num_classes)]
     result["IoU"] = dict(zip(names, result["IoU"]))
     return result
@@ -246,7 +299,11 @@ class DenseTask:
     cfg: DetectConfig | SegmentConfig
     val_ds: Dataset
     best_key: str
-    device: torch.device = torch.device("cpu")
+    info: DistInfo = DistInfo()
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -256,7 +313,8 @@ class DenseTask:
                 "skipped_images", "data_wait_pct")  # fmt: skip
 
     def loss(self, model: nn.Module, images: Any, targets: Any, index: int) -> torch.Tensor:
-        dev = self.device
+        dev, info = self.device, self.info
+        torch.manual_seed(micro_batch_seed(self.cfg.run.seed, index * info.world_size + info.rank))
         with autocast(dev, self.cfg.run.amp):
             if isinstance(self.cfg, DetectConfig):
                 inputs = [im.as_subclass(torch.Tensor).to(dev) for im in images]
@@ -267,10 +325,11 @@ class DenseTask:
         return sum(v.float() for v in losses.values())
 
     def evaluate(self, model: nn.Module, ema: nn.Module | None) -> dict[str, Any]:
-        workers = self.cfg.run.num_workers
+        workers, info = self.cfg.run.num_workers, self.info
+        broadcast_buffers(model, info)  # every rank scores its shard with the weights rank 0 saves
         if isinstance(self.cfg, DetectConfig):
-            return evaluate_detection(model, self.val_ds, self.device, self.cfg.masks, workers)
-        return evaluate_segmentation(model, self.val_ds, self.cfg, self.device, workers)
+            return evaluate_detection(model, self.val_ds, self.device, self.cfg.masks, workers, info)
+        return evaluate_segmentation(model, self.val_ds, self.cfg, self.device, workers, info)
 
     def summary(self, row: dict[str, Any]) -> str:
         keys = [self.best_key] + [k for k in ("box_AP", "box_AP50", "mask_AP50", "aAcc") if k != self.best_key]
@@ -295,16 +354,15 @@ class _Batches:
 def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, task: DenseTask) -> dict[str, Any]:
     r = cfg.run
     with joined(r.device) as info, contextlib.ExitStack() as held:  # the lock is held until the run ends
-        if info.distributed:
-            raise ValueError("detect/segment train runs in one process for now; start it without torchrun")
         run = RunFolder(r.resume or r.output, resume=r.resume is not None, overwrite=r.overwrite, files=RUN_FILES)
         r.output, r.resume = str(run.path), r.resume if run.resume else None  # stopped before a checkpoint: anew
-        task.device = info.device
+        task.info = info
         if r.threads and info.device.type == "cpu":
             torch.set_num_threads(r.threads)
         if r.batch_size < 1 or r.batch_size > len(train_ds):
-            raise ValueError(f"batch size {r.batch_size} must be between 1 and the training set's {len(train_ds)} "
-                             "images")
+            raise ValueError(
+                f"batch size {r.batch_size} must be between 1 and the training set's {len(train_ds)} images"
+            )
         per_rank = per_rank_batch(r.batch_size, r.accum_steps, info, len(train_ds))
 
         torch.manual_seed(r.seed)
@@ -318,12 +376,14 @@ def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, 
             if trunk is None or not hasattr(trunk, "set_grad_checkpointing"):
                 raise ValueError("run.grad_checkpointing: this backbone cannot checkpoint its blocks")
             trunk.set_grad_checkpointing(True)
+        model = sync_batchnorm(model, info)  # the saved weights keep their names: SyncBatchNorm's are BatchNorm's
+        forward = wrap(model, info)
         o = cfg.optim
         optimizer = torch.optim.AdamW(optimizer_groups(model, o.weight_decay, o.layer_decay), lr=o.lr,
                                       betas=tuple(o.betas))  # fmt: skip
         scaler = torch.amp.GradScaler("cuda") if r.amp == "fp16" else None
         train_set = SeededDataset(train_ds, r.seed)
-        sampler = ResumableSampler(train_set, info, r.seed, shuffle=True, drop_last=True)
+        sampler = ResumableSampler(train_set, info, r.seed, shuffle=True, drop_last=True, block=per_rank)
         loader = DataLoader(  # its own generator: starting an epoch must not draw from the global RNG (exact resume)
             train_set, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=r.num_workers,
             collate_fn=_Batches(collate_lists if isinstance(cfg, DetectConfig) else None), generator=torch.Generator(),
@@ -333,15 +393,23 @@ def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, 
         trainer = Trainer(
             task, run, model=model, optimizer=optimizer, loader=loader, sampler=sampler, info=info, loop=loop,
             lr=LrShape(o.lr, "cosine", o.min_lr), sched=schedule(loop, o.warmup_steps), config=cfg.to_dict(),
-            scaler=scaler, state=state,
+            forward=forward, scaler=scaler, state=state,
         )  # fmt: skip
         out = trainer.fit(held)
         result = {k: v for k, v in out["row"].items() if k not in _TRAIN_KEYS}
         result |= {"steps": out["steps"], "epochs_done": trainer.epoch + trainer.epoch_step / loop.steps_per_epoch,
                    "run_dir": str(run.path), "params": sum(p.numel() for p in model.parameters()),
                    "train_time_s": round(out["train_s"], 1)}  # fmt: skip
-        run.write_json("results.json", result)
+        if info.is_main:
+            run.write_json("results.json", result)
         return result
+
+
+def micro_batch_seed(seed: int, position: int) -> int:
+    """The seed of the micro-batch at `position` in the run's global order (rank r of N processes holds
+    positions r, r + N, ...: the sampler's interleaving), so its random draws do not depend on N."""
+    key = hashlib.blake2b(f"dense:{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(key, "little") & (2**63 - 1)
 
 
 _TRAIN_KEYS = ("epoch", "step", "lr", "train_loss", "img_per_s", "epoch_time_s", "skipped_images", "data_wait_pct",

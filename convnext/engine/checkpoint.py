@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convnext.engine.distributed import DistInfo, barrier
 from convnext.weights.io import apply_umask
 
 
@@ -99,3 +100,57 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: s
             if s
         )
         raise ValueError(f"{source} is from another model than {type(model).__name__} configured here: {detail}")
+
+
+# ---------------------------------------------------------------- sharded (FSDP) checkpoints
+def save_sharded(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], info: DistInfo
+) -> Path:
+    """Every rank writes its shards of `model` and `optimizer` into the folder `path` with torch.distributed.checkpoint
+    (no rank gathers the whole model); rank 0 adds `meta` (plain data: step, rng of every rank, config) as meta.pt.
+    Written to a temp folder and renamed, so `path` is the old checkpoint or the whole new one. Call on every rank."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(info)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if info.is_main:
+        save_atomic(meta, tmp / "meta.pt")
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return path
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Read a `save_sharded` folder into the sharded `model` and `optimizer` (any number of ranks: DCP reshards);
+    returns its meta. Call on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    if not (path / "meta.pt").is_file():
+        raise FileNotFoundError(f"no sharded checkpoint at {path} (no meta.pt)")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return load(path / "meta.pt")
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors on rank 0 (a sharded model's gathered; {} on the other ranks).
+    Call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -138,6 +138,19 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) into every rank's `model`, in place: DDP sends them at
+    each forward, so after the last training step the other ranks hold their own; evaluation needs rank 0's."""
+    if not info.distributed:
+        return
+    for buf in model.buffers():
+        dev = group_device(buf)
+        x = buf if buf.device == dev else buf.to(dev)
+        dist.broadcast(x, src=0)
+        if x is not buf:
+            buf.copy_(x)
+
+
 def broadcast_object(obj: object, info: DistInfo) -> object:
     """Rank 0's value on every rank."""
     if not info.distributed:
@@ -194,23 +207,39 @@ class ResumableSampler(Sampler[int]):
     """DistributedSampler's shuffled shard for an epoch, starting `skip` samples in (for resuming mid-epoch).
 
     The order depends on (seed, epoch) only. With one process it is a plain seeded shuffle of the dataset.
+    `block` > 0 deals the shuffled order out in blocks of `block` images instead of one by one: global micro-batch
+    k (k = micro-batch index x processes + rank) holds positions [k * block, (k + 1) * block), so N processes with
+    micro-batches of `block` see the same batches as one process accumulating N of them (BatchNorm's statistics
+    included). It drops the last incomplete round of blocks.
     """
 
-    def __init__(self, dataset: Dataset, info: DistInfo, seed: int, shuffle: bool = True, drop_last: bool = True):
+    def __init__(
+        self, dataset: Dataset, info: DistInfo, seed: int, shuffle: bool = True, drop_last: bool = True, block: int = 0
+    ):
         self.inner = DistributedSampler(
             dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
-        self.skip = 0
+        self.info, self.block, self.n, self.skip = info, block, len(dataset), 0  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.inner.set_epoch(epoch)
         self.skip = skip
 
+    def _blocks(self) -> list[int]:
+        inner, world, b = self.inner, self.info.world_size, self.block
+        order = list(range(self.n))
+        if inner.shuffle:  # DistributedSampler's permutation of the epoch
+            g = torch.Generator().manual_seed(inner.seed + inner.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        starts = [(k * world + self.info.rank) * b for k in range(self.n // (world * b))]  # this rank's blocks
+        return [i for s in starts for i in order[s : s + b]]
+
     def __iter__(self) -> Iterator[int]:
-        return islice(iter(self.inner), self.skip, None)
+        return islice(iter(self._blocks() if self.block else self.inner), self.skip, None)
 
     def __len__(self) -> int:
-        return max(len(self.inner) - self.skip, 0)
+        mine = (self.n // (self.info.world_size * self.block)) * self.block if self.block else len(self.inner)
+        return max(mine - self.skip, 0)
 
 
 class ShardSampler(Sampler[int]):
@@ -258,6 +287,20 @@ def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
             log.warning("BatchNorm statistics are per process: SyncBatchNorm needs CUDA")
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+SHARDED_MODELS = ("convnext_xlarge", "convnext_xxlarge", "convnextv2_huge")  # too large for a replica per GPU
+
+
+def check_shard(model_name: str, info: DistInfo, force: bool = False) -> None:
+    """One line, before any work, when --shard cannot or need not run: no process group, or a model that fits
+    as a DDP replica (`force` lets a test shard a tiny one)."""
+    if not info.distributed:
+        raise ValueError("--shard (FSDP) needs a process group of 2 or more processes: start with torchrun or srun")
+    arch = model_name.split(".")[0]
+    if arch not in SHARDED_MODELS and not force:
+        raise ValueError(f"--shard is for {', '.join(SHARDED_MODELS)}; {arch} fits on each GPU as a DDP replica: "
+                         "drop --shard")  # fmt: skip
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
