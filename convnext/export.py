@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from convnext.extras import require
 from convnext.model import GRN
+from convnext.resolve import Resolved
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +80,21 @@ def prepare(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     return CastIO(model, DTYPES[dtype]).eval()
 
 
+def deploy_metadata(loaded: Resolved, dynamic_size: bool = False) -> dict[str, Any]:
+    """What an .onnx file carries so that it runs without this package's checkpoint (`convnext.onnx_model`): the
+    model's name and provenance, its class names and its eval preprocessing."""
+    return {"model": loaded.name, "arch": loaded.arch, "provenance": loaded.provenance, "classes": loaded.classes,
+            **asdict(loaded.preprocess), "dynamic_size": dynamic_size}  # fmt: skip
+
+
 @dataclass
 class ExportReport:
     path: str
     format: str
     dtype: str
-    img_size: int  # the input side the file was traced and checked at (NCHW input (B, in_chans, S, S))
+    img_size: int  # the input side the file was checked at first (NCHW input (B, in_chans, S, S))
     batch_sizes: list[int]  # the batch sizes the file was checked at
+    sizes: list[int]  # the input sides it was checked at (two with dynamic_size)
     max_diff: float  # max |export - eager in the same dtype|
     max_diff_vs_fp32: float  # max |export - eager float32 model|: the precision cost of dtype
     tolerance: float  # the allowed max_diff (already scaled by the output's magnitude)
@@ -106,6 +116,8 @@ def export_model(
     force: bool = False,
     atol: float | None = None,
     opset: int = 18,
+    dynamic_size: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> ExportReport:
     """Export `model` and check the written file against eager PyTorch; raises ParityError if it does not match.
 
@@ -113,6 +125,8 @@ def export_model(
         evaluated at (`Preprocess.img_size`: published weights' test size where their spec has one, or --img-size).
     batch_size: the input batch the graph is traced with (fixed in the file unless `dynamic_batch`).
     dynamic_batch: any batch size works; checked at a second batch size.
+    dynamic_size: (ONNX) any height and width >= the network's total stride works; checked at a second size.
+    metadata: (ONNX) stored in the file's metadata_props (`deploy_metadata`: what `resolve` reads back).
     force: overwrite an existing `output` (otherwise FileExistsError). A file that fails the check is not kept.
     atol: tolerance relative to max(1, max |output|); defaults per dtype (TOLERANCE).
     """
@@ -122,6 +136,8 @@ def export_model(
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if fmt == "onnx" and dtype == "bf16":
         raise ValueError("bf16 ONNX cannot be checked: onnxruntime has no bfloat16 Conv kernel; use --dtype fp16")
+    if dynamic_size and fmt != "onnx":
+        raise ValueError(f"--dynamic-size needs --format onnx: a {fmt} file is checked at one input size only")
     if opset < 17:
         raise ValueError(f"opset must be 17 or newer (LayerNormalization), got {opset}")
     if fmt == "onnx":
@@ -138,28 +154,37 @@ def export_model(
     fp32_model = copy.deepcopy(model).eval().float()
     export = prepare(model, dtype)
     trace_batch = max(batch_size, 2) if dynamic_batch else batch_size  # torch.export specialises batch 1
+    # torch.export also specialises a side whose last feature map is 1 x 1 (32 px for ConvNeXt): trace at 64 or more
+    trace_size = max(img_size, 64) if dynamic_size else img_size
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(trace_batch, in_chans, img_size, img_size, generator=gen)
+    x = torch.randn(trace_batch, in_chans, trace_size, trace_size, generator=gen)
 
     # Write into a private folder beside the target (so external ONNX data lands beside it too), then move.
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=output.parent))
     try:
         written = tmp / output.name
-        _write(export, fmt, written, x, dynamic_batch, opset)
+        _write(export, fmt, written, x, dynamic_batch, dynamic_size, opset)
+        if metadata:
+            from convnext.onnx_model import write_metadata
+
+            write_metadata(written, metadata)
         run = _load(fmt, written)
         batches = [trace_batch] + ([trace_batch + 3] if dynamic_batch else [])
+        sizes = [img_size] + ([trace_size if trace_size != img_size else img_size + 32] if dynamic_size else [])
         max_diff = max_fp32 = scale = 0.0
         with torch.inference_mode():
-            for b in batches:
-                xb = torch.randn(b, in_chans, img_size, img_size, generator=gen)
+            for b, side in [(b, sizes[0]) for b in batches] + [(batches[0], side) for side in sizes[1:]]:
+                xb = torch.randn(b, in_chans, side, side, generator=gen)
                 got, ref, ref32 = run(xb), export(xb).float().numpy(), fp32_model(xb).float().numpy()
                 if got.shape != ref.shape:
-                    raise ParityError(f"{fmt} export gave shape {got.shape} for batch {b}, eager {ref.shape}")
+                    raise ParityError(f"{fmt} export gave shape {got.shape} for {xb.shape}, eager {ref.shape}")
                 max_diff = max(max_diff, float(np.abs(got - ref).max()))
                 max_fp32 = max(max_fp32, float(np.abs(got - ref32).max()))
                 scale = max(scale, float(np.abs(ref).max()))
         tol = (TOLERANCE[dtype] if atol is None else atol) * max(1.0, scale)
-        report = ExportReport(str(output), fmt, dtype, img_size, batches, max_diff, max_fp32, tol, max_diff <= tol)
+        report = ExportReport(
+            str(output), fmt, dtype, img_size, batches, sizes, max_diff, max_fp32, tol, max_diff <= tol
+        )
         if not report.ok:
             raise ParityError(
                 f"{fmt} {dtype} export differs from eager by {max_diff:.3g} > tolerance {tol:.3g}; file not written"
@@ -171,10 +196,15 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write(model: nn.Module, fmt: str, path: Path, x: torch.Tensor, dynamic_batch: bool, opset: int) -> None:
+def _write(
+    model: nn.Module, fmt: str, path: Path, x: torch.Tensor, dynamic_batch: bool, dynamic_size: bool, opset: int
+) -> None:
     batch = torch.export.Dim("batch") if dynamic_batch else None
     if fmt == "onnx":
-        with _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):  # its optimiser logs every rewrite at INFO
+        dims = {0: batch} if dynamic_batch else {}
+        if dynamic_size:  # traced at x's size: torch.export's guards (not in the ONNX graph) start there
+            dims |= {2: torch.export.Dim("height", min=x.shape[2]), 3: torch.export.Dim("width", min=x.shape[3])}
+        with quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):  # its optimiser logs every rewrite at INFO
             torch.onnx.export(
                 model,
                 (x,),
@@ -183,7 +213,7 @@ def _write(model: nn.Module, fmt: str, path: Path, x: torch.Tensor, dynamic_batc
                 output_names=["logits"],
                 opset_version=opset,
                 dynamo=True,
-                dynamic_shapes={"x": {0: batch}} if dynamic_batch else None,
+                dynamic_shapes={"x": dims} if dims else None,
                 verbose=False,
                 external_data=_param_bytes(model) > 1.5 * 2**30,  # the protobuf limit is 2 GiB
             )
@@ -218,7 +248,7 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str):
+def quiet_loggers(*names: str):
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

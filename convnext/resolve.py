@@ -11,6 +11,8 @@ export, bench, convert, push and the dense backbone:
   pre-training run    a `convnext pretrain` folder (config.json with an `fcmae` section + last.pt): the encoder
   Hub repo            `hf-hub:org/name[@revision]`: its weights, preprocessing and class names
   pretrained folder   config.json + model.safetensors (or pytorch_model.bin): ours, transformers', timm's
+  ONNX file           a `convnext export --format onnx` .onnx: run by onnxruntime (`OnnxModel`, inference only),
+                      with the preprocessing and class names its metadata holds
 
 A run folder is read as plain data (config.json as a dict, the checkpoint with `weights_only=True`): nothing here
 imports the training code.
@@ -31,6 +33,7 @@ from convnext.data import eval_transform, tta_logits
 from convnext.engine import checkpoint
 from convnext.engine.ema import ema_weights
 from convnext.model import ConvNeXtConfig
+from convnext.onnx_model import OnnxModel
 from convnext.registry import build_convnext, create_model, split_name
 from convnext.weights import WeightSpec, detect_layout, load_checkpoint, read_state_dict, resolve_spec, to_ours
 from convnext.weights.hf import WEIGHT_FILES, HubModel, arch_of, is_hub_name, read_folder, resolve_hub
@@ -142,7 +145,9 @@ def resolve(
     path = Path(source)
     checkpoint_of_run = path.is_file() and path.stem in CHECKPOINTS and is_run_dir(path.parent)
     run_dir = path if is_run_dir(path) else path.parent if checkpoint_of_run else None
-    if model is not None:
+    if path.suffix == ".onnx" and path.is_file():
+        out = _onnx(path, model, options, ema)
+    elif model is not None:
         if run_dir is not None and not checkpoint_of_run:
             raise ValueError(f"{source} is a training run: it names its own model; give it without {model!r}")
         out = _weights(str(source), model, options, ema, img_size)
@@ -162,11 +167,15 @@ def resolve(
                                 f"(config.json + {' or '.join(WEIGHT_FILES)}) nor a folder of weights")  # fmt: skip
     elif path.exists():
         out = _weights(str(source), None, options, ema, img_size)
-    elif "/" in str(source) or path.suffix in WEIGHT_SUFFIXES:
+    elif "/" in str(source) or path.suffix in (*WEIGHT_SUFFIXES, ".onnx"):
         raise FileNotFoundError(f"{source}: no such file or folder")
     else:  # a registered name (an unknown one: the registry's KeyError, with the names it is close to)
         out = _named(str(source), pretrained, options, img_size)
     if img_size is not None:
+        if isinstance(out.model, OnnxModel) and not out.model.metadata.get("dynamic_size"):
+            if img_size != out.preprocess.img_size:
+                raise ValueError(f"{source} takes {out.preprocess.img_size} px only, not {img_size} (export it "
+                                 "with --dynamic-size to run it at other sizes)")  # fmt: skip
         out = replace(out, preprocess=replace(out.preprocess, img_size=img_size))
     if not out.random:
         _check_finite(out.model, f"{source}: {'EMA ' if ema else ''}weight")
@@ -279,6 +288,22 @@ def _pretrain_run(run_dir: Path, options: dict[str, Any], ema: bool) -> Resolved
     pre = Preprocess(int(data.get("img_size") or 224), mean=tuple(data.get("mean") or IMAGENET_MEAN),
                      std=tuple(data.get("std") or IMAGENET_STD))  # fmt: skip
     return Resolved(net, pre, None, f"pre-training run {run_dir}: the encoder of {path.name}", name, arch, cfg, run_dir)
+
+
+def _onnx(path: Path, model: str | None, options: dict[str, Any], ema: bool) -> Resolved:
+    """An .onnx file `convnext export` wrote: onnxruntime runs it; its metadata gives the preprocessing and classes."""
+    if model is not None or options or ema:
+        given = [f"model={model!r}"] * (model is not None) + [f"{k}=" for k in options] + ["ema"] * ema
+        raise ValueError(f"{path}: an ONNX file is a fixed model; it takes no {', '.join(given)}")
+    net = OnnxModel(path)
+    meta = net.metadata
+    known = {f.name for f in fields(Preprocess)}
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in known})
+    classes = meta["classes"] if meta["classes"] and len(meta["classes"]) == net.num_classes else None
+    where = f"{path}: ONNX run by onnxruntime" + (
+        f" (exported from {meta['provenance']})" if "provenance" in meta else ""
+    )
+    return Resolved(net, pre, classes, where, str(meta["model"]), meta.get("arch"))
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
