@@ -1,7 +1,9 @@
 """ConvNeXt V1 and V2 ("A ConvNet for the 2020s", Liu et al. 2022; "ConvNeXt V2", Woo et al. 2023).
 
-The whole network, smallest part first: LayerNorm2d -> GRN -> DropPath -> Block -> Stage -> ConvNeXt.
-One frozen `ConvNeXtConfig` describes every variant; `VARIANTS`, at the end, is the table of them.
+The whole network, smallest part first: LayerNorm2d, SimpleNorm -> GRN -> DropPath -> Block -> Stage -> stem ->
+ConvNeXt. One frozen `ConvNeXtConfig` describes every variant; `VARIANTS`, at the end, is the table of them, timm's
+own variants included (overlapping stems `_ols`, head norm first `_hnf`, SimpleNorm `zepto_rms`, MLP head
+`large_mlp`: each is a config field, off by default).
 This file imports only torch: no I/O, no downloads, no CLI.
 
 Tensor layout: the trunk is NCHW (B, C, H, W) between blocks; inside a block the MLP runs channels-last
@@ -10,6 +12,7 @@ Tensor layout: the trunk is NCHW (B, C, H, W) between blocks; inside a block the
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -24,6 +27,10 @@ class UnknownOptionError(TypeError, ValueError):
     reports it in one line (`--model.kwargs.foo 1`)."""
 
 
+STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")  # timm's names for them
+NORM_LAYERS = ("layernorm", "simplenorm")
+
+
 @dataclass(frozen=True)
 class ConvNeXtConfig:
     depths: tuple[int, ...] = (3, 3, 9, 3)  # blocks per stage; one entry = isotropic (no downsampling)
@@ -33,12 +40,28 @@ class ConvNeXtConfig:
     kernel_size: int = 7  # depthwise kernel
     patch_size: int = 4  # stem patchify stride (4 for 224px ImageNet, 1 or 2 for 32px images, 16 isotropic)
     stem_norm: bool = True  # LayerNorm after the stem conv (off in the isotropic model)
+    # "patch": one patch_size x patch_size conv, stride patch_size; "overlap": two 3x3 stride-2 convs (stride 4),
+    # "overlap_tiered": the first of them half as wide, "overlap_act": a GELU between them (timm's _ols variants)
+    stem_type: str = "patch"
+    norm_layer: str = "layernorm"  # or "simplenorm": x / std(x) * weight, not centred, no bias (timm's zepto_rms)
+    norm_eps: float = 1e-6  # every norm's eps (timm's xxlarge: 1e-5)
+    head_norm_first: bool = False  # norm the final map, then pool (timm's _hnf); by default pool, then norm
+    head_hidden_size: int = 0  # > 0: Linear + GELU of this width before the classifier (timm's large_mlp)
     mlp_ratio: int = 4  # inverted bottleneck expansion
     in_chans: int = 3
     num_classes: int = 1000  # 0 = features only (no head)
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this over all blocks
     drop_rate: float = 0.0  # dropout before the classifier
     head_init_scale: float = 1.0  # head weights and bias are multiplied by this at init
+
+    def __post_init__(self) -> None:
+        if self.stem_type not in STEM_TYPES or self.norm_layer not in NORM_LAYERS:
+            raise ValueError(f"stem_type must be one of {STEM_TYPES} and norm_layer one of {NORM_LAYERS}, got "
+                             f"{self.stem_type!r}, {self.norm_layer!r}")  # fmt: skip
+        if self.stem_type != "patch" and self.patch_size != 4:
+            raise ValueError(f"stem_type {self.stem_type!r} has stride 4; patch_size must be 4, got {self.patch_size}")
+        if self.head_norm_first and self.head_hidden_size:
+            raise ValueError("head_norm_first and head_hidden_size exclude each other (as in timm)")
 
     @property
     def isotropic(self) -> bool:
@@ -55,6 +78,35 @@ class LayerNorm2d(nn.LayerNorm):
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class SimpleNorm(nn.Module):
+    """timm's SimpleNorm over the last dim of (..., C): x / sqrt(var(x) + eps) * weight.
+
+    Unlike LayerNorm it does not subtract the mean and has no bias; the variance is torch.var's (about the mean,
+    divided by C - 1), as in timm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.var(dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+class SimpleNorm2d(SimpleNorm):
+    """SimpleNorm over the channel dim of an NCHW tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def make_norm(cfg: ConvNeXtConfig, dim: int, channels_first: bool = False) -> nn.Module:
+    """The config's norm over `dim` channels: of (B, C, H, W) if `channels_first`, else of (..., C)."""
+    if cfg.norm_layer == "simplenorm":
+        return (SimpleNorm2d if channels_first else SimpleNorm)(dim, eps=cfg.norm_eps)
+    return (LayerNorm2d if channels_first else nn.LayerNorm)(dim, eps=cfg.norm_eps)
 
 
 class GRN(nn.Module):
@@ -101,7 +153,7 @@ class Block(nn.Module):
         super().__init__()
         k = cfg.kernel_size
         self.dwconv = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = make_norm(cfg, dim)
         self.pwconv1 = nn.Linear(dim, cfg.mlp_ratio * dim)  # a 1x1 conv, as a Linear on (B, H, W, C)
         self.act = nn.GELU()
         self.grn = GRN(cfg.mlp_ratio * dim) if cfg.grn else nn.Identity()
@@ -125,7 +177,7 @@ class Stage(nn.Module):
     ):
         super().__init__()
         self.downsample = (
-            nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
+            nn.Sequential(make_norm(cfg, in_dim, channels_first=True), nn.Conv2d(in_dim, dim, 2, stride=2))
             if downsample
             else nn.Identity()
         )
@@ -142,20 +194,41 @@ class Stage(nn.Module):
         return x
 
 
+def make_stem(cfg: ConvNeXtConfig) -> nn.Sequential:
+    """(B, in_chans, H, W) -> (B, dims[0], H / s, W / s), s = patch_size: the convs, then the norm (if stem_norm).
+
+    The overlapping stems (stride 4) are timm's, with its module indices (stem.0 and stem.1 or stem.2 are the convs),
+    so its weights keep their names; the tiered stem's first conv is dims[0] / 2 wide, rounded as timm's
+    `make_divisible` does (to a multiple of 8, at least 8, never 10% below)."""
+    c = cfg.dims[0]
+    if cfg.stem_type == "patch":
+        convs = [nn.Conv2d(cfg.in_chans, c, cfg.patch_size, stride=cfg.patch_size)]
+    else:
+        mid = c
+        if cfg.stem_type == "overlap_tiered":
+            mid = max(8, (c // 2 + 4) // 8 * 8)
+            mid += 8 if mid < 0.9 * (c // 2) else 0
+        act = [nn.GELU()] if cfg.stem_type == "overlap_act" else []
+        convs = [nn.Conv2d(cfg.in_chans, mid, 3, stride=2, padding=1), *act, nn.Conv2d(mid, c, 3, stride=2, padding=1)]
+    return nn.Sequential(*convs, make_norm(cfg, c, channels_first=True) if cfg.stem_norm else nn.Identity())
+
+
 class ConvNeXt(nn.Module):
-    """stem -> stages -> global average pool -> LN -> (dropout) -> linear head.
+    """stem -> stages -> global average pool -> norm -> (Linear + GELU) -> (dropout) -> linear head.
 
     The hierarchical model has four stages (strides 4, 8, 16, 32 with the default patch size 4);
     the isotropic model (`depths` of length 1) has one stage at stride `patch_size` and no stem norm.
+    With `head_norm_first` the norm acts on the final map before pooling (`norm_pre`, in `forward_head`, so
+    `forward_features` is the last stage's map for every variant); `head_hidden_size` adds timm's MLP head.
     """
 
     def __init__(self, cfg: ConvNeXtConfig):
         super().__init__()
         self.cfg = cfg
         self.num_classes = cfg.num_classes
-        self.num_features = cfg.dims[-1]
-        stem_conv = nn.Conv2d(cfg.in_chans, cfg.dims[0], cfg.patch_size, stride=cfg.patch_size)
-        self.stem = nn.Sequential(stem_conv, LayerNorm2d(cfg.dims[0], eps=1e-6) if cfg.stem_norm else nn.Identity())
+        self.num_features = cfg.dims[-1]  # the last stage's width
+        self.head_hidden_size = cfg.head_hidden_size or self.num_features  # what the classifier reads
+        self.stem = make_stem(cfg)
 
         n = sum(cfg.depths)
         rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear over all blocks
@@ -168,9 +241,16 @@ class ConvNeXt(nn.Module):
             {"num_chs": d, "reduction": cfg.patch_size * 2**i, "module": f"stages.{i}"} for i, d in enumerate(cfg.dims)
         ]
 
-        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)  # head norm, on pooled features
+        c, hnf = self.num_features, cfg.head_norm_first
+        self.norm_pre = make_norm(cfg, c, channels_first=True) if hnf else nn.Identity()  # on the final map
+        self.norm = nn.Identity() if hnf else make_norm(cfg, c)  # head norm, on pooled features
+        self.pre_logits = (
+            nn.Sequential(OrderedDict(fc=nn.Linear(c, cfg.head_hidden_size), act=nn.GELU()))
+            if cfg.head_hidden_size
+            else nn.Identity()
+        )
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(init_weights)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
@@ -196,8 +276,9 @@ class ConvNeXt(nn.Module):
         """Stage outputs, NCHW (strides 4, 8, 16, 32 for the hierarchical model), with timm's contract: `indices`
         = the last n stages (int), those stages (a sequence; negative counts from the end) or all (None);
         `stop_early` skips the stages after the last one taken; returns the list, or (final features, list) unless
-        `intermediates_only`. `norm` is accepted and changes nothing: the final norm acts after pooling (timm's
-        `norm_pre` is an identity for ConvNeXt too)."""
+        `intermediates_only`. `norm` applies `norm_pre` to the last stage's map, as timm does: it changes nothing
+        but with `head_norm_first`, where, unlike timm, the final features stay un-normed (`forward_head` norms
+        them)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', not {output_fmt!r}")
         n = len(self.stages)
@@ -216,12 +297,13 @@ class ConvNeXt(nn.Module):
         for i, stage in enumerate(self.stages[: max(take) + 1] if stop_early else self.stages):
             x = stage(x)
             if i in take:
-                outs.append(x)
+                outs.append(self.norm_pre(x) if norm and i == n - 1 else x)
         return outs if intermediates_only else (x, outs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> logits (B, num_classes), or the normed pooled features if `pre_logits`."""
-        x = self.norm(x.mean(dim=(2, 3)))  # (B, C)
+        """(B, C, h, w) -> logits (B, num_classes), or the features the classifier reads if `pre_logits`."""
+        x = self.norm(self.norm_pre(x).mean(dim=(2, 3)))  # (B, C): one of the two norms is an identity
+        x = self.pre_logits(x)  # (B, head_hidden_size)
         if pre_logits:
             return x
         return self.head(self.head_drop(x))
@@ -232,7 +314,7 @@ class ConvNeXt(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh one for `num_classes` (0 = no head: forward returns features)."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
             init_weights(self.head)
         self.cfg = self.cfg.with_(num_classes=num_classes)
@@ -325,15 +407,24 @@ def _widths(c: int) -> tuple[int, ...]:
 
 
 SMALL, T, DEEP = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
+ZEPTO = ConvNeXtConfig(depths=(2, 2, 4, 2), dims=_widths(32), norm_layer="simplenorm")
 VARIANTS: dict[str, ConvNeXtConfig] = {
+    "convnext_zepto_rms": ZEPTO,
+    "convnext_zepto_rms_ols": ZEPTO.with_(stem_type="overlap_act"),
     "convnext_atto": _v1(SMALL, _widths(40)),
+    "convnext_atto_ols": _v1(SMALL, _widths(40)).with_(stem_type="overlap_tiered"),
     "convnext_femto": _v1(SMALL, _widths(48)),
+    "convnext_femto_ols": _v1(SMALL, _widths(48)).with_(stem_type="overlap_tiered"),
     "convnext_pico": _v1(SMALL, _widths(64)),
+    "convnext_pico_ols": _v1(SMALL, _widths(64)).with_(stem_type="overlap_tiered"),
     "convnext_nano": _v1((2, 2, 8, 2), _widths(80)),
+    "convnext_nano_ols": _v1((2, 2, 8, 2), _widths(80)).with_(stem_type="overlap"),
     "convnext_tiny": _v1(T, _widths(96)),
+    "convnext_tiny_hnf": _v1(T, _widths(96)).with_(head_norm_first=True),
     "convnext_small": _v1(DEEP, _widths(96)),
     "convnext_base": _v1(DEEP, _widths(128)),
     "convnext_large": _v1(DEEP, _widths(192)),
+    "convnext_large_mlp": _v1(DEEP, _widths(192)).with_(head_hidden_size=1536),
     "convnext_xlarge": _v1(DEEP, _widths(256)),
     "convnext_xxlarge": _v1((3, 4, 30, 3), _widths(384)),
     "convnextv2_atto": _v2(SMALL, _widths(40)),

@@ -52,6 +52,10 @@ def transformers_incompatibility(cfg: ConvNeXtConfig) -> str | None:
         return f"transformers' ConvNext has kernel 7, mlp_ratio 4 and a stem norm; this model has {', '.join(odd)}"
     if cfg.grn and cfg.layer_scale_init > 0:
         return "transformers' ConvNextV2 has no layer scale; this V2 model has one"
+    if cfg.stem_type != "patch" or cfg.norm_layer != "layernorm" or cfg.head_norm_first or cfg.head_hidden_size:
+        return "transformers' ConvNext has none of timm's options (overlapping stem, SimpleNorm, norm first, MLP head)"
+    if cfg.norm_eps != 1e-6:
+        return f"transformers' ConvNext has LayerNorm eps 1e-6; this model has {cfg.norm_eps}"
     return None
 
 

@@ -3,7 +3,18 @@
 import pytest
 import torch
 
-from convnext.model import GRN, Block, ConvNeXt, ConvNeXtConfig, ConvNeXtFeatures, DropPath, LayerNorm2d
+from convnext.model import (
+    GRN,
+    VARIANTS,
+    Block,
+    ConvNeXt,
+    ConvNeXtConfig,
+    ConvNeXtFeatures,
+    DropPath,
+    LayerNorm2d,
+    SimpleNorm,
+    SimpleNorm2d,
+)
 
 TINY = ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=5)
 
@@ -151,3 +162,97 @@ def test_torch_export_matches_eager():
 def test_stages_after_the_first_downsample_even_at_equal_width():
     model = ConvNeXt(ConvNeXtConfig(depths=(1, 1), dims=(8, 8), num_classes=2))
     assert model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)[1].shape == (1, 8, 4, 4)
+
+
+def test_default_state_dict_keys_are_unchanged():
+    """Our layout for the default options (converted weights and checkpoints rely on it): a two-stage model's every
+    key, the new options' modules (norm_pre, pre_logits) leaving no trace."""
+    model = ConvNeXt(ConvNeXtConfig(depths=(1, 1), dims=(8, 16), num_classes=3))
+    block = ["gamma", "dwconv.weight", "dwconv.bias", "norm.weight", "norm.bias", "pwconv1.weight", "pwconv1.bias",
+             "pwconv2.weight", "pwconv2.bias"]  # fmt: skip
+    want = ["stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"]
+    want += [f"stages.0.blocks.0.{k}" for k in block]
+    want += [f"stages.1.downsample.{k}" for k in ("0.weight", "0.bias", "1.weight", "1.bias")]
+    want += [f"stages.1.blocks.0.{k}" for k in block] + ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert list(model.state_dict()) == want
+
+
+def test_simple_norm_divides_by_the_std_without_centring():
+    x = torch.randn(2, 5, 3, 8) + 3.0  # far from zero mean: centring would show
+    norm = SimpleNorm(8)
+    torch.nn.init.normal_(norm.weight)
+    want = x / torch.sqrt(x.var(dim=-1, unbiased=True, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), want)
+    norm2d = SimpleNorm2d(8)
+    norm2d.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm2d(x.permute(0, 3, 1, 2)), want.permute(0, 3, 1, 2))
+    assert list(norm.state_dict()) == ["weight"]  # no bias
+
+
+@pytest.mark.parametrize(
+    ("stem_type", "widths"), [("overlap", [8, 8]), ("overlap_tiered", [8, 8]), ("overlap_act", [8, 8])]
+)
+def test_overlapping_stems_have_stride_4(stem_type, widths):
+    model = ConvNeXt(TINY.with_(stem_type=stem_type)).eval()
+    convs = [m for m in model.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == widths and all(c.kernel_size == (3, 3) for c in convs)
+    assert isinstance(model.stem[1], torch.nn.GELU) == (stem_type == "overlap_act")
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_intermediates(x, intermediates_only=True)
+    assert [32 // f.shape[-1] for f in feats] == [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
+    assert model(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize(("width", "mid"), [(32, 16), (40, 24), (48, 24), (64, 32), (80, 40), (22, 16)])
+def test_tiered_stem_first_conv_is_half_as_wide_rounded_to_8(width, mid):
+    model = ConvNeXt(ConvNeXtConfig(depths=(1,), dims=(width,), stem_type="overlap_tiered"))
+    assert model.stem[0].out_channels == mid  # timm's make_divisible(width // 2): 20 -> 24, 11 -> 16 (not 8)
+
+
+def test_head_norm_first_norms_the_map_before_pooling():
+    model = ConvNeXt(TINY.with_(head_norm_first=True)).eval()
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.norm_pre, LayerNorm2d)
+    torch.nn.init.normal_(model.norm_pre.weight)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        f = model.forward_features(x)
+        want = model.head(model.norm_pre(f).mean(dim=(2, 3)))
+        torch.testing.assert_close(model(x), want)
+        _, [last] = model.forward_intermediates(x, indices=1, norm=True)
+        torch.testing.assert_close(last, model.norm_pre(f))
+
+
+def test_mlp_head_width_pre_logits_and_reset_classifier():
+    model = ConvNeXt(TINY.with_(head_hidden_size=24)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert feats.shape == (2, 24) and (feats >= -0.17).all()  # after the GELU
+    assert model.head.in_features == model.head_hidden_size == 24 and model.num_features == 64
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7) and model.head.in_features == 24
+    assert model.pre_logits.fc.weight.shape == (24, 64)
+
+
+def test_simplenorm_model_uses_no_layernorm():
+    model = ConvNeXt(TINY.with_(norm_layer="simplenorm", norm_eps=1e-5))
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, SimpleNorm))]
+    assert norms and all(isinstance(m, SimpleNorm) and m.eps == 1e-5 for m in norms)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="stem_type must be one of"):
+        ConvNeXtConfig(stem_type="conv")
+    with pytest.raises(ValueError, match="norm_layer"):
+        ConvNeXtConfig(norm_layer="rmsnorm")
+    with pytest.raises(ValueError, match="patch_size must be 4"):
+        TINY.with_(stem_type="overlap", patch_size=2)
+    with pytest.raises(ValueError, match="exclude each other"):
+        TINY.with_(head_norm_first=True, head_hidden_size=8)
+
+
+def test_timm_variants_are_in_the_table():
+    assert VARIANTS["convnext_atto_ols"] == VARIANTS["convnext_atto"].with_(stem_type="overlap_tiered")
+    assert VARIANTS["convnext_tiny_hnf"] == VARIANTS["convnext_tiny"].with_(head_norm_first=True)
+    assert VARIANTS["convnext_large_mlp"] == VARIANTS["convnext_large"].with_(head_hidden_size=1536)
+    assert VARIANTS["convnext_zepto_rms_ols"].stem_type == "overlap_act"

@@ -406,6 +406,9 @@ def _from_timm(raw: Mapping[str, Any], name: str) -> tuple:
 
 
 def arch_of(cfg: ConvNeXtConfig) -> str | None:
-    """The registered variant with `cfg`'s depths, widths and version, if any."""
-    key = (cfg.depths, cfg.dims, cfg.grn)
-    return next((n for n, v in VARIANTS.items() if (v.depths, v.dims, v.grn) == key), None)
+    """The registered variant with `cfg`'s depths, widths, version, stem, norm and head, if any."""
+
+    def key(c: ConvNeXtConfig) -> tuple:
+        return c.depths, c.dims, c.grn, c.stem_type, c.norm_layer, c.head_norm_first, c.head_hidden_size
+
+    return next((n for n, v in VARIANTS.items() if key(v) == key(cfg)), None)

@@ -7,7 +7,10 @@ rule maps `.weight` and `.bias` alike. Tensors whose shape differs between layou
 layer scale, 1x1 convolutions stored as 4-D) are reshaped on the way.
 
 Our layout (model.py): `stem.0` conv, `stem.1` LN, `stages.i.downsample.{0,1}` (LN, conv; none in stage 0),
-`stages.i.blocks.j.{dwconv,norm,pwconv1,pwconv2,gamma,grn.weight,grn.bias}`, `norm`, `head`.
+`stages.i.blocks.j.{dwconv,norm,pwconv1,pwconv2,gamma,grn.weight,grn.bias}`, `norm`, `head`. timm's own options
+keep timm's names and exist only in the ours and timm layouts (`TIMM_ONLY`): overlapping stems (`stem.0`, `stem.1`
+or `stem.2` convs, then the norm), SimpleNorm (norms without a bias), `norm_pre` (head norm first) and
+`pre_logits.fc` (timm's `head.pre_logits.fc`, the MLP head).
 
 FCMAE pre-training checkpoints (read only, detected as "fcmae") hold an encoder under `encoder.` beside the
 decoder (`proj`, `mask_token`, `decoder`, `pred`): the official `*_fcmae.pt` files, whose encoder is a
@@ -56,7 +59,9 @@ _TIMM = [
     (_B + "pwconv2.", "stages.{i}.blocks.{j}.mlp.fc2."),
     (_B + "grn.", "stages.{i}.blocks.{j}.mlp.grn."),
     (_B, "stages.{i}.blocks.{j}."),  # norm, gamma
+    ("norm_pre.", "norm_pre."),  # head norm first
     ("norm.", "head.norm."),
+    ("pre_logits.fc.", "head.pre_logits.fc."),  # MLP head
     ("head.", "head.fc."),
 ]
 _TORCHVISION = [
@@ -216,16 +221,30 @@ def _dense_kernel(v: Tensor) -> Tensor:
     return v.permute(1, 0).reshape(c, 1, k, k).transpose(3, 2).contiguous()
 
 
+def timm_options(sd: Mapping[str, Tensor]) -> list[str]:
+    """timm's own options a state dict in our layout has (none of them: []): what only the timm layout holds."""
+    stem = shape_config(sd)
+    found = [f"stem_type={stem['stem_type']!r}"] if stem.get("stem_type", "patch") != "patch" else []
+    found += ["norm_layer='simplenorm'"] if stem.get("norm_layer") == "simplenorm" else []
+    found += ["head_norm_first"] if "norm_pre.weight" in sd else []
+    return found + (["head_hidden_size"] if "pre_logits.fc.weight" in sd else [])
+
+
 def from_ours(sd: dict[str, Tensor], layout: str, conv_mlp: bool | None = None) -> dict[str, Tensor]:
     """Rename (and reshape) our state dict into `layout`, so it loads into that implementation.
 
-    conv_mlp (timm only): store the block MLP as 1x1 convolutions (O, I, 1, 1), as timm's atto, femto, pico
-        and nano do; None picks that for widths <= 80 (exactly those four) and Linear weights otherwise.
+    conv_mlp (timm only): store the block MLP as 1x1 convolutions (O, I, 1, 1), as timm's zepto, atto, femto,
+        pico, nano and tiny_hnf do; None picks that for first widths <= 80 (exactly those five) or a head norm
+        first, and Linear weights otherwise.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     if layout == "ours":
         return dict(sd)
+    extra = timm_options(sd)
+    if extra and layout != "timm":
+        raise ValueError(f"the {layout!r} layout cannot hold timm's options {', '.join(extra)}: convert to 'timm' "
+                         "(or 'ours') instead")  # fmt: skip
     isotropic = _is_isotropic_ours(sd)
     v2 = any(".grn." in k for k in sd)
     if isotropic and layout != "official":
@@ -233,7 +252,8 @@ def from_ours(sd: dict[str, Tensor], layout: str, conv_mlp: bool | None = None) 
     if v2 and layout == "torchvision":
         raise ValueError("torchvision has no ConvNeXt V2 (GRN); convert to 'official', 'timm' or 'hf' instead")
     if conv_mlp is None:
-        conv_mlp = layout == "timm" and "stem.0.weight" in sd and sd["stem.0.weight"].shape[0] <= 80
+        width = sd.get("stages.0.blocks.0.dwconv.weight", sd.get("stem.0.weight"))
+        conv_mlp = layout == "timm" and (("norm_pre.weight" in sd) or (width is not None and width.shape[0] <= 80))
     rules = _rules(layout, isotropic)
     prefix = ("convnextv2." if v2 else "convnext.") if layout == "hf" else ""
     out = {}
@@ -274,30 +294,39 @@ def _unsqueeze(key: str, v: Tensor, layout: str, conv_mlp: bool = False) -> Tens
 
 
 def shape_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The `ConvNeXtConfig` fields the shapes of a state dict in our layout fix: `num_classes` (0: no head), `in_chans`
-    and `patch_size` (the stem), and, when it holds blocks, `depths`, `dims`, `grn`, `layer_scale_init` (1e-6 where
-    it has layer scale), `kernel_size`, `stem_norm` and `mlp_ratio`. Drop path and dropout leave no trace; a field
-    it cannot read is left out (a state dict of another family gives what it can)."""
+    """The `ConvNeXtConfig` fields the shapes of a state dict in our layout fix: `num_classes` (0: no head), `in_chans`,
+    `patch_size` and `stem_type` (the stem), `head_norm_first` and `head_hidden_size` (the head), and, when it holds
+    blocks, `depths`, `dims`, `grn`, `layer_scale_init` (1e-6 where it has layer scale), `kernel_size`, `stem_norm`,
+    `mlp_ratio` and `norm_layer`. Drop path, dropout and the norms' eps leave no trace; a field it cannot read is left
+    out (a state dict of another family gives what it can)."""
     out: dict[str, Any] = {}
     head, stem = sd.get("head.weight"), sd.get("stem.0.weight")
     blocks = sorted({(int(m[1]), int(m[2])) for k in sd if (m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k))})
     if head is not None and head.ndim == 2:
         out["num_classes"] = int(head.shape[0])
-    elif "norm.weight" in sd or blocks:
+    elif "norm.weight" in sd or "norm_pre.weight" in sd or blocks:
         out["num_classes"] = 0  # a backbone without a head
+    if "norm_pre.weight" in sd or "pre_logits.fc.weight" in sd:
+        out["head_norm_first"] = "norm_pre.weight" in sd
+        out["head_hidden_size"] = int(sd["pre_logits.fc.weight"].shape[0]) if "pre_logits.fc.weight" in sd else 0
+    convs = [i for i in range(4) if getattr(sd.get(f"stem.{i}.weight"), "ndim", 0) == 4]  # stem.i is a conv
     if stem is not None and stem.ndim == 4:
-        out |= {"in_chans": int(stem.shape[1]), "patch_size": int(stem.shape[-1])}
+        out |= {"in_chans": int(stem.shape[1]), "patch_size": int(stem.shape[-1]) if convs == [0] else 4}
+        out["stem_type"] = {(0,): "patch", (0, 1): "overlap", (0, 2): "overlap_act"}.get(tuple(convs), "patch")
     first = "stages.0.blocks.0."
     if stem is None or first + "dwconv.weight" not in sd:
         return out
     stages = sorted({i for i, _ in blocks})
     dims = tuple(int(sd[f"stages.{i}.blocks.0.dwconv.weight"].shape[0]) for i in stages)
+    if out["stem_type"] == "overlap" and stem.shape[0] != dims[0]:
+        out["stem_type"] = "overlap_tiered"  # the first conv narrower than the second
     return out | {
         "depths": tuple(1 + max(j for i2, j in blocks if i2 == i) for i in stages),
         "dims": dims,
         "grn": first + "grn.weight" in sd,
         "layer_scale_init": 1e-6 if first + "gamma" in sd else 0.0,
         "kernel_size": int(sd[first + "dwconv.weight"].shape[-1]),
-        "stem_norm": "stem.1.weight" in sd,
+        "stem_norm": f"stem.{convs[-1] + 1}.weight" in sd,
         "mlp_ratio": int(sd[first + "pwconv1.weight"].shape[0]) // dims[0],
+        "norm_layer": "layernorm" if first + "norm.bias" in sd else "simplenorm",
     }

@@ -3,9 +3,10 @@
 Sources: the facebookresearch/ConvNeXt and ConvNeXt-V2 READMEs (urls, top-1; no hashes published),
 torchvision's `convnext.py` (urls whose names carry a sha256 prefix, top-1, resize 232-236 -> crop 224,
 bilinear), timm's `convnext.py` default configs (crop_pct, test sizes, its own atto..nano and ImageNet-12k
-weights on GitHub releases and the Hugging Face hub, the OpenCLIP, DINOv3 and EUPE ConvNeXts timm hosts there).
+weights on GitHub releases and the Hugging Face hub, the OpenCLIP, DINOv3 and EUPE ConvNeXts timm hosts there,
+and timm's own variants: overlapping stems, head norm first, SimpleNorm, the large MLP head).
 The first spec listed for an arch is its default. `UNSUPPORTED` names the weights timm lists whose architecture
-model.py does not build, each with what it has that ours lacks.
+model.py does not build, each with what it has that ours lacks (none today: every one of timm's is built).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ FB = "https://dl.fbaipublicfiles.com/convnext/"
 TV = "https://download.pytorch.org/models/"
 RSB = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
 AT288 = {"test_input_size": 288, "test_crop_pct": 1.0}  # timm: these score best when evaluated at 288
+EPS_1E5 = (("norm_eps", 1e-5),)  # timm's xxlarge (the OpenCLIP tower) has LayerNorm eps 1e-5, ours 1e-6 by default
 SQUASH = "squash"  # the official repos evaluate at >= 384 px by resizing both sides: no crop, aspect not kept
 
 
@@ -170,9 +172,8 @@ def _timm() -> list[WeightSpec]:
         _w("convnext_tiny.in12k_ft_in1k", _hf("convnext_tiny.in12k_ft_in1k"), None, "timm", recipe=r12k, **hub),
         _w("convnext_small.in12k_ft_in1k", _hf("convnext_small.in12k_ft_in1k"), None, "timm", recipe=r12k, **hub),
         _w("convnext_xxlarge.clip_laion2b_soup_ft_in1k", _hf("convnext_xxlarge.clip_laion2b_soup_ft_in1k"), None,
-           "timm", top1=88.6, mean=CLIP_MEAN, std=CLIP_STD, license="apache-2.0", **_at(256),
-           recipe="OpenCLIP on LAION-2B (soup), fine-tuned on ImageNet-1k; trained with LayerNorm eps 1e-5 "
-           "(ours is 1e-6: logits differ slightly)"),
+           "timm", top1=88.6, mean=CLIP_MEAN, std=CLIP_STD, license="apache-2.0", **_at(256), model_kwargs=EPS_1E5,
+           recipe="OpenCLIP on LAION-2B (soup), fine-tuned on ImageNet-1k"),
     ]  # fmt: skip
 
 
@@ -182,7 +183,7 @@ def _timm_hub() -> list[WeightSpec]:
     whose 640 / 1024 outputs are the CLIP projection (timm stores it as the head, with a zero bias), and their
     fine-tunes; the DINOv3 and EUPE self-supervised backbones (LVD-1689M images; no head)."""
     r12k, ft1k, proj = "timm: ImageNet-12k (11821 classes)", ", fine-tuned on ImageNet-1k", "; CLIP projection head"
-    eps = "; trained with LayerNorm eps 1e-5 (ours is 1e-6: outputs differ slightly)"
+    eps = {"model_kwargs": EPS_1E5}
     in12k = {"license": "apache-2.0"}
     clip = {"mean": CLIP_MEAN, "std": CLIP_STD, "license": "apache-2.0"}
     b2, ba = "OpenCLIP on LAION-2B", "OpenCLIP on LAION-Aesthetics"
@@ -208,9 +209,10 @@ def _timm_hub() -> list[WeightSpec]:
         "convnext_base.clip_laiona_augreg_320": (640, {**clip, **_at(320)}, ba + " (augreg) at 320px" + proj),
         "convnext_base.clip_laiona_augreg_ft_in1k_384": (1000, {**clip, **_at(384)},
                                                          ba + " (augreg)" + ft1k + " at 384px"),
-        "convnext_xxlarge.clip_laion2b_soup": (1024, {**clip, **_at(256)}, b2 + " (soup)" + proj + eps),
-        "convnext_xxlarge.clip_laion2b_rewind": (1024, {**clip, **_at(256)}, b2 + " (rewind)" + proj + eps),
-        "convnext_xxlarge.clip_laion2b_soup_ft_in12k": (11821, {**clip, **_at(256)}, b2 + " (soup), then IN-12k" + eps),
+        "convnext_xxlarge.clip_laion2b_soup": (1024, {**clip, **_at(256), **eps}, b2 + " (soup)" + proj),
+        "convnext_xxlarge.clip_laion2b_rewind": (1024, {**clip, **_at(256), **eps}, b2 + " (rewind)" + proj),
+        "convnext_xxlarge.clip_laion2b_soup_ft_in12k": (11821, {**clip, **_at(256), **eps},
+                                                        b2 + " (soup), then IN-12k"),
         **{f"convnext_{s}.dinov3_lvd1689m": (0, {"crop_pct": 1.0, "license": "dinov3-license"},
                                              "DINOv3, distilled from its self-supervised ViT-7B; no head")
            for s in ("tiny", "small", "base", "large")},
@@ -221,26 +223,56 @@ def _timm_hub() -> list[WeightSpec]:
     return [_w(n, _hf(n), None, "timm", num_classes=c, recipe=r, **kw) for n, (c, kw, r) in rows.items()]
 
 
+def _timm_variants() -> list[WeightSpec]:
+    """timm's own variants (`VARIANTS` holds their options): overlapping stems (`_ols`), head norm first (`_hnf`),
+    SimpleNorm (`zepto_rms`) and the MLP head of the OpenCLIP ConvNeXt-L towers (`large_mlp`, 768 outputs: the CLIP
+    projection) and their fine-tunes."""
+    kw = {"license": "apache-2.0", "test_input_size": 288, "test_crop_pct": 0.95}
+    at95 = {**kw, "crop_pct": 0.95, "test_crop_pct": 1.0}
+    ra4 = {"license": "apache-2.0", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    specs = [
+        _w("convnext_zepto_rms.ra4_e3600_r224_in1k", _hf("convnext_zepto_rms.ra4_e3600_r224_in1k"), None, "timm",
+           recipe="timm: ImageNet-1k, recipe 'RA4', 3600 epochs at 224px", **ra4),
+        _w("convnext_zepto_rms_ols.ra4_e3600_r224_in1k", _hf("convnext_zepto_rms_ols.ra4_e3600_r224_in1k"), None,
+           "timm", recipe="timm: ImageNet-1k, recipe 'RA4', 3600 epochs at 224px", crop_pct=0.9, **ra4),
+        _w("convnext_atto_ols.a2_in1k", f"{RSB}convnext_atto_ols_a2-78d1c8f3.pth", "78d1c8f3", "timm",
+           recipe="timm: ImageNet-1k, recipe 'A2'", **kw),
+        _w("convnext_femto_ols.d1_in1k", f"{RSB}convnext_femto_ols_d1-246bf2ed.pth", "246bf2ed", "timm",
+           recipe="timm: ImageNet-1k, recipe 'D1'", **kw),
+        _w("convnext_pico_ols.d1_in1k", f"{RSB}convnext_pico_ols_d1-611f0ca7.pth", "611f0ca7", "timm",
+           recipe="timm: ImageNet-1k, recipe 'D1'", **at95),
+        _w("convnext_nano_ols.d1h_in1k", f"{RSB}convnext_nano_ols_d1h-ae424a9a.pth", "ae424a9a", "timm",
+           recipe="timm: ImageNet-1k, recipe 'D1h'", **at95),
+        _w("convnext_tiny_hnf.a2h_in1k", f"{RSB}convnext_tiny_hnf_a2h-ab7e9df2.pth", "ab7e9df2", "timm",
+           recipe="timm: ImageNet-1k, recipe 'A2h'", **at95),
+    ]  # fmt: skip
+    clip = {"mean": CLIP_MEAN, "std": CLIP_STD, "license": "apache-2.0"}
+    b2, proj = "OpenCLIP on LAION-2B", "; CLIP projection head"
+    ft1k, in12k = ", fine-tuned on ImageNet-1k", ", then IN-12k"
+    rows: dict[str, tuple[int, dict[str, Any], str]] = {  # tag: (classes, preprocessing, recipe); default first
+        "clip_laion2b_augreg_ft_in1k": (1000, _at(256), b2 + " (augreg)" + ft1k),
+        "clip_laion2b_augreg_ft_in1k_384": (1000, _at(384, SQUASH), b2 + " (augreg)" + ft1k + " at 384px"),
+        "clip_laion2b_augreg": (768, _at(256), b2 + " (augreg)" + proj),
+        "clip_laion2b_ft_320": (768, _at(320), b2 + ", fine-tuned at 320px" + proj),
+        "clip_laion2b_ft_soup_320": (768, _at(320), b2 + ", fine-tuned at 320px (soup)" + proj),
+        "clip_laion2b_augreg_ft_in12k_384": (11821, _at(384, SQUASH), b2 + " (augreg)" + in12k + " at 384px"),
+        "clip_laion2b_soup_ft_in12k_320": (11821, _at(320), b2 + " (soup)" + in12k + " at 320px"),
+        "clip_laion2b_soup_ft_in12k_384": (11821, _at(384, SQUASH), b2 + " (soup)" + in12k + " at 384px"),
+        "clip_laion2b_soup_ft_in12k_in1k_320": (1000, _at(320), b2 + " (soup)" + in12k + ft1k + " at 320px"),
+        "clip_laion2b_soup_ft_in12k_in1k_384": (1000, _at(384, SQUASH), b2 + " (soup)" + in12k + ft1k + " at 384px"),
+    }
+    names = {f"convnext_large_mlp.{t}": row for t, row in rows.items()}
+    return specs + [
+        _w(n, _hf(n), None, "timm", num_classes=c, recipe=r, **clip, **pre) for n, (c, pre, r) in names.items()
+    ]
+
+
 # timm's weights whose architecture model.py does not build: name -> what that architecture has that ours lacks.
-_OLS = "overlapping stem (two 3x3 stride-2 convs) where ours patchifies with one 4x4 conv"
-_MLP_HEAD = "MLP head (Linear 1536 -> 1536 + GELU before the classifier); ours is norm -> Linear"
-UNSUPPORTED: dict[str, str] = {
-    **{f"convnext_{s}_ols.{t}": _OLS for s, t in (("atto", "a2_in1k"), ("femto", "d1_in1k"), ("pico", "d1_in1k"),
-                                                    ("nano", "d1h_in1k"))},
-    "convnext_tiny_hnf.a2h_in1k": "head norm first: LayerNorm on the final map before pooling (ours pools, then norms)",
-    "convnext_zepto_rms.ra4_e3600_r224_in1k": "SimpleNorm (RMS, no centring, no bias) in place of every LayerNorm",
-    "convnext_zepto_rms_ols.ra4_e3600_r224_in1k": "SimpleNorm in place of every LayerNorm, and an overlapping stem "
-    "with a GELU between its two 3x3 stride-2 convs",
-    **{f"convnext_large_mlp.{t}": _MLP_HEAD for t in (
-        "clip_laion2b_augreg", "clip_laion2b_augreg_ft_in1k", "clip_laion2b_augreg_ft_in1k_384",
-        "clip_laion2b_augreg_ft_in12k_384", "clip_laion2b_ft_320", "clip_laion2b_ft_soup_320",
-        "clip_laion2b_soup_ft_in12k_320", "clip_laion2b_soup_ft_in12k_384", "clip_laion2b_soup_ft_in12k_in1k_320",
-        "clip_laion2b_soup_ft_in12k_in1k_384")},
-}  # fmt: skip
+UNSUPPORTED: dict[str, str] = {}
 
 
 def _table() -> dict[str, WeightSpec]:
-    specs = _official_v1() + _official_v2() + _torchvision() + _timm() + _timm_hub()
+    specs = _official_v1() + _official_v2() + _torchvision() + _timm() + _timm_hub() + _timm_variants()
     table: dict[str, WeightSpec] = {}
     for spec in specs:
         if spec.name in table:

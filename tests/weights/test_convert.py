@@ -7,6 +7,7 @@ import torch
 
 from convnext.registry import VARIANTS, create_model
 from convnext.weights import LAYOUTS, detect_layout, from_ours, load_checkpoint, to_ours
+from convnext.weights.layouts import shape_config
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -136,3 +137,41 @@ def test_torchvision_layer_scale_shape_and_interleaved_indices():
     assert tv["features.1.0.layer_scale"].shape == (40, 1, 1)
     assert tv["features.2.1.weight"].shape == (80, 40, 2, 2)  # downsampling before stage 1
     assert "features.7.0.block.5.weight" in tv and "classifier.2.weight" in tv
+
+
+# timm's own options, each on a small representative built by timm with random weights: (timm name, overrides for
+# both models, the config fields the option sets); one block per stage (timm's entry points take the same overrides),
+# the MLP head at 256 wide.
+ONE = {"depths": (1, 1, 1, 1)}
+TIMM_OPTIONS = {
+    "convnext_atto_ols": (ONE, {"stem_type": "overlap_tiered"}),
+    "convnext_nano_ols": (ONE, {"stem_type": "overlap"}),
+    "convnext_zepto_rms": (ONE, {"norm_layer": "simplenorm"}),
+    "convnext_zepto_rms_ols": (ONE, {"norm_layer": "simplenorm", "stem_type": "overlap_act"}),
+    "convnext_tiny_hnf": (ONE, {"head_norm_first": True}),
+    "convnext_large_mlp": ({**ONE, "dims": (96, 192, 384, 768), "head_hidden_size": 256}, {"head_hidden_size": 256}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TIMM_OPTIONS))
+def test_timm_options_give_timms_logits(name):
+    """timm's model with random weights, converted, gives its logits (to 1e-5 of their scale) in ours; ours goes back
+    into timm's layout exactly, and its shapes alone rebuild its config (as `convnext.resolve` does for a bare file)."""
+    overrides, options = TIMM_OPTIONS[name]
+    torch.manual_seed(0)
+    peer = randomize(timm.create_model(name, pretrained=False, **overrides))
+    sd = peer.state_dict()
+    ours = create_model(name, **overrides).eval()
+    assert {k: getattr(ours.cfg, k) for k in options} == options
+    load_checkpoint(ours, sd)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    want, got = logits(peer, x), logits(ours, x)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+    back = from_ours(ours.state_dict(), "timm")
+    assert set(back) == set(sd) and all(back[k].shape == v.shape and torch.equal(back[k], v) for k, v in sd.items())
+    shape = shape_config(ours.state_dict())
+    assert {k: shape[k] for k in options} == options and shape["patch_size"] == 4
+    with pytest.raises(ValueError, match="cannot hold timm's options"):
+        from_ours(ours.state_dict(), "official")

@@ -27,6 +27,7 @@ from convnext.weights import (
     read_state_dict,
     resolve_spec,
     save_weights,
+    to_ours,
 )
 from convnext.weights.hf import RETRIES
 
@@ -61,7 +62,7 @@ def test_every_spec_is_well_formed():
         assert spec.url.startswith("https://"), name
         assert spec.layout in ("official", "timm", "torchvision", "hf"), name
         assert 0 < spec.crop_pct <= 1 and spec.input_size in (224, 256, 320, 384, 512), name
-        assert spec.num_classes in (0, 640, 1000, 1024, 11821, 21841), name  # 640 / 1024: CLIP projections
+        assert spec.num_classes in (0, 640, 768, 1000, 1024, 11821, 21841), name  # 640 / 768 / 1024: CLIP projections
         assert spec.top1 is None or 70 < spec.top1 < 90, name
         assert spec.interpolation in ("bicubic", "bilinear"), name
         assert spec.crop_mode == "center" or spec.input_size >= 384, name  # only the large-size evals warp
@@ -129,6 +130,41 @@ def test_every_convnext_weight_timm_lists_is_a_spec_or_unsupported():
     assert not set(UNSUPPORTED) & set(WEIGHTS)
     assert set(UNSUPPORTED) <= listed, "UNSUPPORTED names a weight timm does not list"
     assert all(name.split(".")[0] not in MODELS for name in UNSUPPORTED)  # an arch we build gets a spec instead
+
+
+@pytest.mark.slow
+def test_every_timm_weight_builds_timms_architecture():
+    """Each of timm's ConvNeXt weights names a registered arch and a spec whose model is timm's, on the meta device
+    (nothing downloaded, no memory): timm's state dict in our layout has our keys and shapes, ours in timm's layout
+    has timm's (the 1x1-conv MLP where timm has one), and the norms' eps are timm's. One model per arch and spec
+    options; the classes per weight are checked against timm's configs below."""
+    timm = pytest.importorskip("timm")
+    listed = timm.list_pretrained("convnext*")
+    assert len(listed) >= 98 and all(name in WEIGHTS and name.split(".")[0] in MODELS for name in listed)
+
+    def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in sd.items()}
+
+    def eps(model: torch.nn.Module) -> set[float]:  # every norm's, GRN's aside (timm's GRN keeps its own 1e-6)
+        return {m.eps for m in model.modules() if hasattr(m, "eps") and "GRN" not in type(m).__name__.upper()}
+
+    seen, wrong = set(), []
+    for name in listed:
+        spec = WEIGHTS[name]
+        if (spec.arch, spec.model_kwargs) in seen:
+            continue
+        seen.add((spec.arch, spec.model_kwargs))
+        peer = timm.create_model(name, pretrained=False, device="meta")
+        with torch.device("meta"):
+            ours = create_model(name)  # the spec's classes and model options
+        theirs, mine = peer.state_dict(), ours.state_dict()
+        if shapes(to_ours(theirs, "timm")) != shapes(mine):
+            wrong.append(f"{name}: timm's state dict in our layout differs from our model's")
+        if shapes(from_ours(mine, "timm")) != shapes(theirs):
+            wrong.append(f"{name}: our state dict in timm's layout differs from timm's model")
+        if eps(peer) != eps(ours):
+            wrong.append(f"{name}: norm eps {sorted(eps(ours))}, timm {sorted(eps(peer))}")
+    assert len(seen) >= 26 and not wrong, "\n".join(wrong)
 
 
 def test_specs_match_timms_pretrained_configs():
