@@ -7,13 +7,15 @@ checked against its field before any work: an unknown field, or a value that is 
 ValueError line naming the source (a file, or "flag"), the dotted field, what was given and what is allowed.
 Mapping values must already have the field's type (an int is taken for a float, a list for a tuple); flag values
 are text, parsed to the field's type (`none`, `true`, `0.5,1` or `[0.5, 1]`, JSON for mappings). A number field takes
-finite numbers only (nan and inf are refused), and a field of any type takes plain data (what JSON holds).
+finite numbers only (nan and inf are refused), an integer field integers of 64 bits, and a field of any type plain
+data (what JSON holds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import types
@@ -127,7 +129,7 @@ def _field_type(cls: type, path: str, strict: bool = True) -> Any:
     parts = str(path).split(".")
     for i, name in enumerate(parts):
         if dataclasses.is_dataclass(t):
-            hints = typing.get_type_hints(t)
+            hints = _hints(t)
             names = [f.name for f in dataclasses.fields(t)]
             if name not in names:
                 if not strict:
@@ -147,10 +149,16 @@ def _field_type(cls: type, path: str, strict: bool = True) -> Any:
     return t
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, resolved once (annotations are text under `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
+
+
 def _paths(cls: type, prefix: str = "") -> list[str]:
     """Every dotted field path of a dataclass tree."""
     out = []
-    for name, t in typing.get_type_hints(cls).items():
+    for name, t in _hints(cls).items():
         out.append(prefix + name)
         if dataclasses.is_dataclass(t):
             out += _paths(t, f"{prefix}{name}.")
@@ -229,6 +237,8 @@ def _coerce(value: Any, t: Any, path: str, parse: bool) -> Any:
             raise bad from None
         if t is float and not math.isfinite(number):
             raise ValueError(f"{path}: expected a finite number, got {given}")
+        if t is int and not _int64(number):  # config.json could not even print some of them
+            raise ValueError(f"{path}: expected an integer of 64 bits (at most 19 digits), got {given}")
         return number
     if t is str:
         if isinstance(value, str):
@@ -277,11 +287,17 @@ def _plain(value: Any) -> bool:
 
 
 def _plain_data(value: Any) -> bool:
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or isinstance(value, bool | float | str):
         return True
+    if isinstance(value, int):
+        return _int64(value)
     if isinstance(value, list | tuple):
         return all(_plain_data(v) for v in value)
     return isinstance(value, Mapping) and all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+
+
+def _int64(n: int) -> bool:
+    return -(2**63) <= n < 2**63
 
 
 def _json(text: str, bad: ValueError) -> Any:
