@@ -5,6 +5,7 @@ allowed, never a traceback from deeper down."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -99,6 +100,10 @@ WRONG = [
     ("mean", {"a": 1}, "a list (each a number) or null"),
     ("extra", [1], "a mapping"),
     ("inner", "convnext_atto", "a section (a mapping of Inner's fields)"),
+    ("inner.rate", float("nan"), "a finite number"),
+    ("inner.rate", float("-inf"), "a finite number"),
+    ("count", 2**63, "an integer of 64 bits (at most 19 digits)"),
+    ("extra", {1: "a"}, "a mapping"),
 ]
 
 
@@ -312,6 +317,29 @@ def test_any_config_file_is_read_or_refused_in_one_line_naming_it(cls, tmp_path)
         apply_overrides(cls(), got, source=str(path))
 
     check()
+
+
+def test_what_the_fuzzing_found_is_one_line(tmp_path):
+    """Before the properties below ran: OverflowError for an integer too large for a float, a bare ValueError for one
+    too long to print (and one config.json could not hold), RecursionError for JSON nested too deep."""
+    cases = [({"inner.rate": 10**400}, "c.json: inner.rate: expected a number, got 1000000000"),
+             ({"count": 10**5000}, "c.json: count: expected an integer of 64 bits (at most 19 digits), got a value too "
+              "long to print"),
+             ({"extra": {"a": 10**5000}}, "c.json: extra.a: expected plain data"),
+             ({"extra": {"when": datetime.date(2026, 12, 7)}}, "c.json: extra.when: expected plain data")]  # fmt: skip
+    for given_, message in cases:
+        with pytest.raises(ValueError) as e:
+            from_dict(given_, Tree, source="c.json")
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match=r"^flag: sizes: expected a list \(each an integer\), got '\[\[\[\["):
+        apply_overrides(Tree(), ["--sizes", "[" * 3000])
+    assert apply_overrides(Tree(), ["--extra.x", "[" * 3000]).extra == {"x": "[" * 3000}  # not JSON: the text
+    (tmp_path / "deep.json").write_text("[" * 3000 + "]" * 3000)
+    with pytest.raises(ValueError, match=r"deep.json: not valid JSON \(maximum recursion depth"):
+        read_config_file(tmp_path / "deep.json", Tree)
+    (tmp_path / "long.json").write_text('{"count": 1' + "0" * 5000 + "}")
+    with pytest.raises(ValueError, match=r"long.json: not valid JSON \(Exceeds the limit"):
+        read_config_file(tmp_path / "long.json", Tree)
 
 
 # ---------------------------------------------------------------- files
