@@ -162,12 +162,12 @@ def _holds(value: Any, t: Any) -> bool:
     return t is Any or isinstance(value, typing.get_origin(t) or t)
 
 
-def _leaves(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+def config_leaves(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         t = hints[f.name]
-        out += _leaves(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [(prefix + f.name, t)]
+        out += config_leaves(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [(prefix + f.name, t)]
     return out
 
 
@@ -237,7 +237,7 @@ def test_every_field_of_every_job_takes_its_type_or_says_one_line(cls):
     """Any plain value in any field of any job's config, from a file and as a flag: either the field then holds a
     finite value of its type and the config saves as JSON and reads back, or one ValueError line naming the source
     and the field; never another error (OverflowError, RecursionError, TypeError...)."""
-    leaves = dict(_leaves(cls))
+    leaves = dict(config_leaves(cls))
 
     @FAST
     @given(path=st.sampled_from(sorted(leaves)), value=VALUES, flag=st.booleans())
@@ -261,7 +261,7 @@ def test_a_value_of_a_kind_a_field_never_takes_is_one_line_naming_the_field(cls)
     section or by its dotted name: always refused, in one line naming the file and the field."""
 
     @FAST
-    @given(path_type=st.sampled_from(_leaves(cls)), data=st.data(), nested=st.booleans())
+    @given(path_type=st.sampled_from(config_leaves(cls)), data=st.data(), nested=st.booleans())
     def check(path_type: tuple[str, Any], data: st.DataObject, nested: bool) -> None:
         path, t = path_type
         value = data.draw(a_wrong_value(t), label="value")
@@ -277,7 +277,7 @@ def test_a_value_of_a_kind_a_field_never_takes_is_one_line_naming_the_field(cls)
 
 @pytest.mark.parametrize("cls", JOBS)
 def test_any_flags_are_read_or_refused_in_one_line(cls):
-    paths = [f"--{p}" for p in sorted(dict(_leaves(cls)))]
+    paths = [f"--{p}" for p in sorted(dict(config_leaves(cls)))]
     tokens = st.sampled_from(paths) | st.sampled_from(ODD_TEXT) | st.text(max_size=6) | st.sampled_from(["--", "-1"])
 
     @FAST
@@ -299,7 +299,7 @@ def test_any_config_file_is_read_or_refused_in_one_line_naming_it(cls, tmp_path)
     pytest.importorskip("yaml")
     import yaml
 
-    sections = [p.split(".")[0] for p, _ in _leaves(cls)] + ["x", "model.kwargs", "data.mean"]
+    sections = [p.split(".")[0] for p, _ in config_leaves(cls)] + ["x", "model.kwargs", "data.mean"]
     trees = st.dictionaries(st.sampled_from(sections) | st.text(max_size=4), VALUES, max_size=4)
     written = (trees.map(lambda d: dumped(json.dumps, d)) | trees.map(lambda d: dumped(yaml.safe_dump, d))).filter(bool)
     contents = st.binary(max_size=40) | st.text(max_size=40).map(str.encode) | written

@@ -8,10 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from convnext.cli import main
+from convnext.dense.config import DetectConfig, SegmentConfig
+from convnext.pretrain.config import PretrainConfig
+from convnext.train.config import TrainConfig
 
 from ..dense.conftest import write_instance_folder, write_label_folder
+from ..test_config import a_wrong_value, config_leaves, dumped
 from ..train.conftest import write_image_folder
 
 KWARGS = '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}'  # a tiny 4-stage ConvNeXt
@@ -152,6 +158,35 @@ def test_a_wrong_config_file_is_one_line_and_nothing_written(command, given, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "cls"),
+    [(["train"], TrainConfig), (["pretrain"], PretrainConfig), (["detect", "train"], DetectConfig),
+     (["segment", "train"], SegmentConfig)],
+)  # fmt: skip
+def test_a_wrong_kind_of_value_in_any_field_of_a_config_file_is_one_line_and_nothing_written(command, cls, tmp_path,
+                                                                                             capsys):  # fmt: skip
+    """Property (hypothesis): a value of a kind its field never takes, in any field of the job's config, in its section
+    of a --config FILE.json: exit code 2, one line naming the file and the field, nothing written."""
+    config, out = tmp_path / "c.json", tmp_path / "run"
+
+    @settings(max_examples=40, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+    @given(path_type=st.sampled_from(config_leaves(cls)), data=st.data())
+    def check(path_type: tuple[str, object], data: st.DataObject) -> None:
+        path, t = path_type
+        tree = data.draw(a_wrong_value(t), label="value")
+        for name in reversed(path.split(".")):
+            tree = {name: tree}
+        assume(text := dumped(json.dumps, tree))  # not an integer too long for JSON to print
+        config.write_bytes(text)
+        assert main([*command, "--config", str(config), "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"convnext {command[0]}: error: {config}: {path}"), err
+        assert not out.exists()
+
+    check()
 
 
 @pytest.mark.parametrize(
