@@ -65,6 +65,7 @@ def _add_eval(actions: argparse._SubParsersAction, task: str) -> None:
         p.add_argument("--split", default=None, help="camvid split to score (default: the run's val split)")
         p.add_argument("--mode", default=None, choices=["whole", "slide"], help="inference mode")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    p.add_argument("--workers", type=int, default=None, help="data-loading workers (default: sized to the machine)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval, task=task)
 
@@ -132,24 +133,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         segmentation_datasets,
     )
     from convnext.engine.distributed import resolve_device
+    from convnext.engine.loop import cuda_switches, loader_workers
 
     model, cfg = load_dense_run(args.run_dir, args.which)
     device = resolve_device(args.device)
     model.to(device)
+    cuda_switches(device)
+    workers = loader_workers(args.workers)
     if args.data:
         cfg.data.root = args.data
     if args.task == "detect":
         if not hasattr(cfg, "masks"):
             raise ValueError(f"{args.run_dir} is a segmentation run; use `convnext segment eval`")
         _, val, _ = detection_datasets(cfg)
-        result = evaluate_detection(model, val, device, cfg.masks)
+        result = evaluate_detection(model, val, device, cfg.masks, workers)
     else:
         if hasattr(cfg, "masks"):
             raise ValueError(f"{args.run_dir} is a detection run; use `convnext detect eval`")
         if args.mode:
             cfg.data.mode = args.mode
         _, val = segmentation_datasets(cfg, val_split=args.split)
-        result = evaluate_segmentation(model, val, cfg, device)
+        result = evaluate_segmentation(model, val, cfg, device, workers)
     result["n"] = len(val)
     _print(result, args.json)
     return 0

@@ -57,9 +57,12 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads on CPU
-    num_workers: int = 1
+    num_workers: int | None = None  # data-loading workers; None: the machine's cores shared by its processes, <= 8
     accum_steps: int = 1  # micro-batches per optimizer step (batch_size images in all)
-    amp: str = "none"  # none | bf16 | fp16 (CUDA): autocast for the forward pass
+    amp: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | none | bf16 | fp16 (CUDA)
+    tf32: bool = True  # CUDA: TF32 for float32 matmuls and convolutions
+    cudnn_benchmark: bool = True  # CUDA: pick the fastest convolution kernels for the sizes seen
+    pin_memory: bool = True  # CUDA: page-locked batches, copied to the GPU without blocking
     grad_checkpointing: bool = False  # recompute the backbone's blocks in the backward pass (less memory)
     resume: str | None = None
     overwrite: bool = False  # allow replacing a finished or interrupted run in `output`
@@ -167,7 +170,7 @@ def coco(model: str = "convnext_tiny") -> DetectConfig:
             max_size=1333,
         ),
         optim=DenseOptim(lr=2e-4, layer_decay=0.7, warmup_steps=1000),
-        run=RunConfig(output="runs/coco", epochs=36, batch_size=16, ckpt_every_steps=1000, num_workers=4),
+        run=RunConfig(output="runs/coco", epochs=36, batch_size=16, ckpt_every_steps=1000),
     )
 
 
@@ -201,7 +204,7 @@ def ade20k(model: str = "convnext_tiny") -> SegmentConfig:
             slide_stride=(341, 341),
         ),
         optim=DenseOptim(lr=1e-4, layer_decay=0.9, warmup_steps=1500),
-        run=RunConfig(output="runs/ade20k", epochs=127, batch_size=16, ckpt_every_steps=2000, num_workers=4),
+        run=RunConfig(output="runs/ade20k", epochs=127, batch_size=16, ckpt_every_steps=2000),
         channels=512,
         aux_channels=256,
     )

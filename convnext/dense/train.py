@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ from convnext.engine.distributed import (
     sync_batchnorm,
     wrap,
 )
-from convnext.engine.loop import autocast
+from convnext.engine.loop import autocast, cuda_switches, loader_workers, resolve_amp
 from convnext.engine.optim import no_weight_decay, param_groups
 from convnext.engine.run import RunFolder
 from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
@@ -178,7 +179,10 @@ def _scaled(tf: Callable, scale: tuple[int, int]) -> Callable:
 
 def _plain(target: dict, device: torch.device) -> dict:
     """tv_tensors -> plain tensors on `device` (torchvision's detectors want those)."""
-    return {k: v.as_subclass(torch.Tensor).to(device) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+    return {
+        k: v.as_subclass(torch.Tensor).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in target.items()
+    }
 
 
 # ---------------------------------------------------------------- evaluation
@@ -317,10 +321,11 @@ class DenseTask:
         torch.manual_seed(micro_batch_seed(self.cfg.run.seed, index * info.world_size + info.rank))
         with autocast(dev, self.cfg.run.amp):
             if isinstance(self.cfg, DetectConfig):
-                inputs = [im.as_subclass(torch.Tensor).to(dev) for im in images]
+                inputs = [im.as_subclass(torch.Tensor).to(dev, non_blocking=True) for im in images]
                 losses = model(inputs, [_plain(t, dev) for t in targets])
             else:
-                x, y = images.as_subclass(torch.Tensor).to(dev), targets.as_subclass(torch.Tensor).to(dev)
+                x = images.as_subclass(torch.Tensor).to(dev, non_blocking=True)
+                y = targets.as_subclass(torch.Tensor).to(dev, non_blocking=True)
                 losses = segmentation_loss(model(x), y, 255, self.cfg.aux_weight)
         return sum(v.float() for v in losses.values())
 
@@ -357,6 +362,7 @@ def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, 
         run = RunFolder(r.resume or r.output, resume=r.resume is not None, overwrite=r.overwrite, files=RUN_FILES)
         r.output, r.resume = str(run.path), r.resume if run.resume else None  # stopped before a checkpoint: anew
         task.info = info
+        _device_defaults(r, info)
         if r.threads and info.device.type == "cpu":
             torch.set_num_threads(r.threads)
         if r.batch_size < 1 or r.batch_size > len(train_ds):
@@ -386,6 +392,7 @@ def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, 
         sampler = ResumableSampler(train_set, info, r.seed, shuffle=True, drop_last=True, block=per_rank)
         loader = DataLoader(  # its own generator: starting an epoch must not draw from the global RNG (exact resume)
             train_set, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=r.num_workers,
+            pin_memory=r.pin_memory and info.device.type == "cuda",
             collate_fn=_Batches(collate_lists if isinstance(cfg, DetectConfig) else None), generator=torch.Generator(),
         )  # fmt: skip
         loop = Loop(r.epochs, len(loader) // r.accum_steps, per_rank, r.accum_steps, o.clip_grad, r.budget_min,
@@ -403,6 +410,22 @@ def _fit(cfg: DetectConfig | SegmentConfig, build: Callable, train_ds: Dataset, 
         if info.is_main:
             run.write_json("results.json", result)
         return result
+
+
+def _device_defaults(r: Any, info: DistInfo) -> None:
+    """Resolve amp "auto" and the loader workers into the run's config (saved in config.json), set the CUDA
+    switches, and say once what the run uses."""
+    r.amp = resolve_amp(r.amp, info.device)
+    if r.amp == "fp16" and info.device.type != "cuda":
+        raise ValueError("run.amp fp16 needs CUDA; use bf16 or none on the CPU")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    r.num_workers = loader_workers(r.num_workers, local)
+    on = cuda_switches(info.device, r.tf32, r.cudnn_benchmark)
+    if info.is_main:
+        switches = "".join(f", {k} {'on' if v else 'off'}" for k, v in on.items())
+        pinned = ", pinned memory" if r.pin_memory and info.device.type == "cuda" else ""
+        log.info("device %s x %d: amp %s%s%s, %d loader workers per process", info.device, info.world_size, r.amp,
+                 switches, pinned, r.num_workers)  # fmt: skip
 
 
 def micro_batch_seed(seed: int, position: int) -> int:

@@ -40,6 +40,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: bool = False  # in a process group even with one process (CONVNEXT_PROCESS_GROUP=1: the GPU check)
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +48,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """In a process group: DDP, samplers and collectives take their multi-process paths."""
+        return self.world_size > 1 or self.group
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -91,14 +93,17 @@ def launch_env(env: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group when there is more than one process (nccl for CUDA, gloo for CPU)."""
+    """Join the process group when there is more than one process (nccl for CUDA, gloo for CPU), or with one
+    process when CONVNEXT_PROCESS_GROUP=1 (then MASTER_ADDR / MASTER_PORT must be set, as torchrun does): one GPU
+    then runs the multi-process paths, which is how benchmarks/gpu_check.py checks them."""
     rank, world, local_rank = launch_env()
     dev = resolve_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    group = world > 1 or os.environ.get("CONVNEXT_PROCESS_GROUP") == "1"
+    if group and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank, world, local_rank, dev)
+    return DistInfo(rank, world, local_rank, dev, group=group)
 
 
 def cleanup() -> None:

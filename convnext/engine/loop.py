@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,6 +40,37 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp fp16 needs CUDA; use bf16 on CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """ "auto" -> bf16 on a CUDA GPU that has it (Ampere and later), fp16 (with a GradScaler) on an older GPU,
+    none on the CPU; any other value as given."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "none"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def loader_workers(requested: int | None, local_processes: int = 1) -> int:
+    """Data-loading workers: `requested`, or (None) the machine's cores shared by the processes on it, at most 8."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"num_workers must be >= 0, got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(min(8, cores // max(local_processes, 1) - 1), 0)
+
+
+def cuda_switches(device: torch.device, tf32: bool = True, benchmark: bool = True) -> dict[str, bool]:
+    """On a CUDA device: TF32 for float32 matmuls and convolutions, cudnn.benchmark (fixed input sizes pick their
+    fastest kernels). Returns what is on ({} on the CPU, where neither exists)."""
+    if device.type != "cuda":
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = benchmark
+    return {"tf32": tf32, "cudnn_benchmark": benchmark}
 
 
 def train_one_epoch(

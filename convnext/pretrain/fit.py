@@ -40,7 +40,7 @@ from convnext.data.cache import (
 )
 from convnext.data.datasets import set_transform
 from convnext.engine.distributed import DistInfo, ResumableSampler, all_reduce_sum, joined, per_rank_batch, wrap
-from convnext.engine.loop import autocast
+from convnext.engine.loop import autocast, cuda_switches, resolve_amp
 from convnext.engine.optim import build_optimizer, scaled_lr
 from convnext.engine.run import RunFolder
 from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
@@ -109,6 +109,9 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
     if cfg.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     _check_config(cfg)
+    cfg.amp = resolve_amp(cfg.amp, info.device)  # "auto" -> bf16 / fp16 / none, saved resolved
+    if cuda_switches(info.device) and info.is_main:
+        log.info("device %s x %d: amp %s, tf32 on, cudnn.benchmark on", info.device, info.world_size, cfg.amp)
     run = RunFolder(cfg.resume or cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite, files=RUN_FILES,
                     subfolders=(PICTURES,))  # fmt: skip
     cfg.output, cfg.resume = str(run.path), cfg.resume if run.resume else None  # stopped before a checkpoint: anew

@@ -71,6 +71,8 @@ def test_segmentation_two_processes_match_one(tmp_path):
     root = write_label_folder(tmp_path / "seg", n=9)
     one = seg_config(root, tmp_path / "one", batch_size=4, accum_steps=2, max_steps=2, ckpt_every_steps=0)
     res_one = train_segmentation(one)
+    saved = json.loads((tmp_path / "one" / "config.json").read_text())["run"]
+    assert saved["amp"] == "none" and saved["num_workers"] == 0  # amp "auto" resolved for the CPU, and recorded
     two = seg_config(root, tmp_path / "two", batch_size=4, accum_steps=1, max_steps=2, ckpt_every_steps=0)
     res_two = _two_processes("segment", two, tmp_path)
     _same_weights(tmp_path / "one", tmp_path / "two", one.optim.lr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.util
 import json
 import os
 import socket
@@ -208,6 +209,23 @@ def test_two_srun_tasks_join_one_group(tmp_path, folders):
     assert len(line) == (0 if folders == "shared" else 1)
     if line:
         assert "differs here: put the run folder on a filesystem every machine shares" in line[0]
+
+
+def test_one_process_group_takes_the_multi_process_paths(tmp_path):
+    """CONVNEXT_PROCESS_GROUP=1 with one torchrun process: a real (gloo) group of one, DDP and every collective run,
+    through the guard (benchmarks/gpu_check.py runs each job this way under nccl on one GPU)."""
+    spec = importlib.util.spec_from_file_location("train_conftest", ROOT / "tests" / "train" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    data = conftest.write_image_folder(tmp_path / "data", n=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GUARD_LOG": str(tmp_path / "guard"), "CONVNEXT_PROCESS_GROUP": "1"}
+    args = ["train", "--preset", "demo", "--data", str(data), "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+            "--output", str(tmp_path / "run"), "--model.kwargs", '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}',
+            "--threads", "1", "--img-size", "16", "--data.num_workers", "0"]  # fmt: skip
+    r = subprocess.run([*guarded_cmd(1), *args], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (counts,) = guard_counts(tmp_path / "guard")
+    assert counts.get("all_reduce", 0) >= 2 and counts.get("all_gather", 0) >= 1, counts
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convnext.engine.distributed import DistInfo
-from convnext.engine.loop import NonFiniteLossError, train_one_epoch
+from convnext.engine.loop import NonFiniteLossError, cuda_switches, loader_workers, resolve_amp, train_one_epoch
 from convnext.engine.optim import shrink_schedule
 
 
@@ -101,3 +101,14 @@ def test_finite_losses_sum_as_before():
         want = sum(float(F.cross_entropy(model(x), y)) * len(y) for x, y, _ in batches)
     assert r["images"] == 8 and r["loss_images"] == 10
     assert abs(r["loss_sum"] - (want + 1.5)) < 1e-9
+
+
+def test_gpu_defaults_on_the_cpu():
+    """amp "auto" is none on the CPU (bf16 / fp16 only on CUDA), CUDA switches do nothing, workers fit the cores."""
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) == "none" and resolve_amp("bf16", cpu) == "bf16"
+    assert cuda_switches(cpu) == {}
+    assert loader_workers(3) == 3 and 0 <= loader_workers(None) <= 8
+    assert loader_workers(None, local_processes=10_000) == 0
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        loader_workers(-1)
