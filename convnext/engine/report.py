@@ -138,12 +138,16 @@ class Trackers:
         self.names, self.dir, self.config, self.resume = list(names), Path(run_dir), config, resume
         self.mlflow: Any = None  # (client, run id)
         self.wandb: Any = None  # the wandb Run
+        self.started = False
 
     def _start(self) -> None:
+        if self.started:
+            return
+        self.started = True
         ids_file = self.dir / "trackers.json"
         ids = json.loads(ids_file.read_text()) if self.resume and ids_file.exists() else {}
         name = self.dir.name
-        if "mlflow" in self.names and self.mlflow is None:
+        if "mlflow" in self.names:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
 
@@ -161,7 +165,7 @@ class Trackers:
                     client.log_batch(run_id, params=params[i : i + 100])
             self.mlflow = (client, run_id)
             ids["mlflow"] = run_id
-        if "wandb" in self.names and self.wandb is None:
+        if "wandb" in self.names:
             import wandb
 
             mode = os.environ.get("WANDB_MODE", "offline")
@@ -192,7 +196,7 @@ class Trackers:
 
     def finish(self, result: dict[str, Any] | None, files: Sequence[Path] = (), failed: bool = False) -> None:
         """The final results (as metrics `final/...` and a summary) and `files`, then close the runs."""
-        if self.mlflow is None and self.wandb is None and result is not None:
+        if result is not None:
             self._start()  # a run that logged no row (resumed when already finished) still reports its results
         numbers = {k: float(v) for k, v in (result or {}).items() if isinstance(v, (int, float))
                    and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
