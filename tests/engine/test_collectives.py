@@ -228,5 +228,19 @@ def test_one_process_group_takes_the_multi_process_paths(tmp_path):
     assert counts.get("all_reduce", 0) >= 2 and counts.get("all_gather", 0) >= 1, counts
 
 
+def test_gpu_check_lists_its_steps_and_skips_without_cuda(tmp_path):
+    """benchmarks/gpu_check.py: --dry-run lists (a)-(e) anywhere; without CUDA it says so, exits 0, writes nothing."""
+    script = ROOT / "benchmarks" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and [ln[:3] for ln in r.stdout.splitlines()] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
+    r = subprocess.run([sys.executable, str(script), "--only", "xz"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--only: no step xz" in r.stderr
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: run the check itself")
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "results")], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "no CUDA device here" in r.stdout and not (tmp_path / "results").exists()
+
+
 if __name__ == "__main__":
     sys.exit(_guarded_main())
