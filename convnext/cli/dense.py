@@ -31,7 +31,9 @@ def _add_train(actions: argparse._SubParsersAction, task: str, preset: str) -> N
         "train",
         help="train (or resume) a run; any config field as --section.field VALUE",
         description=f"Train a {task} run. Presets: {presets}. Any config field can be set as --section.field VALUE "
-        "(e.g. --optim.lr 3e-4 --backbone.frozen_stages 1 --data.train_sizes 288,320,352); --print-config shows them.",
+        "(e.g. --optim.lr 3e-4 --backbone.frozen_stages 1 --data.train_sizes 288,320,352); --print-config shows them. "
+        "On N GPUs: torchrun --nproc_per_node N -m convnext ... (or srun under SLURM; --batch-size is the global "
+        "batch); several machines and SLURM: docs/distributed.md.",
     )
     p.add_argument("--preset", default=None, help=f"starting config (default: {preset})")
     p.set_defaults(default_preset=preset)
