@@ -1,30 +1,40 @@
-"""Our ConvNeXt against timm, torchvision and onnxruntime: one process, same inputs, same weights, same threads.
+"""Our ConvNeXt against timm, torchvision and onnxruntime: same inputs, same weights, same threads, one process each.
 
     python benchmarks/compare.py                      # everything (tens of minutes on 2 CPU cores: compiles)
     python benchmarks/compare.py --models atto --modes infer_fp32,latency_fp32
     python benchmarks/compare.py --quick              # a tiny smoke run of the whole pipeline (numbers meaningless)
     python benchmarks/compare.py --json               # stdout: one JSON object {"model/mode/impl": img/s}
 
-Implementations: ours = `convnext.optimize` (what `convnext bench` runs), timm eager (channels_last) and
-torch.compile'd, torchvision eager, onnxruntime on our fp32 ONNX export. Every implementation gets the same
-weights (converted from ours through `convnext.weights.from_ours`) and the outputs are checked to agree before
-anything is timed. Modes: inference fp32/bf16 at the model's batch, batch-1 latency fp32/bf16, one training step
-(fwd + bwd + AdamW) fp32 and bf16 autocast; ours steps torch's fused AdamW (as `convnext train` does), the peers
-torch's default AdamW (as timm's and torchvision's training scripts do). Timing interleaves the implementations
-round by round, so drift hits all alike; each figure is the median over every timed iteration.
+Implementations: ours = `convnext.optimize` (what `convnext bench` runs), timm eager and torch.compile'd,
+torchvision eager, onnxruntime. Every implementation gets the same weights (converted from ours through
+`convnext.weights.from_ours`) and its outputs are checked against our eager fp32 model's before its figure counts.
+Modes: inference fp32/bf16 at the model's batch, batch-1 latency fp32/bf16, one training step (fwd + bwd + AdamW)
+fp32 and bf16; ours steps torch's fused AdamW (as `convnext train` does), the peers torch's default AdamW (as
+timm's and torchvision's training scripts do).
 
-Writes `<out>/compare-<time>.md` (the table, the machine, the matmul peaks measured in this run and the
-agreement check), `.json` (everything) and `.png` (speed relative to the best peer).
+How it times (benchmarks/NOTES.md, issue 41): two runtimes in one process leave each other's thread pools
+spinning, and on two cores the one timed second read 50% slower. So each implementation runs in a process of its
+own (`--child`; this process only starts them and reads their JSON), with OMP_WAIT_POLICY=PASSIVE, and times
+blocks of calls in a row with a pause between them (`convnext.bench.time_blocks`); its figure is the median block.
+An A/A control times ours again in another process, last: ours / ours should read 1.00 +- 0.03 (CONTROL_TOLERANCE);
+where it does not, a warning says so and the table is marked, as its figures do not hold to that precision.
+
+Each peer runs in its best documented setting and its faster one counts (all are reported): timm channels-last,
+eager and compiled, bf16 by autocast and (inference) with bf16 weights; onnxruntime with ORT_ENABLE_ALL, intra-op
+threads = --threads, no spinning, on our export and on timm's (`timm.utils.onnx.onnx_export`).
+
+Writes `<out>/compare-<time>.md` (the table, the machine, the matmul peaks, the control, each peer's settings and
+the agreement check), `.json` (everything) and `.png` (speed relative to the best peer).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._dynamo.config
 from torch import nn
 
 
@@ -58,20 +67,38 @@ QUICK = {  # the same pipeline on toy sizes, to prove it runs; never report thes
 }
 MODES = ("infer_fp32", "infer_bf16", "latency_fp32", "latency_bf16", "train_fp32", "train_bf16")
 IMPLS = ("ours", "timm_eager", "timm_compiled", "torchvision", "onnxruntime")
+CONTROL = "ours_again"  # ours in a second process: the A/A control
 LABELS = {
     "ours": "ours (optimize)",
+    CONTROL: "ours again (A/A)",
     "timm_eager": "timm eager CL",
-    "timm_compiled": "timm compiled",
+    "timm_compiled": "timm compiled CL",
     "torchvision": "torchvision eager",
     "onnxruntime": "onnxruntime",
 }
+CONTROL_TOLERANCE = 0.03  # |ours / ours - 1| above this: the run's figures do not hold
+CHILD_TIMEOUT_S = 1800  # one implementation's build, compile and timing
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------ building runners
+def settings(impl: str, mode: str, case: ModelCase) -> list[str]:
+    """The settings `impl` is timed in for `mode` (its figure is the fastest); [] where it does not apply."""
+    kind, dt = mode.split("_")
+    if impl == "onnxruntime":
+        return ["our export", "timm export"] if kind != "train" and dt == "fp32" else []
+    if impl == "torchvision" and case.torchvision is None:
+        return []
+    if dt == "fp32" or impl in ("ours", CONTROL):
+        return [dt]
+    # bf16 weights are timm's documented inference setting (benchmark.py --model-dtype); a training step on bf16
+    # weights would be other arithmetic than a mixed-precision step, so training compares autocast only
+    return ["autocast", "bf16 weights"] if kind != "train" and impl.startswith("timm") else ["autocast"]
+
+
+# ------------------------------------------------------------------------------------------ in the child process
 
 
 def peer_model(impl: str, case: ModelCase, ours: nn.Module) -> nn.Module:
@@ -93,9 +120,9 @@ def peer_model(impl: str, case: ModelCase, ours: nn.Module) -> nn.Module:
 
 
 def make_runner(
-    impl: str, case: ModelCase, ours: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, workdir: Path
-) -> Callable[[], object] | None:
-    """A closure running one iteration of `mode` through `impl`, warmed up (compiled); None if not applicable."""
+    impl: str, setting: str, case: ModelCase, ours: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, tmp: Path
+) -> Callable[[], object]:
+    """A closure running one iteration of `mode` through `impl` in `setting` (not yet warmed up)."""
     from convnext.bench import iteration
     from convnext.fast import optimize
 
@@ -103,83 +130,188 @@ def make_runner(
     dtype = torch.bfloat16 if dt == "bf16" else torch.float32
     train = kind == "train"
     if impl == "onnxruntime":
-        return None if (train or dt != "fp32") else _onnx_runner(ours, x, workdir / f"{case.key}-b{len(x)}.onnx")
-    if impl == "torchvision" and case.torchvision is None:
-        return None
-
-    model = copy.deepcopy(ours) if impl == "ours" else peer_model(impl, case, ours).to(x.device)
-    autocast = dtype != torch.float32
-    if impl == "ours":
-        net = optimize(model, mode="train" if train else "inference", dtype=dtype, example_input=x)
-        autocast = False  # optimize() handles the dtype itself
-    else:
-        model.train(train)
-        if impl.startswith("timm"):
-            model = model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        net = torch.compile(model, dynamic=False) if impl == "timm_compiled" else model
-    # ours trains with the fused AdamW `convnext train` builds; peers with torch's default AdamW, what timm's and
-    # torchvision's training scripts build
-    return iteration(net, model, x, y, train, dtype, autocast, fused_adamw=impl == "ours")
+        return _onnx_runner(ours, case, setting, x, tmp / f"{case.key}-b{len(x)}-{setting.split()[0]}.onnx")
+    if impl in ("ours", CONTROL):
+        net = optimize(ours, mode="train" if train else "inference", dtype=dtype, example_input=x)
+        return iteration(net, ours, x, y, train, dtype, autocast=False, fused_adamw=True)  # optimize() casts
+    model = peer_model(impl, case, ours).to(x.device).train(train)
+    if impl.startswith("timm"):
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if setting == "bf16 weights":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    net = torch.compile(model, dynamic=False) if impl == "timm_compiled" else model
+    return iteration(net, model, x, y, train, dtype, autocast=setting == "autocast")
 
 
-def _onnx_runner(ours: nn.Module, x: torch.Tensor, path: Path) -> Callable[[], object]:
+def _onnx_runner(ours: nn.Module, case: ModelCase, setting: str, x: torch.Tensor, path: Path) -> Callable[[], object]:
     import onnxruntime as ort
 
-    from convnext.export import export_model
+    if setting == "our export":
+        from convnext.export import export_model
 
-    if not path.exists():
-        export_model(ours, "onnx", path, img_size=x.shape[-1], batch_size=len(x))
+        export_model(ours, "onnx", path, img_size=x.shape[-1], batch_size=len(x), force=True)
+    else:
+        from timm.utils.onnx import onnx_export
+
+        onnx_export(peer_model("timm", case, ours).eval(), str(path), example_input=x, check=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # park the pool between calls
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.cpu().numpy()}
     return lambda: session.run(None, feed)[0]
 
 
-# ------------------------------------------------------------------------------------------ measuring
+def child(spec: dict) -> dict:
+    """One job in this (fresh) process: {"job": "peak"} the matmul peaks, else one implementation in one setting
+    timed in blocks, its output on the shared input saved for the agreement check (inference modes)."""
+    from convnext.bench import matmul_peak_gflops, time_blocks
+    from convnext.fast import keep_freed_memory
+    from convnext.registry import create_model
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    if device.type == "cpu":
+        keep_freed_memory()  # what optimize() does to the allocator holds for every implementation alike
+    if spec["job"] == "peak":
+        n = 512 if spec["quick"] else None
+        return {
+            d: matmul_peak_gflops(getattr(torch, t), device, n) for d, t in (("fp32", "float32"), ("bf16", "bfloat16"))
+        }
+    case = (QUICK if spec["quick"] else CASES)[spec["model"]]
+    ours = create_model(case.arch)
+    ours.load_state_dict(torch.load(spec["weights"], weights_only=True))
+    ours = ours.eval().to(device)
+    data = torch.load(spec["inputs"], weights_only=True)
+    x, y = data["x"].to(device), data["y"].to(device)
+    run = make_runner(spec["impl"], spec["setting"], case, ours, spec["mode"], x, y, Path(spec["tmp"]))
+    out = run()  # the first call compiles; its output is checked against ours (inference)
+    if spec.get("output"):
+        got = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
+        np.save(spec["output"], got)
+    seconds = time_blocks(run, spec["blocks"], spec["block_s"], spec["pause_s"], device)
+    return {"seconds_per_call": seconds}
 
 
-def matmul_peaks(device: torch.device, quick: bool) -> dict[str, float]:
-    from convnext.bench import matmul_peak_gflops
-
-    n = 512 if quick else None
-    return {d: matmul_peak_gflops(getattr(torch, t), device, n) for d, t in (("fp32", "float32"), ("bf16", "bfloat16"))}
+# ------------------------------------------------------------------------------------------ in the parent
 
 
-def agreement(runners: dict[str, Callable[[], object]], reference: np.ndarray) -> dict[str, float]:
-    """max |output - our eager fp32 output| per implementation (inference runners)."""
-    out = {}
-    for impl, run in runners.items():
-        got = run()
-        got = got.float().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got, dtype=np.float32)
-        out[impl] = float(np.abs(got - reference).max())
-    return out
+def run_child(spec: dict, timeout: float = CHILD_TIMEOUT_S) -> dict:
+    """`spec` run by `child` in a fresh Python process; its JSON answer, or RuntimeError with its last error line."""
+    env = {
+        **os.environ,
+        "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads sleep instead of spinning on the shared cores
+        "OMP_NUM_THREADS": str(spec["threads"]),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"no answer within {timeout:.0f} s") from e
+    if p.returncode != 0:
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        raise RuntimeError(lines[-1][:300] if lines else f"exit status {p.returncode}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def time_interleaved(
-    runners: dict[str, Callable[[], object]], rounds: int, round_s: float, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds per iteration for each runner: `rounds` rounds, each runner timed for >= round_s per round."""
-    from convnext.bench import sync
+def measure(spec: dict, r: dict, impl: str, setting: str, batch: int, reference: np.ndarray | None) -> None:
+    """One implementation in one setting timed in its own process; its img/s (or its error) lands in r."""
+    log(f"  {LABELS[impl]}, {setting}")
+    output = Path(spec["tmp"]) / "output.npy"
+    output.unlink(missing_ok=True)
+    spec = {**spec, "impl": impl, "setting": setting, "output": str(output) if reference is not None else None}
+    try:
+        seconds = run_child(spec)["seconds_per_call"]
+    except RuntimeError as e:  # one peer failing must not lose the rest of the table
+        r["settings"].setdefault(impl, {})[setting] = f"failed: {e}"
+        log(f"    failed: {e}")
+        return
+    img_s = batch / statistics.median(seconds)
+    r["settings"].setdefault(impl, {})[setting] = img_s
+    r["blocks"].setdefault(impl, {})[setting] = [batch / s for s in seconds]
+    if reference is not None:
+        r["agreement"].setdefault(impl, {})[setting] = float(np.abs(np.load(output) - reference).max())
+    log(f"    {img_s:.1f} img/s (median of {len(seconds)} blocks)")
 
-    per_round = {}
-    for impl, run in runners.items():  # one more warm-up call each, and how many calls fill a round
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        per_round[impl] = max(1, math.ceil(round_s / max(time.perf_counter() - t0, 1e-6)))
-    times: dict[str, list[float]] = {impl: [] for impl in runners}
-    for _ in range(rounds):
-        for impl, run in runners.items():
-            for _ in range(per_round[impl]):
-                t0 = time.perf_counter()
-                run()
-                sync(device)
-                times[impl].append(time.perf_counter() - t0)
-    return times
+
+def summarise(r: dict) -> None:
+    """Each implementation's figure: its fastest setting (errors where none ran); the A/A control's ratio."""
+    for impl, by_setting in r["settings"].items():
+        ran = {s: v for s, v in by_setting.items() if isinstance(v, float)}
+        if ran:
+            r["img_per_s"][impl] = max(ran.values())
+            r["best_setting"][impl] = max(ran, key=ran.get)
+        else:
+            r["errors"][impl] = "; ".join(f"{s}: {v}" for s, v in by_setting.items())
+    ips = r["img_per_s"]
+    if "ours" in ips and CONTROL in ips:
+        r["control"] = ips["ours"] / ips[CONTROL]
+
+
+def run(args: argparse.Namespace) -> tuple[dict, dict]:
+    from convnext.flops import count_gmacs
+    from convnext.registry import create_model
+
+    device = torch.device(args.device)
+    cases = QUICK if args.quick else CASES
+    timing = {"threads": args.threads, "device": args.device, "quick": args.quick, "blocks": args.blocks,
+              "block_s": args.block_s, "pause_s": args.pause_s}  # fmt: skip
+    peaks = run_child({**timing, "job": "peak"})
+    log(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.models:
+            case = cases[key]
+            torch.manual_seed(0)
+            ours = create_model(case.arch).eval()
+            weights = Path(tmp) / f"{key}.pt"
+            torch.save(ours.state_dict(), weights)
+            gmacs = count_gmacs(ours, case.img_size)
+            gen = torch.Generator().manual_seed(0)
+            results[case.arch] = {}
+            for mode in args.modes:
+                batch = 1 if mode.startswith("latency") else case.batch
+                x = torch.randn(batch, 3, case.img_size, case.img_size, generator=gen)
+                y = torch.randint(0, 1000, (batch,), generator=gen)
+                inputs = Path(tmp) / "inputs.pt"
+                torch.save({"x": x, "y": y}, inputs)
+                train, dt = mode.startswith("train"), mode.split("_")[1]
+                reference = None
+                if not train:
+                    with torch.inference_mode():
+                        reference = ours(x).float().numpy()
+                flops = 2 * gmacs * (3 if train else 1)  # GFLOP per image
+                r = {"batch": batch, "img_per_s": {}, "errors": {}, "agreement": {}, "settings": {}, "blocks": {},
+                     "best_setting": {}, "roofline": peaks[dt] / flops}  # fmt: skip
+                spec = {**timing, "job": "time", "model": key, "mode": mode, "weights": str(weights),
+                        "inputs": str(inputs), "tmp": tmp}  # fmt: skip
+                log(f"{case.arch} {mode}:")
+                for impl in [*args.impls, CONTROL]:  # the control last: drift over the sequence shows in it
+                    for setting in settings(impl, mode, case):
+                        measure(spec, r, impl, setting, batch, reference)
+                summarise(r)
+                results[case.arch][mode] = r
+                if "control" in r and abs(r["control"] - 1) > CONTROL_TOLERANCE:
+                    log(f"WARNING: {case.arch} {mode}: A/A control ours / ours = {r['control']:.3f}, outside 1 +- "
+                        f"{CONTROL_TOLERANCE}: the machine is not steady enough for these figures to hold")  # fmt: skip
+    meta = {
+        "machine": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": str(device),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "peak_gflops": peaks,
+        "quick": args.quick,
+        "method": f"one process per implementation and setting, OMP_WAIT_POLICY=PASSIVE, {args.blocks} blocks of "
+        f"~{args.block_s} s with {args.pause_s} s pauses, median block; A/A control tolerance {CONTROL_TOLERANCE}",
+        "command": " ".join(["python", *sys.argv]),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return results, meta
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -191,15 +323,17 @@ def markdown(results: dict, meta: dict) -> str:
         "",
         f"Matmul peak measured in this run: {meta['peak_gflops']['fp32']:.0f} GFLOP/s fp32, "
         f"{meta['peak_gflops']['bf16']:.0f} GFLOP/s bf16. Cells: img/s (latency rows: ms per image) and, in "
-        "brackets, ours' speed / that peer's (> 1: ours is faster). Roofline: img/s at the matmul peak "
-        "(2 x GMACs per image, x3 for a training step); share = ours / roofline. glibc keeps freed buffers "
-        "(`convnext.fast.keep_freed_memory`, process-wide) for every implementation alike. Training steps: ours "
-        "with torch's fused AdamW (as `convnext train`), peers with torch's default AdamW (as timm's train script).",
+        "brackets, ours' speed / that peer's (> 1: ours is faster); each peer's figure is its fastest setting (listed "
+        "below). A/A: ours / ours timed in a second process (should read 1.00 +- 0.03; `(!)` where it does not and "
+        "the row does not hold). Roofline: img/s at the matmul peak (2 x GMACs per image, x3 for a training step); "
+        "share = ours / roofline. Training steps: ours with torch's fused AdamW (as `convnext train`), peers with "
+        f"torch's default AdamW (as timm's train script). Method: {meta.get('method', '-')}.",
         "",
     ]
+    unsteady = []
     for model, modes in results.items():
         impls = [i for i in IMPLS if any(i in r["img_per_s"] or i in r["errors"] for r in modes.values())]
-        head = ["mode", "batch", *(LABELS[i] for i in impls), "ours / best peer", "roofline", "ours' share"]
+        head = ["mode", "batch", *(LABELS[i] for i in impls), "A/A", "ours / best peer", "roofline", "ours' share"]
         lines += [f"## {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for mode, r in modes.items():
             ips = r["img_per_s"]
@@ -207,7 +341,7 @@ def markdown(results: dict, meta: dict) -> str:
             ours = ips.get("ours")
             cells = [mode, str(r["batch"])]
             for impl in impls:
-                if impl in r.get("errors", {}):
+                if impl in r["errors"]:
                     cells.append("failed")
                 elif impl not in ips:
                     cells.append("-")
@@ -215,19 +349,34 @@ def markdown(results: dict, meta: dict) -> str:
                     v = 1e3 / ips[impl] if latency else ips[impl]
                     ratio = f" ({ours / ips[impl]:.2f}x)" if ours and impl != "ours" else ""
                     cells.append(f"{v:.1f}{' ms' if latency else ''}{ratio}")
-            peers = {k: v for k, v in ips.items() if k != "ours"}
+            control = r.get("control")
+            bad = control is not None and abs(control - 1) > CONTROL_TOLERANCE
+            cells.append("-" if control is None else f"{control:.2f}{' (!)' if bad else ''}")
+            if bad:
+                unsteady.append(f"{model} {mode} ({control:.2f})")
+            peers = {k: v for k, v in ips.items() if k not in ("ours", CONTROL)}
             best = max(peers, key=peers.get) if peers else None
             cells.append(f"{ours / peers[best]:.2f}x ({LABELS[best]})" if ours and best else "-")
             cells.append(f"{1e3 / r['roofline']:.2f} ms" if latency else f"{r['roofline']:.1f} img/s")
             cells.append(f"{100 * ours / r['roofline']:.0f}%" if ours else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Outputs agree (max |diff| vs our eager fp32 model, inference, same input)", ""]
+    if unsteady:
+        lines[1:1] = ["", f"**WARNING: the A/A control is outside 1 +- {CONTROL_TOLERANCE} in {', '.join(unsteady)}: "
+                      "those rows do not hold (a busy or unsteady machine); rerun on an idle one.**"]  # fmt: skip
+    lines += ["## Settings (img/s of each; the fastest is the figure)", ""]
     for model, modes in results.items():
         for mode, r in modes.items():
-            if r.get("agreement"):
-                diffs = ", ".join(f"{LABELS[k]} {v:.2g}" for k, v in r["agreement"].items())
-                lines.append(f"- {model} {mode}: {diffs}")
+            for impl, by_setting in r.get("settings", {}).items():
+                if len(by_setting) > 1:
+                    cells = [f"{s} {v:.1f}" if isinstance(v, float) else f"{s} {v}" for s, v in by_setting.items()]
+                    lines.append(f"- {model} {mode} {LABELS[impl]}: {', '.join(cells)}")
+    lines += ["", "## Outputs agree (max |diff| vs our eager fp32 model, inference, same input)", ""]
+    for model, modes in results.items():
+        for mode, r in modes.items():
+            diffs = [f"{LABELS[i]} {s} {v:.2g}" for i, by in r["agreement"].items() for s, v in by.items()]
+            if diffs:
+                lines.append(f"- {model} {mode}: {', '.join(diffs)}")
     errors = [(m, mode, i, e) for m, ms in results.items() for mode, r in ms.items() for i, e in r["errors"].items()]
     if errors:
         lines += ["", "## Failures", ""] + [f"- {m} {mode} {LABELS[i]}: {e}" for m, mode, i, e in errors]
@@ -241,10 +390,11 @@ def chart(results: dict, path: Path) -> None:
     groups = {}
     for model, modes in results.items():
         for mode, r in modes.items():
-            peers = [v for k, v in r["img_per_s"].items() if k != "ours"]
+            ips = {k: v for k, v in r["img_per_s"].items() if k != CONTROL}
+            peers = [v for k, v in ips.items() if k != "ours"]
             if peers:
                 best = max(peers)
-                groups[f"{model} {mode}"] = {LABELS[k]: v / best for k, v in r["img_per_s"].items()}
+                groups[f"{model} {mode}"] = {LABELS[k]: v / best for k, v in ips.items()}
     if groups:
         plot_grouped_bars(
             groups,
@@ -253,81 +403,6 @@ def chart(results: dict, path: Path) -> None:
             title="ConvNeXt: speed relative to the best peer",
             highlight=LABELS["ours"],
         )
-
-
-# ------------------------------------------------------------------------------------------ main
-
-
-def run(args: argparse.Namespace) -> tuple[dict, dict]:
-    from convnext.fast import keep_freed_memory
-    from convnext.flops import count_gmacs
-    from convnext.registry import create_model
-
-    torch.set_num_threads(args.threads)
-    # Dynamo's default keeps 8 compiled graphs per code object, then runs eager without a word: this run compiles
-    # timm's forward once per model, mode and shape, more than 8 times.
-    torch._dynamo.config.recompile_limit = 64
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        # What optimize() does to the process's allocator (glibc keeps freed buffers) holds for every
-        # implementation timed here, from the first measurement on, not only for those timed after ours.
-        keep_freed_memory()
-    cases = QUICK if args.quick else CASES
-    peaks = matmul_peaks(device, args.quick)
-    log(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
-    results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in args.models:
-            case = cases[key]
-            torch.manual_seed(0)
-            ours = create_model(case.arch).eval().to(device)
-            gmacs = count_gmacs(ours, case.img_size)
-            gen = torch.Generator().manual_seed(0)
-            results[case.arch] = {}
-            for mode in args.modes:
-                batch = 1 if mode.startswith("latency") else case.batch
-                x = torch.randn(batch, 3, case.img_size, case.img_size, generator=gen).to(device)
-                y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-                train = mode.startswith("train")
-                dt = mode.split("_")[1]
-                flops = 2 * gmacs * (3 if train else 1)  # GFLOP per image
-                r = {"batch": batch, "img_per_s": {}, "errors": {}, "agreement": {}}
-                r["roofline"] = peaks[dt] / flops  # img/s if every FLOP ran at the matmul peak
-                runners = {}
-                for impl in args.impls:
-                    log(f"{case.arch} {mode}: building {impl}")
-                    try:
-                        runner = make_runner(impl, case, ours, mode, x, y, Path(tmp))
-                        if runner is not None:
-                            runner()  # warm-up (compiles)
-                            runners[impl] = runner
-                    except Exception as e:  # one peer failing must not lose the rest of the table
-                        r["errors"][impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                        log(f"  {impl} failed: {r['errors'][impl]}")
-                if not train and runners:
-                    with torch.inference_mode():
-                        ref = ours(x).float().cpu().numpy()
-                    r["agreement"] = agreement(runners, ref)
-                log(f"{case.arch} {mode}: timing {', '.join(runners)}")
-                times = time_interleaved(runners, args.rounds, args.round_s, device)
-                for impl, ts in times.items():
-                    r["img_per_s"][impl] = batch / statistics.median(ts)
-                    r.setdefault("iterations", {})[impl] = len(ts)
-                results[case.arch][mode] = r
-                del runners
-                log("  " + ", ".join(f"{k} {v:.1f} img/s" for k, v in r["img_per_s"].items()))
-    meta = {
-        "machine": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "device": str(device),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "peak_gflops": peaks,
-        "quick": args.quick,
-        "command": " ".join(["python", *sys.argv]),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    return results, meta
 
 
 def _cpu_name() -> str:
@@ -347,9 +422,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)} (ours is always run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime runs on CPU only)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
-    p.add_argument("--round-s", type=float, default=1.0, help="seconds each implementation runs per round")
-    p.add_argument("--quick", action="store_true", help="toy sizes, 1 round: proves the pipeline, numbers meaningless")
+    p.add_argument("--blocks", type=int, default=7, help="timed blocks per implementation (the median counts)")
+    p.add_argument("--block-s", type=float, default=1.0, help="seconds of calls in a row per block")
+    p.add_argument("--pause-s", type=float, default=0.5, help="sleep before each block (threads park)")
+    p.add_argument(
+        "--quick", action="store_true", help="toy sizes, 2 short blocks: proves the pipeline, numbers meaningless"
+    )
     p.add_argument("--out", default="benchmarks/results", help="folder for the .md, .json and .png")
     p.add_argument("--json", action="store_true", help="stdout: one JSON object {model/mode/impl: img/s}")
     args = p.parse_args(argv)
@@ -363,15 +441,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         bad = [v for v in values if v not in allowed]
         if bad:
-            p.error(f"unknown {name} {bad}; choose from {list(allowed)}")
+            p.error(f"--{name}: unknown {bad}; choose from {list(allowed)}")
+    if args.threads < 1 or args.blocks < 1 or args.block_s < 0 or args.pause_s < 0:
+        p.error("--threads and --blocks must be >= 1, --block-s and --pause-s >= 0")
     if args.device == "cuda":
         args.impls = [i for i in args.impls if i != "onnxruntime"]
     if args.quick:
-        args.rounds, args.round_s = 1, 0.0
+        args.blocks, args.block_s, args.pause_s = 2, 0.0, 0.0
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        print(json.dumps(child(json.loads(argv[1]))))
+        return 0
     args = parse_args(argv)
     results, meta = run(args)
     out = Path(args.out)

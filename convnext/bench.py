@@ -45,6 +45,33 @@ def time_runs(fn: Callable[[], object], warmup: int, runs: int, device: torch.de
     return times
 
 
+def time_blocks(
+    fn: Callable[[], object], blocks: int, block_s: float, pause_s: float, device: torch.device, warmup: int = 2
+) -> list[float]:
+    """Seconds per call of `fn` in each of `blocks` blocks (the caller takes the median): after `warmup` untimed
+    calls, each block makes as many calls in a row as fill `block_s` (counted from one more call) and is timed
+    whole, then the process sleeps `pause_s`, so every block starts from parked threads and a settled machine
+    rather than from whatever ran just before. Time one implementation per process (benchmarks/compare.py): two
+    runtimes in one process leave each other's threads spinning, and on few cores the order they run in decides
+    the figures."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    calls = max(1, round(block_s / max(time.perf_counter() - t0, 1e-9)))
+    per_call = []
+    for _ in range(blocks):
+        time.sleep(pause_s)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        per_call.append((time.perf_counter() - t0) / calls)
+    return per_call
+
+
 def matmul_peak_gflops(
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n: int | None = None, runs: int = 5
 ) -> float:

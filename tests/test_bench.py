@@ -117,20 +117,63 @@ def test_compare_table_ratios():
     compare = _benchmark_module("compare")
     results = {
         "convnext_tiny": {
-            "infer_fp32": {"batch": 16, "img_per_s": {"ours": 20.0, "timm_eager": 10.0, "onnxruntime": 16.0},
-                           "errors": {"timm_compiled": "boom"}, "agreement": {"timm_eager": 1e-6}, "roofline": 25.0},
-            "latency_fp32": {"batch": 1, "img_per_s": {"ours": 20.0, "onnxruntime": 25.0}, "errors": {},
-                             "agreement": {}, "roofline": 40.0},
+            "infer_fp32": {"batch": 16, "settings": {"ours": {"fp32": 20.0}, "timm_eager": {"fp32": 10.0},
+                           "timm_compiled": {"fp32": "failed: boom"},
+                           "onnxruntime": {"our export": 12.0, "timm export": 16.0}, "ours_again": {"fp32": 20.0}},
+                           "agreement": {"timm_eager": {"fp32": 1e-6}}, "roofline": 25.0},
+            "latency_fp32": {"batch": 1, "settings": {"ours": {"fp32": 20.0}, "onnxruntime": {"our export": 25.0},
+                             "ours_again": {"fp32": 16.0}}, "agreement": {}, "roofline": 40.0},
         }
     }  # fmt: skip
+    for r in results["convnext_tiny"].values():
+        r.update({"img_per_s": {}, "errors": {}, "best_setting": {}})
+        compare.summarise(r)
+    infer = results["convnext_tiny"]["infer_fp32"]
+    assert infer["img_per_s"] == {"ours": 20.0, "timm_eager": 10.0, "onnxruntime": 16.0, "ours_again": 20.0}
+    assert infer["best_setting"]["onnxruntime"] == "timm export" and infer["control"] == 1.0
+    assert infer["errors"] == {"timm_compiled": "fp32: failed: boom"}
     meta = {"machine": "cpu", "threads": 2, "torch": "x", "peak_gflops": {"fp32": 1.0, "bf16": 2.0}, "command": "c"}
     table = compare.markdown(results, meta)
     assert (
-        "| infer_fp32 | 16 | 20.0 | 10.0 (2.00x) | failed | 16.0 (1.25x) | 1.25x (onnxruntime) | 25.0 img/s | 80% |"
+        "| infer_fp32 | 16 | 20.0 | 10.0 (2.00x) | failed | 16.0 (1.25x) | 1.00 | 1.25x (onnxruntime) "
+        "| 25.0 img/s | 80% |" in table
+    )
+    # ours / ours = 1.25 in the latency row: marked, and a warning heads the table
+    assert (
+        "| latency_fp32 | 1 | 50.0 ms | - | - | 40.0 ms (0.80x) | 1.25 (!) | 0.80x (onnxruntime) | 25.00 ms | 50% |"
         in table
     )
-    assert "| latency_fp32 | 1 | 50.0 ms | - | - | 40.0 ms (0.80x) | 0.80x (onnxruntime) | 25.00 ms | 50% |" in table
-    assert "timm compiled: boom" in table.split("## Failures")[1]
+    assert "WARNING: the A/A control is outside 1 +- 0.03 in convnext_tiny latency_fp32 (1.25)" in table.split("##")[0]
+    assert "- convnext_tiny infer_fp32 onnxruntime: our export 12.0, timm export 16.0" in table
+    assert "timm compiled CL: fp32: failed: boom" in table.split("## Failures")[1]
+
+
+def test_compare_settings_are_each_peers_documented_best():
+    """timm: eager and compiled, fp32 or bf16 by autocast and (inference) with bf16 weights; onnxruntime on our and
+    timm's export in fp32 inference only; ours once (and again in the A/A control)."""
+    compare = _benchmark_module("compare")
+    atto = compare.CASES["atto"]
+    assert compare.settings("timm_compiled", "infer_bf16", atto) == ["autocast", "bf16 weights"]
+    assert compare.settings("timm_eager", "train_bf16", atto) == ["autocast"]
+    assert compare.settings("timm_eager", "train_fp32", atto) == ["fp32"]
+    assert compare.settings("onnxruntime", "latency_fp32", atto) == ["our export", "timm export"]
+    assert (
+        compare.settings("onnxruntime", "infer_bf16", atto) == compare.settings("onnxruntime", "train_fp32", atto) == []
+    )
+    assert compare.settings("torchvision", "infer_fp32", atto) == []  # torchvision has no atto
+    assert (
+        compare.settings("ours_again", "infer_bf16", atto) == compare.settings("ours", "infer_bf16", atto) == ["bf16"]
+    )
+
+
+def test_time_blocks_times_blocks_of_calls():
+    """One entry per block, each the block's seconds per call; the block holds as many calls as fill block_s."""
+    from convnext.bench import time_blocks
+
+    calls = []
+    seconds = time_blocks(lambda: calls.append(1), blocks=3, block_s=0.0, pause_s=0.0, device=torch.device("cpu"))
+    assert len(seconds) == 3 and all(s >= 0 for s in seconds)
+    assert len(calls) == 2 + 1 + 3  # warm-up, the call that sizes a block, one call per block
 
 
 def test_folder_vs_resnet18_stand_in_and_peer_loop(tmp_path):
