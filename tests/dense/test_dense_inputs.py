@@ -226,9 +226,33 @@ def test_coco_images_missing_from_the_folder_are_counted_and_named(coco_folder):
     )
 
 
-def test_detect_train_cli_on_a_malformed_coco_file_prints_one_line(coco_folder, tmp_path, capsys):
-    data = coco_data(coco_folder)
+def _no_bbox(data: dict) -> None:
     del data["annotations"][2]["bbox"]
+
+
+def _no_file_name(data: dict) -> None:
+    del data["images"][1]["file_name"]
+
+
+def _nan_bbox(data: dict) -> None:
+    data["annotations"][0]["bbox"][1] = NAN
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda data: [data], "not a COCO annotation file (the top level is a list"),  # was pycocotools' AssertionError
+        (_no_bbox, "annotation 3 has no 'bbox'"),  # was "error: 'bbox'"
+        (_no_file_name, "image 2 has no 'file_name'"),  # was "error: file_name"
+        (_nan_bbox, "annotation 1: 'bbox' [10, nan, 20, 20] has a value that is not finite"),  # was accepted
+    ],
+    ids=["json-list", "missing-bbox", "missing-file_name", "nan-bbox"],
+)
+def test_detect_train_cli_on_a_malformed_coco_file_prints_one_line(coco_folder, tmp_path, capsys, edit, expected):
+    """The probes as a user met them: `convnext detect train` on a malformed COCO file is one line naming the file,
+    the entry and the field, exit code 2, and no run folder."""
+    data = coco_data(coco_folder)
+    data = edit(data) or data
     (coco_folder / "bad.json").write_text(json.dumps(data))
     images, good, bad = coco_folder / "images", coco_folder / "ann.json", coco_folder / "bad.json"
     args = ["detect", "train", "--output", str(tmp_path / "run"), "--model", "convnext_atto", "--data.format", "coco",
@@ -236,7 +260,8 @@ def test_detect_train_cli_on_a_malformed_coco_file_prints_one_line(coco_folder, 
             "--data.val_images", str(images), "--data.val_ann", str(bad)]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"convnext detect: error: {bad}: annotation 3 has no 'bbox'"
+    assert err.startswith(f"convnext detect: error: {bad}: {expected}") and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 # --- folders of images with instance masks or label PNGs -------------------------------------------------------
