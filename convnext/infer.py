@@ -3,8 +3,11 @@ robustly.
 
 - `load_image` (from `convnext.data.decode`, the decoder training reads with too) turns any image file into an
   8-bit RGB picture or raises `BadImageError` naming the file.
-- `evaluate` returns top-1/top-5 (percent), mean loss, per-class accuracy and the confusion matrix.
-- `predict` yields one dict per image, in input order, with the top-k labels or the reason it failed.
+- `evaluate` returns top-1/top-5 (percent), mean loss, per-class accuracy, the confusion matrix and each image's
+  prediction; `run_eval` adds the report (`convnext.report_eval`: F1, balanced accuracy, ECE, figures).
+- `predict` yields one dict per image, in input order, with the top-k labels or the reason it failed, and on
+  request its pooled features (`convnext.features` writes them) and a class activation map (`convnext.cam`).
+- `--tta` everywhere is `with_tta`: the run's test-time views (`data.tta_logits`) with the mirror added.
 """
 
 from __future__ import annotations
