@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,11 @@ def test_wandb_offline_run_holds_config_metrics_and_results(tmp_path):
     for row in ROWS:
         t.log_row(row, curves)
     t.finish({"top1": 60.0, "macro_f1": 55.0}, [])
-    records = _wandb_records(run_dir)
+    for _ in range(100):  # W&B's service may still be writing the file when finish() returns: wait for its end
+        records = _wandb_records(run_dir)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            break
+        time.sleep(0.1)
     history = [(r.history.step.num, {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item})
                for r in records if r.WhichOneof("record_type") == "history"]  # fmt: skip
     assert [(n, float(h["val_top1"]), float(h["val_macro_f1"])) for n, h in history] == [(1, 40, 30), (2, 60, 55)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from convnext.extras import MissingExtraError
-from convnext.train import fit
+from convnext.train import TrainConfig, fit
 
 
 @pytest.fixture(autouse=True)
