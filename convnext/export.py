@@ -248,11 +248,12 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def quiet_loggers(*names: str):
+def quiet_loggers(*names: str, level: int = logging.WARNING):
+    """Only messages of `level` and above from the loggers `names` ("": the root logger) while inside."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(level)
     try:
         yield
     finally:

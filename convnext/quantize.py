@@ -10,6 +10,7 @@ model evaluates them. The file keeps the export's metadata, so `resolve` and `pr
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -114,7 +115,9 @@ def export_int8(
         fp32 = export_model(model, "onnx", fp32_path, img_size=images.shape[-1], metadata=metadata, **export_kwargs)
         ref = OnnxModel(fp32_path)
         x = images.float().numpy()
-        with quiet_loggers(""):  # its advice, on the root logger, to run its pre-processing (which gains nothing here)
+        with quiet_loggers(
+            "", level=logging.ERROR
+        ):  # its advice, on the root logger, to run its pre-processing (which gains nothing here)
             quantize_static(
                 fp32_path,
                 int8_path,

@@ -1,6 +1,6 @@
 """An .onnx file as a model: `convnext export --format onnx` writes the preprocessing and names into the file,
 `resolve` reads them back into an onnxruntime-backed module, and `predict` / `eval` on the file give the
-checkpoint's top-1 on real images."""
+checkpoint's top-1 on real images, and its int8 quantization mostly the float32 file's."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from convnext.cli import main
+from convnext.data import load_image
 from convnext.export import export_model
 from convnext.onnx_model import REQUIRED, OnnxModel, read_metadata, write_metadata
 from convnext.registry import create_model
@@ -50,8 +51,6 @@ def randomized(seed: int = 0) -> torch.nn.Module:
 def trained(images: Path, steps: int = 30) -> torch.nn.Module:
     """`randomized()` fitted briefly to the images of a class folder (a random ConvNeXt gives every real image the
     same class), in eval mode."""
-    from convnext.data import load_image
-
     model, transform = randomized().train(), Preprocess(img_size=32).transform()
     paths = sorted(images.rglob("*.jpg"))
     classes = sorted({p.parent.name for p in paths})
@@ -155,3 +154,20 @@ def test_predict_and_eval_on_the_onnx_equal_the_checkpoint_on_real_images(export
                                                                           "--data", str(images))  # fmt: skip
     assert got["n"] == want["n"] == 30 and got["top1"] == want["top1"]
     assert got["per_class_accuracy"] == want["per_class_accuracy"]
+
+
+@needs_cifar
+def test_int8_agrees_with_float32_on_most_real_images(exported, tmp_path, capsys):
+    weights, path = exported
+    calib, test = cifar_folder(tmp_path / "calib", "train", 8), cifar_folder(tmp_path / "test", "test", 10)
+    args = ["export", str(weights), "--format", "onnx", "--img-size", "32", "--dynamic-batch", "--int8"]
+    assert main(args + ["--calib", str(calib), "--calib-images", "64", "--output", str(tmp_path / "q.onnx")]) == 0
+    capsys.readouterr()
+    fp32, int8 = resolve(path), resolve(tmp_path / "q.onnx")
+    assert int8.preprocess == fp32.preprocess and "64 calibration images from" in int8.model.metadata["quantization"]
+    transform = fp32.preprocess.transform()
+    x = torch.stack([transform(load_image(p)) for p in sorted(test.rglob("*.jpg"))])
+    with torch.inference_mode():
+        a, b = fp32.model(x).argmax(1), int8.model(x).argmax(1)
+    assert len(x) == 100 and len(set(a.tolist())) > 2
+    assert (a == b).float().mean() >= 0.9
