@@ -48,6 +48,9 @@ def grad_cam(
         fmap = model.forward_features(x.detach()).float()  # (B, C, h, w)
         if fmap.ndim != 4:
             raise ValueError(f"forward_features gave shape {tuple(fmap.shape)}, not a (B, C, h, w) map")
+        if fmap.shape[-2:].numel() == 1:  # pooling a single position: the map is one value, nothing to localise
+            raise ValueError(f"--cam: the last stage's map is 1x1 for {x.shape[-1]} px input; a larger --img-size "
+                             "gives it positions to compare")  # fmt: skip
         fmap = fmap.detach().requires_grad_(True)
         logits = model.forward_head(fmap)  # (B, K)
         if classes is None:

@@ -110,6 +110,14 @@ def test_grad_cam_of_a_named_class_uses_it_and_leaves_no_gradients(model):
         grad_cam(model, x, method="scorecam")
 
 
+def test_a_one_position_map_is_refused():
+    """A stride-32 model at 32 px pools a single position: the map would be one flat value."""
+    net = create_model("convnext_atto", num_classes=3, depths=(1, 1, 1, 1), dims=(8, 8, 16, 16)).eval()
+    with pytest.raises(ValueError, match="1x1 for 32 px input; a larger --img-size"):
+        grad_cam(net, torch.zeros(1, 3, 32, 32))
+    assert grad_cam(net, torch.rand(1, 3, 64, 64))[0].shape == (1, 64, 64)
+
+
 def test_a_model_without_spatial_maps_is_refused():
     flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * S * S, 3))
     with pytest.raises(ValueError, match="--cam: flat has no spatial feature maps"):
