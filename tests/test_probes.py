@@ -1,9 +1,10 @@
-"""Issue 39's probes (a careless user, an attacker) that no other test file checks the way the user met them: values
-no run can use given on the command line, an early Ctrl-C, the size of a detection run's best.pt. Every other probe
-of the issue has its test beside the code it checks; docs/reliability.md lists them all."""
+"""Issue 39's probes (a careless user, an attacker) that no other test file checks the way the user met them: a weight
+tag given to train, values no run can use on the command line, an early Ctrl-C, the size of a detection run's best.pt.
+Every other probe of the issue has its test beside the code it checks; docs/reliability.md lists them all."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from convnext.engine.checkpoint import load
 from .dense.conftest import write_instance_folder
 from .dense.test_dense_train import det_config
 from .train.conftest import ROOT, write_image_folder
+from .train.test_finetune import SHAPE, published  # noqa: F401  (a fixture: a published tag in the download cache)
 
 KWARGS = '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}'  # a tiny 4-stage ConvNeXt
 
@@ -28,6 +30,27 @@ def train_argv(data: Path, out: Path, epochs: int = 1) -> list[str]:
     return ["train", "--preset", "demo", "--data", str(data), "--model.kwargs", KWARGS, "--img-size", "16",
             "--batch-size", "6", "--epochs", str(epochs), "--threads", "1", "--data.num_workers", "0", "--device",
             "cpu", "--output", str(out)]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", [["--preset", "demo"], []], ids=["preset-demo", "auto-recipe"])
+def test_a_weight_tag_given_to_train_starts_from_its_weights(published, preset, tmp_path, caplog):  # noqa: F811
+    """Before: `--model convnext_atto.d2_in1k` trained random weights with no line, the same numbers as `--model
+    convnext_atto`. Now the tag's weights are loaded and said, with a preset or the automatic recipe: after one short
+    epoch its run is still near them, the bare name's run is not."""
+    spec, net = published
+    data, w = write_image_folder(tmp_path / "shapes", n=6), "stages.3.blocks.0.pwconv2.weight"
+    common = [*preset, "--data", str(data), "--epochs", "1", "--batch-size", "6", "--threads", "1",
+              "--data.num_workers", "0", "--device", "cpu"]  # fmt: skip
+    distance = {}
+    for name, model in (("tag", ["--model", spec.name]),
+                        ("bare", ["--model", "convnext_atto", "--model.kwargs", json.dumps(SHAPE)])):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert main(["train", *common, *model, "--output", str(tmp_path / name)]) == 0
+        said = f"weights: {spec.name}: the published weights" in caplog.text
+        assert said == (name == "tag"), caplog.text
+        distance[name] = (load(tmp_path / name / "last.pt")["model"][w] - net.state_dict()[w]).norm().item()
+    assert distance["tag"] < 0.1 * distance["bare"], distance
 
 
 @pytest.mark.parametrize(
