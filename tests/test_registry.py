@@ -17,6 +17,10 @@ PARAMS = {
     "convnextv2_large": 197_956_840, "convnextv2_huge": 660_289_640,
     "convnext_isotropic_small": 22_308_712, "convnext_isotropic_base": 87_083_752,
     "convnext_isotropic_large": 305_905_640,
+    # timm's own variants, as timm counts them
+    "convnext_zepto_rms": 2_155_656, "convnext_zepto_rms_ols": 2_164_232, "convnext_atto_ols": 3_702_912,
+    "convnext_femto_ols": 5_226_520, "convnext_pico_ols": 9_061_928, "convnext_nano_ols": 15_649_560,
+    "convnext_tiny_hnf": 28_589_128, "convnext_large_mlp": 200_128_168,
 }  # fmt: skip
 GMACS = {
     "convnext_atto": 0.55, "convnext_femto": 0.79, "convnext_pico": 1.37, "convnext_nano": 2.46,

@@ -281,7 +281,7 @@ def test_each_form_of_config_gives_the_architecture_and_preprocessing():
     assert (form, arch, cfg.grn, cfg.num_classes, pp["crop_mode"], pp["img_size"]) == (
         "timm", "convnextv2_atto", True, 0, "squash", 224)  # fmt: skip
     with pytest.raises(ValueError, match="not one of this package's ConvNeXt variants"):
-        describe({"architecture": "convnext_tiny_hnf"}, {}, "x")
+        describe({"architecture": "convnext_atto_rms"}, {}, "x")
     with pytest.raises(ValueError, match="describes no ConvNeXt"):
         describe({"model_type": "vit"}, {}, "x")
 
