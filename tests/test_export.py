@@ -15,6 +15,7 @@ import torch
 from convnext.cli import main
 from convnext.export import ParityError, export_model, prepare
 from convnext.registry import create_model
+from convnext.resolve import Preprocess, resolve
 from convnext.weights import WEIGHTS, WeightSpec
 
 SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
@@ -76,7 +77,15 @@ def test_fixed_batch_onnx_has_static_shape(v2_model, tmp_path):
 
 
 def test_onnx_fp16_keeps_norms_in_fp32(v2_model, tmp_path):
-    export_model(v2_model, "onnx", tmp_path / "h.onnx", img_size=32, dtype="fp16", opset=18)
+    meta = {"model": "v2", "classes": [str(i) for i in range(10)], "img_size": 32, "crop_pct": 1.0,
+            "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear", "dynamic_size": True}  # fmt: skip
+    r = export_model(v2_model, "onnx", tmp_path / "h.onnx", img_size=32, dtype="fp16", dynamic_size=True, metadata=meta)
+    assert r.ok and r.sizes == [32, 64]  # checked at a second size, traced there
+    loaded = resolve(tmp_path / "h.onnx")  # the metadata survives the fp16 export and drives the preprocessing
+    assert loaded.preprocess == Preprocess(32, 1.0, (0.5,) * 3, (0.25,) * 3, interpolation="bilinear")
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), v2_model(x), atol=0.1, rtol=0)
     model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "h.onnx")))
     assert model.opset_import[0].version >= 17
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
@@ -168,6 +177,9 @@ def test_bad_requests(v2_model, tmp_path):
         export_model(v2_model, "onnx", tmp_path / "m.onnx", opset=13)
     with pytest.raises(ValueError, match="format"):
         export_model(v2_model, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(ValueError, match="--dynamic-size needs --format onnx"):
+        export_model(v2_model, "torchscript", tmp_path / "m.pt", dynamic_size=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_export_exit_codes(tmp_path, capsys):
