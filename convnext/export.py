@@ -3,7 +3,8 @@
 The written file is loaded back (ONNX through onnxruntime) and run on the same random input as the eager model;
 the largest difference is reported and the export fails if it is over tolerance. Exports take and return float32
 tensors whatever `dtype` is; inside an fp16/bf16 export every normalisation (LayerNorm, GRN) runs in float32, so
-the sum of squares cannot overflow (ConvNeXt-V2 issue #66).
+the sum of squares cannot overflow (ConvNeXt-V2 issue #66). An ONNX file also carries the model's name, class
+names and eval preprocessing in its metadata (`deploy_metadata`), which `resolve("model.onnx")` reads back.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def export_model(
         raise ValueError("bf16 ONNX cannot be checked: onnxruntime has no bfloat16 Conv kernel; use --dtype fp16")
     if dynamic_size and fmt != "onnx":
         raise ValueError(f"--dynamic-size needs --format onnx: a {fmt} file is checked at one input size only")
+    if metadata and fmt != "onnx":
+        raise ValueError(f"metadata is stored in ONNX files only, not {fmt}")
     if opset < 17:
         raise ValueError(f"opset must be 17 or newer (LayerNormalization), got {opset}")
     if fmt == "onnx":

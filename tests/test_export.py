@@ -179,6 +179,8 @@ def test_bad_requests(v2_model, tmp_path):
         export_model(v2_model, "tflite", tmp_path / "m.tflite")
     with pytest.raises(ValueError, match="--dynamic-size needs --format onnx"):
         export_model(v2_model, "torchscript", tmp_path / "m.pt", dynamic_size=True)
+    with pytest.raises(ValueError, match="ONNX files only"):
+        export_model(v2_model, "exported-program", tmp_path / "m.pt2", metadata={"model": "m"})
     assert list(tmp_path.iterdir()) == []
 
 
