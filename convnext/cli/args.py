@@ -81,7 +81,7 @@ def print_config(cfg: Any) -> None:
 
 
 MODEL_HELP = ("registered name (convnext_tiny, convnext_tiny.fb_in1k), a training run folder or its best.pt / last.pt, "
-              "a weight file, a pretrained folder or hf-hub:ORG/NAME")  # fmt: skip
+              "a weight file, a pretrained folder, hf-hub:ORG/NAME or an .onnx from `convnext export`")  # fmt: skip
 
 
 def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
