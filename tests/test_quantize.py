@@ -84,4 +84,6 @@ def test_bad_requests_stop_in_one_line_and_write_nothing(run, tmp_path, capsys):
     (tmp_path / "x.onnx").write_bytes(b"")
     assert main(["export", str(tmp_path / "x.onnx"), "--format", "onnx", "--output", str(out)]) == 2
     assert "ONNX file already" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "x.onnx")]) == 2
+    assert "bench times PyTorch models" in capsys.readouterr().err
     assert not out.exists()

@@ -126,6 +126,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from convnext.bench import benchmark, format_result
 
+    if Path(args.checkpoint or args.model or "").suffix == ".onnx":
+        print("convnext bench: error: bench times PyTorch models; give the checkpoint or run the .onnx came from",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     from convnext.registry import split_name
