@@ -79,9 +79,10 @@ MAX_GRID = 16  # the finest first-stage token grid a budgeted run considers (Res
 # atto's 4x4 (8x8 tokens) and scored 64.0 vs 61.2% in 3 minutes on CIFAR-10 (benchmarks/NOTES.md)
 QUARTER: dict[str, Any] = {"depths": (1, 1, 2, 1), "dims": (32, 64, 128, 256)}
 # class imbalance (largest class over smallest) from which the recipe re-balances, and how: on long-tailed CIFAR-10
-# (quarter atto, 20 epochs) both ways beat plain training in macro-F1 by 4-8 points at 100:1 and 10:1; sampling
-# won at 100:1 (23.1 vs weights 21.5, plain 17.7) where weights lost top-1, and tied at 10:1 (benchmarks/NOTES.md
-# section 7). 10:1 is the smallest ratio measured
+# (quarter atto, 20 epochs, two seeds) both ways beat plain training in macro-F1 by 5-8 points at 100:1 and 10:1
+# (100:1: sampling 22.6, weights 22.0, plain 17.2), but weights lost 2-2.7 points of top-1 at 100:1 and sampling
+# never did; on CamVid's 128 px patches as they come (72:1, 4 epochs) sampling 78.4 vs weights 48.8 vs plain 42.4
+# (benchmarks/NOTES.md section 7). 10:1 is the smallest ratio measured
 IMBALANCE_FROM = 10.0
 BALANCE = "sampler"
 
