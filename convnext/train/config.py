@@ -330,4 +330,3 @@ def resolve_preprocessing(cfg: TrainConfig) -> list[str]:
     for k in taken:
         setattr(d, k, weights[k])
     return why
-
