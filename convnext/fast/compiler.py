@@ -27,9 +27,9 @@ import torch._dynamo.config
 import torch._inductor.config
 from torch import nn
 
-from convnext.fast.ops import FastConvNeXt
+from convnext.fast.ops import FastConvNeXt, runs_fast
 from convnext.fast.plan import median_seconds, plan_pointwise
-from convnext.model import Block, ConvNeXt
+from convnext.model import Block
 
 TESTED_TORCH = ((2, 14), (2, 14))  # the torch releases whose private ops (oneDNN pointwise conv, aten backward
 # entry points) the fast path is tested on; on others it turns itself off unless CONVNEXT_FAST_ANY_TORCH=1
@@ -191,7 +191,7 @@ def optimize(
         use_autocast = dtype != torch.float32 and device_type == "cuda"
         if dtype != torch.float32 and not use_autocast:
             inner = inner.to(dtype)
-        eager = FastConvNeXt(inner) if isinstance(inner, ConvNeXt) and usable() else inner
+        eager = FastConvNeXt(inner) if runs_fast(inner) and usable() else inner
         wrapped = Optimized(torch.compile(eager, dynamic=False) if compile else eager, dtype, use_autocast,
                             device_type, freeze=compile).eval()  # fmt: skip
         if example_input is not None:
@@ -203,7 +203,7 @@ def optimize(
         return wrapped
 
     model.to(memory_format=torch.channels_last).train()
-    if isinstance(model, ConvNeXt) and usable():
+    if runs_fast(model) and usable():
         # float32 only: measured op by op, the bf16 choices did not carry over into the compiled bf16 graph (T step
         # 18.1 -> 13.0 img/s with them), where the rule of `_weight_grad_by_onednn` stays
         measure = example_input is not None and device_type == "cpu" and dtype == torch.float32

@@ -478,6 +478,18 @@ def _pointwise(
     return F.conv2d(x, weight[:, :, None, None], bias)
 
 
+def runs_fast(model: nn.Module) -> bool:
+    """Whether `FastConvNeXt` runs `model`: a ConvNeXt with LayerNorms (timm's SimpleNorm models, the zepto_rms
+    weights, run as the plain model; said once)."""
+    if not isinstance(model, ConvNeXt):
+        return False
+    if model.cfg.norm_layer != "layernorm":
+        warnings.warn(f"the fast path runs LayerNorm models; norm_layer={model.cfg.norm_layer!r} runs the plain "
+                      "PyTorch model", stacklevel=2)  # fmt: skip
+        return False
+    return True
+
+
 class FastConvNeXt(nn.Module):
     """Runs a `ConvNeXt` (held, not copied: same parameters) through `block_forward`, with `plan`'s 1x1 choices."""
 

@@ -260,3 +260,14 @@ def test_response_norm_gradients_are_grn_s():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(response_norm(grn, y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_simplenorm_model_runs_plain_and_says_so():
+    from convnext import create_model, optimize
+
+    model = create_model("convnext_zepto_rms", num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="plain PyTorch model"):
+        fast = optimize(model, compile=False, example_input=x)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
