@@ -165,8 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     result = fit(cfg)
     logging.getLogger("convnext.train").info(
-        "done: val top-1 %.2f%% (top-5 %.2f%%) on %s held-out images; run folder %s",
-        result["top1"], result["top5"], result["n"], result["run_dir"],
+        "done: val top-1 %.2f%% (top-5 %.2f%%, macro-F1 %.2f%%) on %s held-out images; run folder %s",
+        result["top1"], result["top5"], result["macro_f1"], result["n"], result["run_dir"],
     )  # fmt: skip
     print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "run_dir") if k in result}))
     return 0

@@ -88,3 +88,14 @@ def test_bad_selection_flags_are_one_line_before_any_work(image_folder, tmp_path
     assert main(["train", "--data", str(image_folder), "--output", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not out.exists()
+
+
+def test_cli_flags_set_the_config_fields(capsys):
+    from convnext.cli import main
+
+    argv = ["train", "--preset", "demo", "--select", "macro_f1", "--early-stop", "3", "--log", "mlflow,wandb",
+            "--data.balance", "sampler", "--print-config"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["select"], cfg["early_stop"], cfg["trackers"]) == ("macro_f1", 3, ["mlflow", "wandb"])
+    assert cfg["data"]["balance"] == "sampler"
