@@ -224,11 +224,11 @@ def _balance(cfg: TrainConfig, data: _Data) -> torch.Tensor | None:
         d.balance, line = choose_balance(counts)
         cfg.recipe.append(line)
         log.info("recipe: %s", line)
-    if d.balance == "weights":
-        log.info("data: cross-entropy weighted by inverse class frequency (classes %d..%d images, ratio %.1f)",
-                 min(counts), max(counts), imbalance_ratio(counts))  # fmt: skip
-        return class_weights(counts)
-    return None
+    how = {"weights": "cross-entropy weighted by inverse class frequency", "sampler": "class-balanced sampling"}
+    if d.balance in how:
+        log.info("data: %s (classes of %d to %d images, ratio %.1f:1)", how[d.balance], min(counts), max(counts),
+                 imbalance_ratio(counts))  # fmt: skip
+    return class_weights(counts) if d.balance == "weights" else None
 
 
 class _Data:
