@@ -28,6 +28,7 @@ from convnext.fast.ops import (
     block_forward,
     depthwise_conv,
     onednn_conv1x1,
+    runs_fast,
 )
 from convnext.fast.plan import cached_plan, plan_cache_path, plan_from_rows, plan_pointwise, plan_to_rows
 
@@ -53,5 +54,6 @@ __all__ = [
     "plan_from_rows",
     "plan_pointwise",
     "plan_to_rows",
+    "runs_fast",
     "usable",
 ]

@@ -142,10 +142,10 @@ def images_per_second(
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=classes, patch_size=patch, **kwargs).to(device)
     x = torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=torch.channels_last)
-    if device.type == "cpu":
-        from convnext.fast import FastConvNeXt, plan_pointwise
+    from convnext.fast import FastConvNeXt, cached_plan, runs_fast
 
-        net: torch.nn.Module = FastConvNeXt(model, plan_pointwise(model, x, torch.float32))
+    if device.type == "cpu" and runs_fast(model):  # the plan the run will take (cached: the same one)
+        net: torch.nn.Module = FastConvNeXt(model, cached_plan(model, x, torch.float32)[0])
     else:
         net = model.to(memory_format=torch.channels_last)
     amp = gpu_amp(device)

@@ -50,7 +50,7 @@ from convnext.engine.report import TRACKERS, Trackers
 from convnext.engine.run import RunFolder
 from convnext.engine.trainer import Loop, LrShape, Trainer, restore_weights, schedule
 from convnext.extras import require
-from convnext.fast import FastConvNeXt, cached_plan, keep_freed_memory, kernels, plan_from_rows, plan_to_rows
+from convnext.fast import FastConvNeXt, cached_plan, keep_freed_memory, kernels, plan_from_rows, plan_to_rows, runs_fast
 from convnext.fast import usable as fast_usable
 from convnext.flops import activation_memory
 from convnext.model import ConvNeXt
@@ -312,7 +312,7 @@ def _fast_path(
     optimize() does, once per machine and shape: the plan is kept in the plan cache and every later run takes it, so
     the same command and seed give the same bits. A resumed run keeps the plan it was saved with: products run
     another way round differ in the last bits, and resume is exact."""
-    if not (cfg.fast and info.device.type == "cpu" and isinstance(model, ConvNeXt)):
+    if not (cfg.fast and info.device.type == "cpu" and runs_fast(model)):
         return model, None, "not used"
     if not fast_usable():
         return model, None, f"off: torch {torch.__version__} is not a release the fast path is tested on (plain model)"
