@@ -100,10 +100,23 @@ def device_of(name: str):
     return torch.device(name)
 
 
-def amp_dtype(name: str):
+def amp_dtype(name: str, device=None):
+    """The autocast dtype `--amp` names; "auto": bf16 on a GPU that has it, fp16 on an older one, none on the CPU."""
     import torch
 
+    from convnext.engine.loop import resolve_amp
+
+    name = resolve_amp(name, device or torch.device("cpu"))
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def workers_for(requested: int | None, device) -> int:
+    """DataLoader workers for eval/predict: as asked, or (None) none on the CPU (decoding shares the cores with the
+    model) and the machine's cores on a GPU."""
+    from convnext.engine.loop import cuda_switches, loader_workers
+
+    cuda_switches(device)  # TF32 and cudnn.benchmark on a GPU; nothing on the CPU
+    return loader_workers(requested) if requested is not None or device.type == "cuda" else 0
 
 
 def resolve_args(args: argparse.Namespace, ema: bool = False, img_size: int | None = None):

@@ -15,6 +15,7 @@ from convnext.cli.args import (
     positive_int,
     resolve_args,
     warn_random,
+    workers_for,
 )
 
 
@@ -24,9 +25,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="image folder (its val/ split if any), cifar10, cifar100 or digits")
     p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 live")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 0 on the CPU, "
+                   "the cores on a GPU)")  # fmt: skip
     p.add_argument("--img-size", type=positive_int, default=None, help="override the weights' / run's eval size")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                   help="autocast dtype (auto: bf16 on a GPU that has it, none on the CPU)")  # fmt: skip
     p.add_argument("--no-ema", action="store_true", help="skip the run's EMA weights")
     p.add_argument("--map-classes", action="store_true",
                    help="when the data's class names share none with the model's (ImageNet wnid folders for a model "
@@ -46,9 +49,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, positional=False)
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 0 on the CPU, "
+                   "the cores on a GPU)")  # fmt: skip
     p.add_argument("--img-size", type=positive_int, default=None)
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror (and the run's shifts)")
     p.add_argument("--features", default=None, metavar="OUT", help="write the pooled features as OUT.npy (float32, "
@@ -81,9 +85,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loaded,
         args.data,
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=workers_for(args.workers, device_of(args.device)),
         device=device,
-        amp_dtype=amp_dtype(args.amp),
+        amp_dtype=amp_dtype(args.amp, device_of(args.device)),
         output_dir=output_dir,
         progress=True,
         ema=ema,
@@ -133,9 +137,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.inputs,
         topk=args.topk,
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=workers_for(args.workers, device_of(args.device)),
         device=device_of(args.device),
-        amp_dtype=amp_dtype(args.amp),
+        amp_dtype=amp_dtype(args.amp, device_of(args.device)),
         progress=True,
         tta=args.tta,
         features=bool(args.features),

@@ -50,6 +50,7 @@ from convnext.data.datasets import align_classes, set_transform
 from convnext.engine.balance import MODES as BALANCE_MODES
 from convnext.engine.balance import class_counts, imbalance_ratio, targets_of
 from convnext.engine.distributed import resolve_device
+from convnext.engine.loop import resolve_amp
 from convnext.engine.optim import build_optimizer
 from convnext.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 
@@ -169,9 +170,10 @@ def images_per_second(
 
 
 def gpu_amp(device: torch.device) -> str:
-    """The mixed precision the recipe trains with: bf16 autocast on a GPU that has it, none on the CPU (where
-    the fast path's float32 kernels train faster than bf16 autocast through aten, benchmarks/NOTES.md)."""
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    """The mixed precision the recipe trains with: bf16 autocast on a GPU that has it (fp16 with a scaler on an older
+    one), none on the CPU (where the fast path's float32 kernels train faster than bf16 autocast through aten,
+    benchmarks/NOTES.md)."""
+    return resolve_amp("auto", device)
 
 
 def auto_recipe(

@@ -115,7 +115,7 @@ class TrainConfig:
     budget_min: float | None = None  # wall-clock training budget in minutes; the schedule is fitted to it
     ema: bool = True
     ema_decay: float = 0.9999
-    amp: str = "none"  # none | bf16 (CPU or CUDA) | fp16 (CUDA, with a grad scaler)
+    amp: str = "auto"  # auto (bf16 on a GPU that has it, fp16 on an older one, none on the CPU) | none | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
     fast: bool = True  # CPU: ConvNeXt blocks through convnext.fast's training path (oneDNN 1x1 convs, C depthwise grad)

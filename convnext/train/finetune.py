@@ -95,8 +95,10 @@ def finetune_recipe(
     head_kind = "kept" if start.classes == classes else "new"
     lr, decay = LR_AT_128[head_kind] * (batch / 128) ** 0.5, LAYER_DECAY[head_kind]
     layers = f"layer-wise decay {decay} (the head at the full lr)" if decay else "no layer-wise decay"
-    why.append(f"AdamW, lr {lr:.3g} at batch {batch} with {layers}, as the head is {head_kind} (measured, NOTES); "
-               f"wd 0.05, warmup {WARMUP_SHARE:.0%} of the steps then cosine to 1e-6; label smoothing 0.1; EMA off")
+    why.append(
+        f"AdamW, lr {lr:.3g} at batch {batch} with {layers}, as the head is {head_kind} (measured, NOTES); "
+        f"wd 0.05, warmup {WARMUP_SHARE:.0%} of the steps then cosine to 1e-6; label smoothing 0.1; EMA off"
+    )
     amp = gpu_amp(dev)
     cfg = TrainConfig(
         model=ModelConfig(name=start.arch, drop_path_rate=0.1 if regularise else 0.0, head_init_scale=0.001),
@@ -144,16 +146,17 @@ def _shape(start: Start) -> dict[str, Any]:
     return dict(start.overrides.get("model.kwargs") or {})
 
 
-def choose_published(
-    n: int, classes: int, batch: int, budget_min: float | None, dev: Any
-) -> tuple[str, str]:
+def choose_published(n: int, classes: int, batch: int, budget_min: float | None, dev: Any) -> tuple[str, str]:
     """(registered name, the recipe line): the largest of `PUBLISHED` whose default weights the budget trains for
     `MIN_EPOCHS` passes at their own resolution (timed here, smallest first, stopping at the first that falls
     short), else the smallest; with no budget the smallest on a CPU and convnext_tiny on a GPU."""
     if budget_min is None:
         name = PUBLISHED[0] if dev.type == "cpu" else "convnext_tiny"
-        return name, f"weights: {resolve_spec(name, None).name}, {'the smallest' if dev.type == 'cpu' else 'tiny'} " \
-            f"published ImageNet weights (no budget to time the others against; --model picks any of {PUBLISHED})"
+        return (
+            name,
+            f"weights: {resolve_spec(name, None).name}, {'the smallest' if dev.type == 'cpu' else 'tiny'} "
+            f"published ImageNet weights (no budget to time the others against; --model picks any of {PUBLISHED})",
+        )
     need = MIN_EPOCHS * n / (budget_min * 60)
     measured, name = [], PUBLISHED[0]
     for arch in PUBLISHED:

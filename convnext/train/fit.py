@@ -45,6 +45,7 @@ from convnext.engine.distributed import (
     wrap,
 )
 from convnext.engine.ema import build_ema
+from convnext.engine.loop import cuda_switches, resolve_amp
 from convnext.engine.optim import build_optimizer, scaled_lr
 from convnext.engine.report import TRACKERS, Trackers
 from convnext.engine.run import RunFolder
@@ -86,6 +87,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     if cfg.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     _check_config(cfg)
+    cfg.amp = resolve_amp(cfg.amp, info.device)
+    if switches := cuda_switches(info.device):
+        cfg.recipe.append(f"on the GPU: autocast {cfg.amp}, " + ", ".join(k for k, on in switches.items() if on))
     if split_name(cfg.model.name)[1] and not (cfg.model.checkpoint or cfg.model.pretrained or cfg.resume):
         cfg.model.pretrained = True  # a tag means its weights, as in eval and predict
         cfg.recipe.append(f"model: {cfg.model.name} names published weights: the run starts from them")
@@ -334,6 +338,8 @@ def _check_config(cfg: TrainConfig) -> None:
     bad = []
     if cfg.epochs < 1:
         bad.append(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.amp not in ("auto", "none", "bf16", "fp16"):
+        bad.append(f"amp must be auto, none, bf16 or fp16, got {cfg.amp!r}")
     if cfg.budget_min is not None and not cfg.budget_min > 0:
         bad.append(f"budget_min must be > 0 minutes, got {cfg.budget_min}")
     if cfg.data.img_size < 1:
