@@ -105,8 +105,9 @@ def test_a_bad_file_is_named_on_every_path(tmp_path):
     base = train.dataset
     with pytest.raises(ValueError, match=f"cannot read image {bad}"):  # what --skip-bad-images catches
         base[next(i for i, (p, _) in enumerate(base.samples) if p == str(bad))]
-    skipping, _ = build_dataset(str(tmp_path), "train", Preprocess(16, 1.0).transform(), skip_bad_images=True,
-                                 labels=False)
+    skipping, _ = build_dataset(
+        str(tmp_path), "train", Preprocess(16, 1.0).transform(), skip_bad_images=True, labels=False
+    )
     _, _, skipped = collate_skip([skipping.dataset[i] for i in range(len(skipping.dataset))])
     assert skipped == 1
     _, x, err = _ImageFiles([bad], Preprocess(16, 1.0).transform())[0]
