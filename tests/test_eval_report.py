@@ -5,7 +5,6 @@ scikit-learn's on the same predictions, the PNGs are written, the most confused 
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -28,24 +27,9 @@ PRE = Preprocess(img_size=32, crop_pct=1.0, mean=(0.49, 0.48, 0.45), std=(0.25, 
 pytestmark = pytest.mark.skipif(not CIFAR.is_file(), reason=f"{CIFAR} (the shared CIFAR-10 JPEGs) is not here")
 
 
-def cifar_folder(dest: Path, classes: list[str], per_class: int) -> Path:
-    """The first `per_class` test images of each of `classes` in the shared tar, as dest/<class>/NNNN.jpg."""
-    taken = dict.fromkeys(classes, 0)
-    with tarfile.open(CIFAR) as tar:
-        for m in tar:
-            parts = Path(m.name).parts
-            if m.isfile() and len(parts) == 4 and parts[1] == "test" and taken.get(parts[2], per_class) < per_class:
-                taken[parts[2]] += 1
-                (dest / parts[2]).mkdir(parents=True, exist_ok=True)
-                (dest / parts[2] / parts[3]).write_bytes(tar.extractfile(m).read())
-            if all(n == per_class for n in taken.values()):
-                break
-    return dest
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return cifar_folder(tmp_path_factory.mktemp("cifar"), CLASSES, 6)
+def folder(tmp_path_factory, cifar_images) -> Path:
+    return cifar_images(tmp_path_factory.mktemp("cifar"), CLASSES, 6)
 
 
 @pytest.fixture(scope="module")

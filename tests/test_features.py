@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -28,29 +27,14 @@ PRE = Preprocess(img_size=32, crop_pct=1.0, mean=(0.49, 0.48, 0.45), std=(0.25, 
 pytestmark = pytest.mark.skipif(not CIFAR.is_file(), reason=f"{CIFAR} (the shared CIFAR-10 JPEGs) is not here")
 
 
-def cifar_folder(dest: Path, classes: list[str], per_class: int) -> Path:
-    """The first `per_class` test images of each of `classes` in the shared tar, as dest/<class>/NNNN.jpg."""
-    taken = dict.fromkeys(classes, 0)
-    with tarfile.open(CIFAR) as tar:
-        for m in tar:
-            parts = Path(m.name).parts
-            if m.isfile() and len(parts) == 4 and parts[1] == "test" and taken.get(parts[2], per_class) < per_class:
-                taken[parts[2]] += 1
-                (dest / parts[2]).mkdir(parents=True, exist_ok=True)
-                (dest / parts[2] / parts[3]).write_bytes(tar.extractfile(m).read())
-            if all(n == per_class for n in taken.values()):
-                break
-    return dest
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
+def setup(tmp_path_factory, cifar_images) -> tuple[torch.nn.Module, Path, Path]:
     """(a small 4-class model, its pretrained folder, a folder of 4 x 8 CIFAR-10 test images plus one bad file)."""
     root = tmp_path_factory.mktemp("features")
     torch.manual_seed(0)
     model = create_model("convnext_atto", num_classes=len(CLASSES), depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)).eval()
     write_folder(root / "model", *pretrained_files(Resolved(model, PRE, CLASSES, "made here", "convnext_atto")))
-    images = cifar_folder(root / "images", CLASSES, 8)
+    images = cifar_images(root / "images", CLASSES, 8)
     (images / "ship" / "broken.jpg").write_bytes(b"not an image")
     return model, root / "model", images
 
