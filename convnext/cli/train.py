@@ -53,6 +53,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(default), macro_f1, balanced_accuracy or loss")  # fmt: skip
     p.add_argument("--early-stop", type=int, default=None, metavar="N", help="stop after N evaluated epochs "
                    "without a better --select metric (budgeted runs keep their schedule)")  # fmt: skip
+    p.add_argument(
+        "--shard",
+        action="store_true",
+        help="FSDP: shard parameters, gradients and optimizer state over the processes (for XL/XXL/V2-huge under "
+        "torchrun)",
+    )
     p.add_argument("--log", default=None, metavar="mlflow|wandb", help="also log to MLflow and/or Weights & "
                    "Biases (comma-separated), offline into the run folder (pip install 'convnext[track]')")  # fmt: skip
     add_config_flags(p)
@@ -158,6 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "select": args.select,
         "early_stop": args.early_stop,
         "trackers": trackers,
+        "shard": args.shard or None,
     }
     cfg = build_config(args, TrainConfig, start, flags)
     if args.print_config:
