@@ -123,6 +123,9 @@ class TrainConfig:
     # way between two fresh runs); default: the untimed defaults, so two fresh runs make the same products
     fast_plan: str = "timed"
     grad_checkpointing: bool = False
+    # FSDP (`engine.distributed.shard`): parameters, gradients, optimizer state and EMA split over the processes, for
+    # the models too large for a replica per GPU (XL, XXL, V2-huge); resume state in last.dcp/ (docs/distributed.md)
+    shard: bool = False
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads on CPU
     seed: int = 0
