@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,16 @@ def cifar_folder(dest: Path, classes: list[str], per_class: int) -> Path:
             if all(n == per_class for n in taken.values()):
                 break
     return dest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$CONVNEXT_CACHE in a temp folder for the whole session (and the commands it starts), so a 1x1 plan timed on a
+    machine busy with tests never lands in the user's ~/.cache/convnext/plans.json for real runs to reuse."""
+    cache = tmp_path_factory.mktemp("convnext-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVNEXT_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")
