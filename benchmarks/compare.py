@@ -199,15 +199,16 @@ def child(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------ in the parent
 
 
-def run_child(spec: dict, timeout: float = CHILD_TIMEOUT_S) -> dict:
-    """`spec` run by `child` in a fresh Python process; its JSON answer, or RuntimeError with its last error line."""
+def run_child(spec: dict, timeout: float = CHILD_TIMEOUT_S, script: Path | None = None) -> dict:
+    """`spec` run by `child` in a fresh Python process (`script --child SPEC`: this file, or another benchmark that
+    times its own implementations this way); its JSON answer, or RuntimeError with its last error line."""
     env = {
         **os.environ,
         "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads sleep instead of spinning on the shared cores
         "OMP_NUM_THREADS": str(spec["threads"]),
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    cmd = [sys.executable, str(script or Path(__file__).resolve()), "--child", json.dumps(spec)]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
