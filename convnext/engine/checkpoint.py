@@ -103,28 +103,44 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 # ---------------------------------------------------------------- sharded (FSDP) checkpoints
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> dict[str, Any]:
+    """What a sharded checkpoint holds, as each rank's shards (DTensors): model, optimizer and (when kept) EMA."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)  # its sharded module's shards and n_averaged
+    return state
+
+
 def save_sharded(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], info: DistInfo
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    info: DistInfo,
+    ema: nn.Module | None = None,
 ) -> Path:
-    """Every rank writes its shards of `model` and `optimizer` into the folder `path` with torch.distributed.checkpoint
-    (no rank gathers the whole model); rank 0 adds `meta` (plain data: step, rng of every rank, config) as meta.pt.
-    Written to a temp folder and renamed, so `path` is the old checkpoint or the whole new one. Call on every rank."""
+    """Every rank writes its shards of `model`, `optimizer` and `ema` into the folder `path` with
+    torch.distributed.checkpoint (no rank gathers the whole model); rank 0 adds `meta` (plain data: step, rng of every
+    rank, config) as meta.pt. Written to a temp folder and renamed, so `path` is the old checkpoint or the whole new
+    one. Call on every rank."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier(info)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    dcp.save(_sharded_state(model, optimizer, ema), checkpoint_id=tmp)
     if info.is_main:
         save_atomic(meta, tmp / "meta.pt")
-        old = path.with_name(f".{path.name}.old")
+        old = path.with_name(f".{path.name}.old")  # a kill at any point leaves `path` or `old` whole
         if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
@@ -132,19 +148,25 @@ def save_sharded(
     return path
 
 
-def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Read a `save_sharded` folder into the sharded `model` and `optimizer` (any number of ranks: DCP reshards);
-    returns its meta. Call on every rank."""
+def load_sharded(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None = None
+) -> dict[str, Any]:
+    """Read a `save_sharded` folder into the sharded `model`, `optimizer` and `ema` (any number of ranks: DCP
+    reshards); returns its meta. Call on every rank."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
     if not (path / "meta.pt").is_file():
-        raise FileNotFoundError(f"no sharded checkpoint at {path} (no meta.pt)")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+        old = path.with_name(f".{path.name}.old")  # killed between renaming the old folder and the new one in
+        if not (old / "meta.pt").is_file():
+            raise FileNotFoundError(f"no sharded checkpoint at {path} (no meta.pt)")
+        path = old
+    state = _sharded_state(model, optimizer, ema)
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if ema is not None:
+        set_model_state_dict(ema, state["ema"])
     return load(path / "meta.pt")
 
 

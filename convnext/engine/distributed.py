@@ -207,6 +207,40 @@ def check_same_file(path: Path, info: DistInfo, what: str = "run folder") -> boo
     return False
 
 
+def check_same(what: str, value: object, info: DistInfo, hint: str = "") -> None:
+    """One line on every rank, before any work, when a rank's `value` (a digest of what it is about to use) is not
+    rank 0's: every rank raises the same error (no rank waits on the others in a collective)."""
+    if not info.distributed:
+        return
+    values = all_gather_object(value, info)
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        who = f"rank {differ[0]}" if len(differ) == 1 else f"ranks {', '.join(map(str, differ))}"
+        raise ValueError(f"{who} of {info.world_size} see{'s' if len(differ) == 1 else ''} another {what} than rank 0"
+                         + (f": {hint}" if hint else ""))  # fmt: skip
+
+
+def data_digest(dataset: Any) -> str:
+    """A digest of what a dataset holds, to compare between ranks: the images' file names (class folder / name),
+    sizes in bytes and labels for datasets of files (one stat per file), else its length and labels (CIFAR, digits).
+    Paths are taken below the class folder, so the same data mounted at another path on another machine matches."""
+    indices = None
+    while hasattr(dataset, "indices") and hasattr(dataset, "dataset"):  # a Subset (val_split), maybe nested
+        base = [indices[i] for i in dataset.indices] if indices is not None else list(dataset.indices)
+        dataset, indices = dataset.dataset, base
+    samples = getattr(dataset, "samples", None)
+    h = hashlib.sha256()
+    if samples is not None:
+        for i in indices if indices is not None else range(len(samples)):
+            path, target = Path(samples[i][0]), samples[i][1]
+            h.update(f"{path.parent.name}/{path.name}\t{path.stat().st_size}\t{target}\n".encode())
+    else:
+        targets = list(getattr(dataset, "targets", []))
+        picked = [targets[i] for i in indices] if indices is not None and targets else targets
+        h.update(f"{len(indices) if indices is not None else len(dataset)}\t{picked}".encode())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- samplers
 class ResumableSampler(Sampler[int]):
     """DistributedSampler's shuffled shard for an epoch, starting `skip` samples in (for resuming mid-epoch).
@@ -316,6 +350,32 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded by `shard` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(*models: nn.Module | None) -> Iterator[None]:
+    """The sharded `models`' full weights on every rank for the block (evaluation): gathered once on entry and kept,
+    so each forward runs without collectives and ranks may run different numbers of batches (each scores its own
+    shard of the val set); sharded again on exit. Models that are not sharded pass through. Enter on every rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for model in models if model is not None for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
 def shard(model: nn.Module, info: DistInfo) -> nn.Module:
     """FSDP2 (`fully_shard`) on each block, then the root: parameters, gradients and optimizer state are split over
     the ranks; each block's full weights exist only during its forward and backward. Returns `model` (in place)."""
@@ -325,7 +385,7 @@ def shard(model: nn.Module, info: DistInfo) -> nn.Module:
 
     for unit in shard_units(model):
         fully_shard(unit)
-    fully_shard(model)
+    fully_shard(model, reshard_after_forward=True)  # as the blocks (the root's default differs): `gathered` restores it
     return model
 
 

@@ -4,7 +4,8 @@ evaluation, best copy, metrics rows and saves, and what an interrupted or diverg
 A job (classification, FCMAE pre-training, detection, segmentation) builds its model, optimizer, loader and
 sampler, and hands the trainer a `Task`: its loss of a batch, its evaluation and the words for its metrics. What a
 job gains here it gains for all: exact resume (mid-epoch, after SIGKILL), the budget's refits, accumulation, DDP
-(`distributed.wrap`), autocast (the task's loss runs under `loop.autocast`), EMA, the save on Ctrl-C.
+(`distributed.wrap`) or FSDP (`distributed.shard`: the model, optimizer and EMA stay sharded and are saved so, in
+last.dcp/), autocast (the task's loss runs under `loop.autocast`), EMA, the save on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from convnext.engine.distributed import (
     all_reduce_sum,
     broadcast_object,
     check_same_file,
+    gathered,
+    is_sharded,
 )
 from convnext.engine.loop import NonFiniteLossError, train_one_epoch
 from convnext.engine.optim import lr_at, shrink_schedule
@@ -36,6 +39,8 @@ from convnext.engine.report import MetricsLog
 from convnext.engine.run import RunFolder
 
 log = logging.getLogger("convnext.train")
+
+SHARDED_STATE = "last.dcp"  # a sharded run's resume state in its run folder (torch.distributed.checkpoint)
 
 
 class Task(Protocol):
@@ -146,6 +151,7 @@ class Trainer:
         self.carry = (0.0, 0)  # the resumed epoch's loss so far: (sum of per-image losses, images)
         self.metrics: MetricsLog | None = None
         self.last_good: tuple | None = None  # (epoch, epoch_step, step, loss so far, rng) after the last step
+        self.sharded = is_sharded(model)  # FSDP: model, optimizer and EMA are each rank's shards
         if state is not None:
             self._restore(state)
 
@@ -157,9 +163,16 @@ class Trainer:
                 f"{run_dir}: the run had {state['steps_per_epoch']} steps per epoch, now {spe}; "
                 "resume with the same batch size and data"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        if state.get("sharded") and not self.sharded:
+            raise ValueError(f"{run_dir} was trained with --shard: resume it with --shard under torchrun")
+        if self.sharded and not state.get("sharded"):
+            raise ValueError(f"{run_dir} was trained without --shard: resume it without --shard")
+        if self.sharded:  # the shards and the step they belong to (last.pt may be a step behind: it is written after)
+            state = ckpt.load_sharded(run_dir / state["sharded"], self.model, self.optimizer, self.ema)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.loop.budget_min is not None:  # keep the schedule that was fitted to the budget
@@ -190,16 +203,31 @@ class Trainer:
         keeps its schedule)."""
         return bool(self.loop.early_stop) and self.loop.budget_min is None and self.stale >= self.loop.early_stop
 
-    def save(self, epoch: int, epoch_step: int, step: int, epoch_loss: list | None, rngs: list | None = None) -> None:
-        """Write last.pt: the one checkpoint payload of every job (`rngs`: each process's RNG state at the step)."""
+    def weights(self) -> dict[str, Any]:
+        """{"model", "ema"}: the full weights as state dicts (a sharded run's gathered on rank 0 from every rank's
+        shards, {} elsewhere: call on every rank)."""
+        if not self.sharded:
+            return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
+        ema = ckpt.full_state(self.ema) if self.ema is not None else None
+        return {"model": ckpt.full_state(self.model), "ema": ema}
+
+    def save(
+        self,
+        epoch: int,
+        epoch_step: int,
+        step: int,
+        epoch_loss: list | None,
+        rngs: list | None = None,
+        weights: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the one checkpoint payload of every job into last.pt (`rngs`: each process's RNG state at the step;
+        `weights`: `self.weights()` when the caller has them). A sharded run first writes its resume state, each
+        rank its shards of the model, optimizer and EMA with the same plain entries, into last.dcp/; its last.pt
+        then holds the gathered full weights without optimizer state (for eval, predict, export). Call on every
+        rank (one process: the main one)."""
         if rngs is None:
             rngs = all_gather_object(ckpt.rng_state(), self.info)
-        if not self.info.is_main:
-            return
-        self.run.save({
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+        entries = {
             "scheduler": dict(self.sched),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rngs,
@@ -211,8 +239,21 @@ class Trainer:
             "stale": self.stale,
             "epoch_loss": epoch_loss,
             "config": self.config,
+            "sharded": SHARDED_STATE if self.sharded else None,
             **self.extra,
-        })  # fmt: skip
+        }
+        if self.sharded:
+            ckpt.save_sharded(self.run.path / SHARDED_STATE, self.model, self.optimizer, entries, self.info,
+                              ema=self.ema)  # fmt: skip
+        weights = weights if weights is not None else self.weights()
+        if self.info.is_main:
+            optimizer = None if self.sharded else self.optimizer.state_dict()
+            self.run.save({**weights, "optimizer": optimizer, **entries})
+
+    def evaluate(self) -> dict[str, Any]:
+        """The task's evaluation of the model and its EMA (a sharded run's gathered on every rank for it)."""
+        with gathered(self.model, self.ema):
+            return self.task.evaluate(self.model, self.ema)
 
     # ---------------------------------------------------------------- the run
     def fit(self, held: contextlib.ExitStack) -> dict[str, Any]:
@@ -236,7 +277,7 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         if "eval" not in out["row"]:  # resumed a finished run, or eval_every skipped the end
-            out["row"] |= self.task.evaluate(self.model, self.ema)
+            out["row"] |= self.evaluate()
         out["row"].pop("eval", None)
         return out
 
@@ -310,7 +351,7 @@ class Trainer:
                 "data_wait_pct": 100.0 * r["data_time"] / max(r["time"], 1e-9),
             }
             if (loop.eval_every and (epoch + 1) % loop.eval_every == 0) or epoch + 1 == loop.epochs or r["stopped"]:
-                row |= self.task.evaluate(self.model, self.ema) | {"eval": True}
+                row |= self.evaluate() | {"eval": True}
             row["elapsed_s"] = time.perf_counter() - budget.t0
             self.epoch_step = 0 if done_epoch else offset + r["steps"]
             self.epoch = epoch + 1 if done_epoch else epoch
@@ -325,13 +366,13 @@ class Trainer:
             if self.info.is_main:  # the row first: a run killed after the save below has it; one killed before
                 self.metrics.append({k: v for k, v in row.items() if k != "eval"})  # redoes the epoch and its row
             partial = None if done_epoch else [r["loss_sum"], r["loss_images"]]
-            self.save(self.epoch, self.epoch_step, self.step, partial)
+            weights = self.weights()
+            self.save(self.epoch, self.epoch_step, self.step, partial, weights=weights)
             self.last_good = None
             if self.info.is_main:
                 if improved:
-                    self.run.keep_best({"model": self.model.state_dict(), "config": self.config, "step": self.step,
-                                        "epoch": self.epoch, "best": self.best,
-                                        "ema": self.ema.state_dict() if self.ema is not None else None})  # fmt: skip
+                    self.run.keep_best({**weights, "config": self.config, "step": self.step, "epoch": self.epoch,
+                                        "best": self.best})  # fmt: skip
                 self.task.epoch_end(self.model, self.metrics.rows())
                 log.info(self._line(row))
             budget.paused += time.perf_counter() - t_end

@@ -40,8 +40,12 @@ from convnext.engine.distributed import (
     ResumableSampler,
     ShardSampler,
     broadcast_object,
+    check_same,
+    check_shard,
+    data_digest,
     joined,
     per_rank_batch,
+    shard,
     wrap,
 )
 from convnext.engine.ema import build_ema
@@ -87,6 +91,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     if cfg.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     _check_config(cfg)
+    if cfg.shard:
+        check_shard(cfg.model.name, info)
     cfg.amp = resolve_amp(cfg.amp, info.device)
     if switches := cuda_switches(info.device):
         cfg.recipe.append(f"on the GPU: autocast {cfg.amp}, " + ", ".join(k for k, on in switches.items() if on))
@@ -99,6 +105,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     for line in cfg.recipe:
         log.info("recipe: %s", line)
     data = _data(cfg, info)
+    check_same("training data (file names, sizes and labels)", data_digest(data.train), info,
+               "give every process the same --data (on every machine)")  # fmt: skip
     weights = _balance(cfg, data)
     per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(data.train))
 
@@ -124,6 +132,12 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     ema = build_ema(model, cfg.ema_decay) if cfg.ema else None
+    if cfg.shard:  # each block's weights, gradients and AdamW state split over the processes; the EMA likewise
+        shard(model, info)
+        if ema is not None:
+            shard(ema.module, info)
+        log.info("sharded (FSDP) over %d processes: each holds 1/%d of the weights, gradients, optimizer state and "
+                 "EMA", info.world_size, info.world_size)  # fmt: skip
     o = cfg.optim
     o.lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.batch_size, o.base_batch)  # saved resolved
     optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, layer_decay=o.layer_decay, betas=o.betas,
@@ -135,7 +149,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} with accum_steps {cfg.accum_steps} leaves no full step an epoch")
     forward, plan, fast_path = _fast_path(cfg, info, model, per_rank, state)
-    forward = wrap(forward, info)
+    shared = f"a resumed run reads it from {run.last}: put the run folder on a filesystem every machine shares"
+    check_same("1x1 plan of the fast path", plan_to_rows(plan) if plan else None, info, shared)
+    forward = forward if cfg.shard else wrap(forward, info)
     if cfg.compile:
         forward = torch.compile(forward)
 
@@ -318,6 +334,8 @@ def _fast_path(
     another way round differ in the last bits, and resume is exact."""
     if not (cfg.fast and info.device.type == "cpu" and runs_fast(model)):
         return model, None, "not used"
+    if cfg.shard:
+        return model, None, "off: --shard runs the plain model (FSDP holds each block's weights as shards)"
     if not fast_usable():
         return model, None, f"off: torch {torch.__version__} is not a release the fast path is tested on (plain model)"
     keep_freed_memory()  # process-wide; this process is a training run
@@ -360,6 +378,9 @@ def _check_config(cfg: TrainConfig) -> None:
         bad.append(f"optim.lr must be a positive number, got {lr}")
     if d.balance not in BALANCE_MODES:
         bad.append(f"data.balance must be one of {', '.join(BALANCE_MODES)}, got {d.balance!r}")
+    if cfg.shard and cfg.optim.name == "muon":
+        bad.append("--shard: optim.name muon orthogonalizes whole weight matrices, which FSDP splits over the "
+                   "processes; use --optim.name adamw or sgd")  # fmt: skip
     bad += selection_problems(cfg.select, cfg.early_stop, cfg.trackers)
     if bad:
         raise ValueError("; ".join(bad))
