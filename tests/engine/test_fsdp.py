@@ -1,6 +1,9 @@
 """FSDP2 (`fully_shard` per block) at 2 gloo processes on CPU: the engine's loop trains a ConvNeXt-atto (sharding
-forced on a tiny model) to the same weights as DDP at the same global batch, and a run stopped after a sharded
-checkpoint (torch.distributed.checkpoint) and resumed in new processes ends where the uninterrupted one does.
+forced on a tiny model) and its EMA (sharded too) to the same bits as DDP at the same global batch (AdamW unfused:
+torch's fused kernel rounds an ulp apart on shards, see tests/train/test_train_shard.py); evaluation on the gathered
+weights gives DDP's logits while the ranks run different numbers of batches; and a run stopped after a sharded
+checkpoint (torch.distributed.checkpoint, EMA inside) and resumed in new processes ends where the uninterrupted one
+does.
 
 Run as a script under torchrun, this file is the worker: `test_fsdp.py MODE OUT` with MODE ddp | fsdp | stop |
 resume; rank 0 writes the final full weights to OUT/MODE.pt.
@@ -18,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from convnext.engine.checkpoint import full_state, load, load_sharded, save_sharded
-from convnext.engine.distributed import DistInfo, check_shard, joined, shard, wrap
+from convnext.engine.distributed import DistInfo, check_shard, gathered, joined, shard, wrap
+from convnext.engine.ema import build_ema
 from convnext.engine.loop import train_one_epoch
 from convnext.registry import create_model
 
@@ -43,25 +47,32 @@ def worker(mode: str, out: Path) -> None:
     with joined("cpu") as info:
         torch.manual_seed(0)
         model = create_model("convnext_atto", num_classes=3, drop_path_rate=0.0)
+        ema = build_ema(model, 0.9)
         if mode == "ddp":
             forward = wrap(model, info)
         else:
             check_shard("convnext_atto", info, force=True)
             forward = shard(model, info)
-        opt = torch.optim.AdamW(forward.parameters(), lr=1e-3, weight_decay=0.05)
+            shard(ema.module, info)
+        opt = torch.optim.AdamW(forward.parameters(), lr=1e-3, weight_decay=0.05, foreach=False)  # plain: bitwise
         start, end = 0, STEPS
         if mode == "resume":
-            start = int(load_sharded(out / "ckpt", forward, opt)["step"])
+            start = int(load_sharded(out / "ckpt", forward, opt, ema)["step"])
         if mode == "stop":
             end = STOP
         r = train_one_epoch(forward, batches(info, start, end), opt, info=info, loss_fn=_loss, lr_fn=lambda s: 1e-3,
-                            step=start)  # fmt: skip
+                            step=start, ema=ema)  # fmt: skip
         if mode == "stop":
-            save_sharded(out / "ckpt", forward, opt, {"step": r["step"]}, info)
+            save_sharded(out / "ckpt", forward, opt, {"step": r["step"]}, info, ema=ema)
             return
-        state = full_state(forward) if mode != "ddp" else model.state_dict()
+        x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad(), gathered(model, ema):  # rank 0 scores 2 batches, rank 1 one: no collective per forward
+            logits = [(model.eval()(x), ema.module.eval()(x)) for _ in range(2 - info.rank)][0]
+        sharded = mode != "ddp"
+        state = {"model": full_state(model) if sharded else model.state_dict(),
+                 "ema": full_state(ema) if sharded else ema.state_dict()}  # fmt: skip
         if info.is_main:
-            torch.save({"model": state, "step": r["step"], "loss": r["loss"]}, out / f"{mode}.pt")
+            torch.save({**state, "step": r["step"], "loss": r["loss"], "logits": logits}, out / f"{mode}.pt")
 
 
 def _run(mode: str, out: Path) -> None:
@@ -71,10 +82,10 @@ def _run(mode: str, out: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def _close(a: dict, b: dict) -> None:
+def _equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name, t in a.items():
-        torch.testing.assert_close(b[name], t, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(b[name], t), name
 
 
 @pytest.mark.slow
@@ -85,8 +96,12 @@ def test_fsdp_equals_ddp_and_resumes_from_a_sharded_checkpoint(tmp_path):
     assert ddp["step"] == fsdp["step"] == resumed["step"] == STEPS
     start = create_model("convnext_atto", num_classes=3, drop_path_rate=0.0).state_dict()
     assert any(not torch.equal(start[k], v) for k, v in ddp["model"].items())  # it trained
-    _close(ddp["model"], fsdp["model"])
-    _close(fsdp["model"], resumed["model"])
+    for key in ("model", "ema"):
+        _equal(ddp[key], fsdp[key])
+        _equal(fsdp[key], resumed[key])
+    assert int(fsdp["ema"]["n_averaged"]) == STEPS
+    for a, b in zip(ddp["logits"], fsdp["logits"]):  # the model's and the EMA's
+        assert torch.equal(a, b)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.endswith(".pt")) == ["meta.pt"]
 
 
