@@ -39,7 +39,16 @@ from convnext.data.cache import (
     typical_short_side,
 )
 from convnext.data.datasets import set_transform
-from convnext.engine.distributed import DistInfo, ResumableSampler, all_reduce_sum, joined, per_rank_batch, wrap
+from convnext.engine.distributed import (
+    DistInfo,
+    ResumableSampler,
+    all_reduce_sum,
+    check_same,
+    data_digest,
+    joined,
+    per_rank_batch,
+    wrap,
+)
 from convnext.engine.loop import autocast, cuda_switches, resolve_amp
 from convnext.engine.optim import build_optimizer, scaled_lr
 from convnext.engine.run import RunFolder
@@ -121,6 +130,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
     common = dict(data_dir=d.data_dir, val_split=d.val_split, skip_bad_images=d.skip_bad_images, download=d.download)
     train_ds, _ = build_dataset(d.name, "train", None, labels=False, **common)
     val_ds, _ = build_dataset(d.name, "val", None, labels=False, **common)
+    check_same("training data (file names, sizes)", data_digest(train_ds), info,
+               "give every process the same --data (on every machine)")  # fmt: skip
     stride, grid = _plan_input(cfg, train_ds)
     per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(train_ds))
     train_images, per_image = _train_source(cfg, train_ds, info)
