@@ -14,11 +14,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="self-supervised pre-training of a ConvNeXt encoder (FCMAE, ConvNeXt V2's masked autoencoder)",
-        description="FCMAE pre-training: random 60%% of the patches (as large as the encoder's total stride) are "
+        description="FCMAE pre-training: random 60% of the patches (as large as the encoder's total stride) are "
         "removed, the encoder sees the rest as a sparse network, a one-block decoder predicts the removed pixels. "
         "Presets: small (the default: batch 128, input size and stem chosen from the images) and in1k (the paper's "
         "224px ImageNet recipe). Any config field can be set as --section.field VALUE (e.g. --fcmae.decoder_dim 256, "
-        "--model.patch_size 2). Fine-tune the result with `convnext train --pretrained-run RUN`. Also runs under "
+        "--model.patch_size 2). Fine-tune the result with `convnext train --data DIR --pretrained-run RUN` (the same "
+        "as --model RUN: the automatic fine-tune with its FCMAE settings). Also runs under "
         "`torchrun --nproc_per_node N -m convnext pretrain ...`.",
     )
     p.add_argument("--model", default=None, help="a ConvNeXt (V2 as in the paper; default convnextv2_atto)")

@@ -41,7 +41,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     p.add_argument(
         "--pretrained-run", default=None, metavar="RUN_DIR", help="start from the encoder of a `convnext pretrain` "
-        "run (its model, stem, weights and normalisation)",
+        "run: the same as --model RUN_DIR (its model, stem, weights and normalisation; with no --preset the automatic "
+        "fine-tune, which takes the FCMAE settings)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
@@ -80,30 +81,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     for t in dict.fromkeys(trackers or []):
         require(TRACKERS[t], what=f"--log {t}")
 
-    pre: dict[str, Any] = {}  # what a pre-training run fixes: the architecture, its weights, its normalisation
-    if args.pretrained_run:
-        from convnext.pretrain.runs import finetune_overrides
+    source = args.model  # the model or the weights to start from
+    if args.pretrained_run:  # the same as --model RUN: checked now, one line before any work
+        from convnext.pretrain.runs import read_run
+        from convnext.registry import split_name
 
         if args.resume:
             raise ValueError("--pretrained-run starts a run, --resume continues one: give one of them")
-        pre = finetune_overrides(args.pretrained_run)
+        arch = split_name(read_run(args.pretrained_run)[0].model.name)[0]
+        if args.model and args.model != args.pretrained_run and split_name(args.model)[0] != arch:
+            raise ValueError(f"--pretrained-run {args.pretrained_run} holds a {arch}; drop --model {args.model}")
+        source = args.pretrained_run
     if args.resume and (args.model or args.data):
         raise ValueError("--resume continues a run with its own model and data; drop --model/--data")
 
     def start(given: dict[str, Any]) -> TrainConfig:
         if args.resume:
             return run_config(args.resume, TrainConfig)
-        model = args.model or given.get("model.name")
-        if pre and model and model.split(".")[0] != pre["model.name"]:
-            raise ValueError(f"--pretrained-run {args.pretrained_run} holds a {pre['model.name']}; drop --model")
-        model = pre.get("model.name", model)
+        model = source or given.get("model.name")
         data = args.data or given.get("data.name")
         preset = args.preset or given.get("preset") or ("demo" if data in (None, "digits") else "auto")
         weights, checkpoint = None, given.get("model.checkpoint")
         # the weights are read now (one error before any work) where the recipe needs them: the automatic fine-tune,
         # or a preset given a run, folder, Hub repo or file (a preset and a tag: the preset loads it when it runs)
         named_weights = is_source(model) and not (preset != "auto" and not Path(model).exists() and ":" not in model)
-        if not pre and (model or checkpoint) and (named_weights or checkpoint or args.pretrained and preset == "auto"):
+        if (model or checkpoint) and (named_weights or checkpoint or args.pretrained and preset == "auto"):
             weights = starting_weights(model, args.pretrained, checkpoint)  # one error now if they cannot be read
             model = weights.arch if weights is not None else model
         if preset == "auto" and set(field_paths(TrainConfig)) <= set(given):
@@ -132,19 +134,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 budget_min=args.budget_min or given.get("budget_min"),
                 epochs=args.epochs or given.get("epochs"),
                 model=model or ("convnext_atto" if shape else None),
-                patch_size=given.get("model.patch_size") or pre.get("model.patch_size"),
+                patch_size=given.get("model.patch_size"),
                 batch_size=args.batch_size or given.get("batch_size"),
                 data_dir=args.data_dir or given.get("data.data_dir"),
                 threads=given.get("threads"),
                 device=args.device or given.get("device"),
                 balance=given.get("data.balance"),
-            )
-        if pre:
-            apply_overrides(cfg, pre)
-            cfg.recipe.append(
-                f"model: the encoder of the pre-training run {args.pretrained_run} ({pre['model.name']}, stem "
-                f"{pre['model.patch_size']}x{pre['model.patch_size']}, its mean/std), not whitened: a fresh head on "
-                f"top; layer-wise lr decay {pre['optim.layer_decay']} from the head down"
             )
         return cfg
 

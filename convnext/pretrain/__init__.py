@@ -10,7 +10,7 @@ result = pretrain(cfg)                    # {"loss": ..., "img_per_s": ..., "gri
 from convnext.pretrain.config import PRESETS, MaskConfig, PretrainConfig, PretrainDataConfig, fcmae_in1k, fcmae_small
 from convnext.pretrain.fcmae import FCMAE, FCMAEConfig, masked_features, random_mask
 from convnext.pretrain.fit import pretrain
-from convnext.pretrain.runs import finetune_overrides, is_pretrain_run, load_encoder
+from convnext.pretrain.runs import is_pretrain_run, load_encoder
 
 __all__ = [
     "FCMAE",
@@ -21,7 +21,6 @@ __all__ = [
     "PretrainDataConfig",
     "fcmae_in1k",
     "fcmae_small",
-    "finetune_overrides",
     "is_pretrain_run",
     "load_encoder",
     "masked_features",

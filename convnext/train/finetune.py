@@ -8,9 +8,11 @@ architecture, resolution, normalisation, head) and picks, each reason a `recipe:
   starts at 0.001 of its usual scale, as the paper fine-tunes), their mean/std and interpolation, no stem whitening;
 - the resolution: the weights' own where the budget affords `MIN_EPOCHS` passes at it (timed on this machine,
   as the from-scratch recipe times its stems), else the data's own size (never under the weights' total stride);
-- AdamW, by whether the weights' head is kept (they already solve this task: lr 1e-4, layer-wise decay 0.75) or new
-  (another task: lr 5e-4, no layer-wise decay), at batch 128 (square-root scaled; `LR_AT_128`), weight
-  decay 0.05, a warmup of `WARMUP_SHARE` of the steps and a cosine to 1e-6; label smoothing 0.1;
+- AdamW, by what the weights are (`LR_AT_128`, `LAYER_DECAY`): a supervised model whose head is kept (it already
+  solves this task: lr 1e-4, layer-wise decay 0.75), one whose head is new (another task: lr 5e-4, no layer-wise
+  decay), or an FCMAE pre-training encoder (features learnt without labels: as a new head for now), at batch 128
+  (square-root scaled), weight decay 0.05, a warmup of `WARMUP_SHARE` of the steps and a cosine to 1e-6; label
+  smoothing 0.1;
 - crops, flips, Mixup/CutMix and drop path by the passes the run makes, as from scratch (`auto.augmentation`).
 
 These are the field's fine-tuning defaults (the official fine-tuning configs, timm's); which of them win on these
@@ -37,8 +39,14 @@ MIN_EPOCHS = 5  # the fewest passes the weights' own resolution may leave the bu
 # (93.06%): lr 1e-4 92.78, 5e-4 91.94 (layer decay 0.75). New: CamVid 64 px patches from a 3-minute CIFAR-10 run,
 # 1.5 min (scratch recipe 81.33): lr 1e-4 with layer decay 0.75 68.61, without 75.72; 5e-4 without 87.94, 1e-3
 # without 88.61 (one seed each; benchmarks/NOTES.md)
-LR_AT_128 = {"kept": 1e-4, "new": 5e-4}
-LAYER_DECAY = {"kept": 0.75, "new": None}
+# FCMAE encoder (`Start.fcmae`): as a new head until measured (benchmarks/NOTES.md section 9)
+LR_AT_128 = {"kept": 1e-4, "new": 5e-4, "fcmae": 5e-4}
+LAYER_DECAY = {"kept": 0.75, "new": None, "fcmae": None}
+BECAUSE = {
+    "kept": "the head is kept (the weights already solve this task)",
+    "new": "the head is new (supervised weights from another task)",
+    "fcmae": "the weights are an FCMAE encoder (features learnt without labels, no head)",
+}
 WARMUP_SHARE = 0.05
 DEFAULT_EPOCHS = 30  # without a budget
 # the published ImageNet-1k weights `--pretrained` picks from when no --model is given, smallest first
@@ -92,11 +100,11 @@ def finetune_recipe(
     else:
         expected = planned = epochs or DEFAULT_EPOCHS
     photos, crop, regularise, translate = augmentation(side, size, expected, why)
-    head_kind = "kept" if start.classes == classes else "new"
-    lr, decay = LR_AT_128[head_kind] * (batch / 128) ** 0.5, LAYER_DECAY[head_kind]
+    kind = "fcmae" if start.fcmae else "kept" if start.classes == classes else "new"
+    lr, decay = LR_AT_128[kind] * (batch / 128) ** 0.5, LAYER_DECAY[kind]
     layers = f"layer-wise decay {decay} (the head at the full lr)" if decay else "no layer-wise decay"
     why.append(
-        f"AdamW, lr {lr:.3g} at batch {batch} with {layers}, as the head is {head_kind} (measured, NOTES); "
+        f"AdamW, lr {lr:.3g} at batch {batch} with {layers}, as {BECAUSE[kind]} (measured, benchmarks/NOTES.md); "
         f"wd 0.05, warmup {WARMUP_SHARE:.0%} of the steps then cosine to 1e-6; label smoothing 0.1; EMA off"
     )
     amp = gpu_amp(dev)
@@ -109,7 +117,7 @@ def finetune_recipe(
             mixup=0.8 if regularise else 0.0, cutmix=1.0 if regularise else 0.0, label_smoothing=0.1,
             num_workers=2, tta_flip=True, tta_shift=0 if photos else 1,
         ),
-        optim=OptimConfig(name="adamw", lr=lr, base_lr=LR_AT_128[head_kind], base_batch=128, weight_decay=0.05,
+        optim=OptimConfig(name="adamw", lr=lr, base_lr=LR_AT_128[kind], base_batch=128, weight_decay=0.05,
                           layer_decay=decay),
         sched=ScheduleConfig(name="cosine", warmup_epochs=WARMUP_SHARE * planned, min_lr=1e-6),
         output="runs/finetune", epochs=planned, batch_size=batch, budget_min=budget_min, ema=False, amp=amp,

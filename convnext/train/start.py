@@ -2,7 +2,8 @@
 (`convnext_atto.d2_in1k`), a registered name with `--pretrained` (its default published weights), a weight file in
 any layout (`--model.checkpoint`), a Hub repo (`hf-hub:org/name`), a pretrained folder, a `convnext train` run or a
 `convnext pretrain` run - with what they bring: the architecture, the preprocessing they were trained with, their
-head. A source that cannot be read is one error before any work, never random weights.
+head, and whether they are a self-supervised (FCMAE) encoder rather than a supervised model. A source that cannot be
+read is one error before any work, never random weights.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from convnext.registry import create_model, split_name
 from convnext.resolve import Resolved, is_pretrain_run, is_run_dir, resolve
 from convnext.weights.hf import is_hub_name
 from convnext.weights.hub import default_cache_dir
+from convnext.weights.io import read_state_dict
+from convnext.weights.layouts import detect_layout
 
 # ConvNeXtConfig fields a run's config sets on their own (ModelConfig fields), and those a run never takes over
 OWN_FIELDS = ("patch_size", "kernel_size", "layer_scale_init")
@@ -28,7 +31,9 @@ class Start:
     """Starting weights: `overrides` are the dotted config fields that make a run start from them (model name,
     weights, architecture options, normalisation); `img_size` the resolution they were trained at (None: a
     bare weight file, which does not say); `classes` the
-    outputs of their head (0: none); `kind` what they are (published, file, hub, folder, run, pre-training run)."""
+    outputs of their head (0: none); `kind` what they are (published, file, hub, folder, run, pre-training run);
+    `fcmae` whether they are an FCMAE pre-training encoder (a `convnext pretrain` run or an FCMAE checkpoint file):
+    features learnt without labels, which fine-tune with their own settings."""
 
     source: str
     arch: str
@@ -39,6 +44,7 @@ class Start:
     what: str
     patch_size: int = 4  # the stem's stride
     stride: int = 32  # the total stride: the last stage's pixels per token
+    fcmae: bool = False
 
 
 def is_source(model: str | None) -> bool:
@@ -74,7 +80,17 @@ def starting_weights(model: str | None, pretrained: bool = False, checkpoint: st
         patch = r.model.cfg.patch_size
         stride = patch * 2 ** (len(r.model.cfg.depths) - 1)
     size = None if kind == "file" else p.img_size  # a bare weight file says nothing of the resolution it saw
-    return Start(source, r.arch or r.name, overrides, size, classes, kind, r.provenance, patch, stride)
+    fcmae = kind == "pre-training run" or kind == "file" and _is_fcmae(source)
+    return Start(source, r.arch or r.name, overrides, size, classes, kind, r.provenance, patch, stride, fcmae)
+
+
+def _is_fcmae(path: str) -> bool:
+    """Whether a weight file is an FCMAE pre-training checkpoint (an encoder beside a decoder: the official
+    `*_fcmae.pt` or a `convnext pretrain` run's last.pt); it was read once already, so it reads."""
+    try:
+        return detect_layout(read_state_dict(path)) == "fcmae"
+    except ValueError:  # a layout only the model's own keys tell (loaded as "ours"): not FCMAE
+        return False
 
 
 def _read(source: str, **kw: Any) -> Resolved:

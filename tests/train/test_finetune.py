@@ -1,6 +1,7 @@
 """Weights mean weights in `convnext train`: a published tag, `--pretrained`, a weight file in any layout, a run folder
-or a pretrained folder start the run from those weights, and with no preset the automatic recipe fine-tunes them;
-weights that cannot be read are one error before any work."""
+or a pretrained folder start the run from those weights, and with no preset the automatic recipe fine-tunes them
+(an FCMAE pre-training run with its own settings, whether given as --model or --pretrained-run); weights that cannot
+be read are one error before any work."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from convnext.cli import main
 from convnext.registry import create_model
 from convnext.train.config import ModelConfig
+from convnext.train.finetune import LAYER_DECAY, LR_AT_128
 from convnext.train.runs import build_model
+from convnext.train.start import starting_weights
 from convnext.weights import WEIGHTS, WeightSpec
 
 SHAPE = {"depths": (1, 1, 2, 1), "dims": (8, 16, 32, 64), "patch_size": 2}
@@ -32,6 +35,18 @@ def published(tmp_path, monkeypatch):
     net = create_model("convnext_atto", num_classes=5, **SHAPE)
     torch.save(net.state_dict(), tmp_path / "home" / "weights" / spec.filename)
     return spec, net
+
+
+@pytest.fixture
+def fcmae_run(image_folder, tmp_path):
+    """A `convnext pretrain` run folder: one epoch of FCMAE on the image folder, a ConvNeXt V2 of widths 8..64 with a
+    1x1 stem at 32 px."""
+    run = tmp_path / "fcmae"
+    assert main(["pretrain", "--data", str(image_folder), "--output", str(run), "--epochs", "1", "--model.kwargs",
+                 '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}', "--img-size", "32", "--model.patch_size", "1",
+                 "--batch-size", "8", "--data.num_workers", "0", "--data.eval_images", "8", "--fcmae.decoder_dim",
+                 "32", "--threads", "1", "--device", "cpu"]) == 0  # fmt: skip
+    return run
 
 
 def test_a_published_tag_starts_from_its_weights_with_a_new_head(published):
@@ -110,3 +125,52 @@ def test_fine_tuning_from_its_own_run_starts_where_it_left_off_in_every_layout(t
         top1 = json.loads((out / "results.json").read_text())["top1"]
         assert top1 >= source["top1"] - 1.0, f"{layout}: {top1} after fine-tuning vs {source['top1']}"
         assert Path(out / "best.pt").is_file()
+
+
+def test_pretrained_run_and_model_run_are_one_route_with_the_fcmae_settings(fcmae_run, image_folder, capsys):
+    """`--pretrained-run RUN` is `--model RUN`: the same config, with or without a preset; with none, the automatic
+    fine-tune takes the FCMAE encoder's own lr and layer-wise decay and says so."""
+    base = ["train", "--data", str(image_folder), "--epochs", "3", "--print-config"]
+    for preset in ([], ["--preset", "finetune"]):
+        configs = []
+        for flag in ("--pretrained-run", "--model"):
+            assert main([*base, *preset, flag, str(fcmae_run)]) == 0
+            configs.append(json.loads(capsys.readouterr().out))
+        assert configs[0] == configs[1], preset
+        cfg = configs[0]
+        assert cfg["model"]["name"] == "convnextv2_atto" and cfg["model"]["checkpoint"] == str(fcmae_run)
+        assert cfg["model"]["patch_size"] == 1 and cfg["model"]["kwargs"]["dims"] == [8, 16, 32, 64]
+        assert cfg["model"]["stem_init"] == "default"
+    auto = json.loads((fcmae_run / "config.json").read_text())
+    assert main([*base, "--model", str(fcmae_run)]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["data"]["mean"] == auto["data"]["mean"] and cfg["data"]["img_size"] == 32  # the run's own
+    batch = cfg["batch_size"]
+    assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["layer_decay"] == LAYER_DECAY["fcmae"]
+    assert cfg["optim"]["lr"] == pytest.approx(LR_AT_128["fcmae"] * (batch / 128) ** 0.5)
+    lines = cfg["recipe"]
+    assert any(line.startswith("model: fine-tuning convnextv2_atto from pre-training run") and "a new 3-class head"
+               in line for line in lines)  # fmt: skip
+    assert any(line.startswith("AdamW") and "an FCMAE encoder" in line for line in lines)
+
+
+def test_an_fcmae_file_is_told_from_a_supervised_one(fcmae_run, tmp_path):
+    """The FCMAE settings follow the weights, not the flag: a pre-training run's last.pt given as a file is an FCMAE
+    encoder; a supervised model's weights are not."""
+    assert starting_weights(None, checkpoint=str(fcmae_run / "last.pt")).fcmae
+    assert starting_weights(str(fcmae_run)).fcmae
+    path = tmp_path / "atto.pth"
+    torch.save(create_model("convnext_atto", num_classes=3).state_dict(), path)
+    assert not starting_weights("convnext_atto", checkpoint=str(path)).fcmae
+
+
+def test_pretrained_run_bad_input_is_one_error_before_any_work(fcmae_run, image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--data", str(image_folder), "--output", str(out)]
+    assert main([*base, "--pretrained-run", str(fcmae_run), "--model", "convnext_tiny"]) == 2
+    assert f"{fcmae_run} holds a convnextv2_atto" in capsys.readouterr().err
+    assert main(["train", "--pretrained-run", str(fcmae_run), "--resume", str(fcmae_run)]) == 2
+    assert "--resume continues one" in capsys.readouterr().err
+    assert main([*base, "--pretrained-run", str(image_folder)]) == 2  # not a pre-training run
+    assert "is not a `convnext pretrain` run folder" in capsys.readouterr().err
+    assert not out.exists()
