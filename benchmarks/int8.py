@@ -22,7 +22,8 @@ pause before each, the median block; onnxruntime with ORT_ENABLE_ALL and no spin
   int8 ours         our int8 file (`convnext.quantize.export_int8`, as `convnext export --int8`) on onnxruntime
   int8 ours (A/A)   the same in another process, last: int8 ours / int8 ours should read 1.00 +- 0.03
   ORT int8 static   onnxruntime's documented default: `quantize_static(fp32, out, reader)` with its defaults on the
-                    plain float32 export, calibrated on the same images
+                    plain float32 export, calibrated on the same images; and the same after `quant_pre_process`,
+                    the pre-processing its documentation recommends ("pre-processed")
   ORT int8 dynamic  `quantize_dynamic(fp32, out)` with its defaults
   ORT fp32          onnxruntime on our float32 export
   ours fp32, bf16   `convnext.optimize` (what `convnext bench` runs)
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import shutil
@@ -181,7 +183,8 @@ def accuracy_markdown(rows: list[dict], meta: dict) -> str:
               "`convnext eval` runs):", ""]  # fmt: skip
     for r in rows:
         lines += [f"    {c}" for c in r["commands"]]
-    lines += ["", f"Benchmark: `{meta['command']}`", ""]
+    lines += ["", "Benchmark commands that made the rows:", ""]
+    lines += [f"    {c}" for c in dict.fromkeys(r["benchmark_command"] for r in rows)] + [""]
     return "\n".join(lines)
 
 
@@ -193,39 +196,48 @@ def accuracy(args: argparse.Namespace) -> int:
             raise SystemExit(f"int8.py: error: --pair {run} {data}: {data} does not exist")
     torch.set_num_threads(args.threads)
     stem = Path(args.out) / f"int8-{cpu_kind()}-{datetime.date.today().isoformat()}"
-    old = json.loads(Path(f"{stem}.json").read_text())["rows"] if Path(f"{stem}.json").exists() else []
-    rows = []
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", *sys.argv])
     for run, data in args.pair:
         log(f"{run} on {data}:")
         with tempfile.TemporaryDirectory() as work:
-            rows.append(accuracy_row(Path(run), data, Path(work), args))
-    keys = {(r["run"], r["data"]) for r in rows}
-    rows = [r for r in old if (r["run"], r["data"]) not in keys] + rows
-    meta = machine() | {"command": " ".join(["python", *sys.argv]), "threads": args.threads}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    table = accuracy_markdown(rows, meta)
-    Path(f"{stem}.md").write_text(table)
-    Path(f"{stem}.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=1) + "\n")
-    log(f"wrote {stem}.md, .json")
+            row = accuracy_row(Path(run), data, Path(work), args) | {"benchmark_command": command}
+        # today's file gains the row (replacing an earlier one of the same pair): a file of another day is kept
+        old = json.loads(Path(f"{stem}.json").read_text())["rows"] if Path(f"{stem}.json").exists() else []
+        rows = [r for r in old if (r["run"], r["data"]) != (row["run"], row["data"])] + [row]
+        meta = machine() | {"threads": args.threads}
+        table = accuracy_markdown(rows, meta)
+        Path(f"{stem}.md").write_text(table)
+        Path(f"{stem}.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=1) + "\n")
+        log(f"wrote {stem}.md, .json")
     print(table)
     return 0
 
 
 # ------------------------------------------------------------------------------------------ speed
 
-IMPLS = ("int8_ours", "int8_ort_static", "int8_ort_dynamic", "ort_fp32", "ours_fp32", "ours_bf16")
+IMPLS = (
+    "int8_ours",
+    "int8_ort_static",
+    "int8_ort_static_pre",
+    "int8_ort_dynamic",
+    "ort_fp32",
+    "ours_fp32",
+    "ours_bf16",
+)
 CONTROL = "int8_ours_again"  # our int8 file in a second process, last: the A/A control
 LABELS = {
     "int8_ours": "int8 ours (ORT)",
     "int8_ort_static": "ORT int8 static (defaults)",
+    "int8_ort_static_pre": "ORT int8 static (defaults, pre-processed)",
     "int8_ort_dynamic": "ORT int8 dynamic (defaults)",
     "ort_fp32": "ORT fp32",
     "ours_fp32": "ours fp32 (optimize)",
     "ours_bf16": "ours bf16 (optimize)",
     CONTROL: "int8 ours again (A/A)",
 }
-FILES = {"int8_ours": "int8", CONTROL: "int8", "int8_ort_static": "ort-static", "int8_ort_dynamic": "ort-dynamic",
-         "ort_fp32": "fp32"}  # fmt: skip
+FILES = {"int8_ours": "int8", CONTROL: "int8", "int8_ort_static": "ort-static", "int8_ort_static_pre": "ort-static-pre",
+         "int8_ort_dynamic": "ort-dynamic", "ort_fp32": "fp32"}  # fmt: skip
 
 
 def session(path: str, threads: int):
@@ -271,24 +283,28 @@ def child(spec: dict) -> dict:
 
 def write_files(loaded, images: torch.Tensor, batch: int, folder: Path) -> dict[str, str]:
     """The ONNX files timed at `batch`: our float32 export, our int8 (as `convnext export --int8`), and
-    onnxruntime's own int8 of that float32 file, static (its documented defaults, after its recommended
-    pre-processing, on the same calibration images) and dynamic (its defaults)."""
+    onnxruntime's own int8 of that float32 file: static with its defaults on the same calibration images, on the
+    file as exported and after the pre-processing its documentation recommends (`quant_pre_process`), and dynamic
+    with its defaults."""
     from onnxruntime.quantization import quant_pre_process, quantize_dynamic, quantize_static
 
-    from convnext.export import deploy_metadata, export_model
+    from convnext.export import deploy_metadata, export_model, quiet_loggers
     from convnext.flops import in_chans_of
     from convnext.quantize import CalibrationReader, export_int8
 
     folder.mkdir(parents=True, exist_ok=True)
-    files = {k: str(folder / f"{k}.onnx") for k in ("fp32", "int8", "pre", "ort-static", "ort-dynamic")}
+    names = ("fp32", "int8", "pre", "ort-static", "ort-static-pre", "ort-dynamic")
+    files = {k: str(folder / f"{k}.onnx") for k in names}
     size, chans = images.shape[-1], in_chans_of(loaded.model)
     meta = deploy_metadata(loaded)
     export_model(loaded.model, "onnx", files["fp32"], img_size=size, in_chans=chans, batch_size=batch, force=True)
     export_int8(loaded.model, files["int8"], images, meta, force=True, in_chans=chans, batch_size=batch)
     quant_pre_process(files["fp32"], files["pre"])
-    reader = CalibrationReader(session(files["pre"], 1).get_inputs()[0].name, images.numpy(), batch)
-    quantize_static(files["pre"], files["ort-static"], reader)
-    quantize_dynamic(files["fp32"], files["ort-dynamic"])
+    name = session(files["fp32"], 1).get_inputs()[0].name
+    with quiet_loggers("", level=logging.ERROR):  # its advice to pre-process, given after pre-processing too
+        quantize_static(files["fp32"], files["ort-static"], CalibrationReader(name, images.numpy(), batch))
+        quantize_static(files["pre"], files["ort-static-pre"], CalibrationReader(name, images.numpy(), batch))
+        quantize_dynamic(files["fp32"], files["ort-dynamic"])
     return files
 
 
