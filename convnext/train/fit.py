@@ -127,7 +127,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         restore_weights(model, state, str(run.last))
     torch.manual_seed(cfg.seed + info.rank)
     model.to(info.device)
-    if cfg.channels_last:
+    if cfg.channels_last and not cfg.shard:  # FSDP takes contiguous parameters only; the inputs go channels-last
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
@@ -335,6 +335,7 @@ def _fast_path(
     if not (cfg.fast and info.device.type == "cpu" and runs_fast(model)):
         return model, None, "not used"
     if cfg.shard:
+        log.info("fast path: off under --shard (FSDP holds each block's weights as shards; the plain model runs)")
         return model, None, "off: --shard runs the plain model (FSDP holds each block's weights as shards)"
     if not fast_usable():
         return model, None, f"off: torch {torch.__version__} is not a release the fast path is tested on (plain model)"
