@@ -28,7 +28,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from convnext.data import build_dataset
 from convnext.engine.checkpoint import load
+from convnext.engine.distributed import data_digest
 
 _spec = importlib.util.spec_from_file_location("train_conftest", Path(__file__).with_name("conftest.py"))
 _conftest = importlib.util.module_from_spec(_spec)
@@ -184,6 +186,33 @@ def test_shard_without_a_process_group_is_one_line(image_folder, tmp_path, run_c
         "or srun"
     )
     assert not out.exists()
+
+
+def test_shard_with_muon_is_one_line(image_folder, tmp_path, run_cli):
+    """Muon orthogonalises whole weight matrices; FSDP splits them: refused before the data is read."""
+    r = run_cli(*ARGS, "--data", str(image_folder), "--shard", "--optim.name", "muon", "--output", str(tmp_path / "r"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "convnext train: error: --shard: optim.name muon orthogonalizes whole weight matrices, which FSDP splits over "
+        "the processes; use --optim.name adamw or sgd"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_digest_sees_names_sizes_and_labels_not_the_mount_point(tmp_path):
+    """The digest the ranks compare: the same images under another root match (a held-out split included); one
+    image rewritten with another size, or moved to another class, does not."""
+    a, b = (_conftest.write_image_folder(tmp_path / name) for name in ("a", "b"))
+    train = [build_dataset(str(d / "train"), "train", None, val_split=0.2)[0] for d in (a, b)]
+    assert data_digest(train[0]) == data_digest(train[1])
+    assert data_digest(train[0]) != data_digest(build_dataset(str(a / "train"), "train", None, val_split=0.3)[0])
+    (b / "train" / "circle" / "000.png").write_bytes((b / "train" / "circle" / "001.png").read_bytes() + b"\0")
+    assert data_digest(train[0]) != data_digest(build_dataset(str(b / "train"), "train", None, val_split=0.2)[0])
+    moved = _conftest.write_image_folder(tmp_path / "c")
+    (moved / "train" / "circle" / "000.png").rename(moved / "train" / "square" / "100.png")
+    assert data_digest(build_dataset(str(a), "train", None)[0]) != data_digest(
+        build_dataset(str(moved), "train", None)[0]
+    )
 
 
 @pytest.mark.slow
