@@ -265,8 +265,8 @@ class Trainer:
             self.metrics = MetricsLog(self.run.path, tensorboard=self.loop.tensorboard, columns=self.task.columns)
             if self.run.resume:
                 self.metrics.truncate_after(self.epoch)  # rows of finished epochs stay; a half epoch's is redone
-        check_same_file(self.run.path / "config.json", self.info)  # one line when a rank sees another folder
         try:
+            self._check_shared()
             with self._saved_on_interrupt():
                 out = self._epochs()
         except NonFiniteLossError as e:
@@ -280,6 +280,15 @@ class Trainer:
             out["row"] |= self.evaluate()
         out["row"].pop("eval", None)
         return out
+
+    def _check_shared(self) -> None:
+        """One line when a rank does not see rank 0's run folder (`check_same_file`); an error for a sharded run,
+        whose ranks each write their shards into it, on every rank before the first step."""
+        seen = all_gather_object(check_same_file(self.run.path / "config.json", self.info), self.info)
+        if self.sharded and not all(seen):
+            ranks = ", ".join(str(r) for r, ok in enumerate(seen) if not ok)
+            raise ValueError(f"--shard: every rank writes its shards into the run folder {self.run.path}, and rank(s) "
+                             f"{ranks} see another one: put it on a filesystem every machine shares")  # fmt: skip
 
     def _epochs(self) -> dict[str, Any]:
         loop, sched, info = self.loop, self.sched, self.info

@@ -241,6 +241,19 @@ def test_ranks_that_see_other_data_stop_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_sharded_ranks_that_see_another_run_folder_stop_before_the_first_step(data, tmp_path):
+    """Every rank of a sharded run writes its shards into the run folder: a rank that does not see rank 0's (here
+    each rank is given its own --output, as machines without a shared filesystem would be) stops the run."""
+    r = run2(*ARGS, "--data", str(data), "--shard", "--output", str(tmp_path / "run{rank}"))
+    assert r.returncode != 0
+    lines = errors(r)
+    assert len(lines) == 2 and all(
+        line.endswith("and rank(s) 1 see another one: put it on a filesystem every machine shares") for line in lines
+    ), lines
+    assert not any((tmp_path / "run0" / f).exists() for f in ("last.pt", "last.dcp"))
+
+
+@pytest.mark.slow
 def test_ranks_that_resume_another_plan_stop_in_one_line(image_folder, tmp_path, run_cli, tiny_args):
     """A resume where each machine reads its own copy of the run folder (no shared filesystem), and rank 1's copy
     holds another 1x1 plan: both ranks stop, naming rank 1 and the cure, before the run folder is touched."""
