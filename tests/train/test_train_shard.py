@@ -60,8 +60,11 @@ def run2(*args: str) -> subprocess.CompletedProcess:
 
 
 def errors(r: subprocess.CompletedProcess) -> list[str]:
-    """The CLI's error lines (one a rank)."""
-    return [line for line in r.stderr.splitlines() if line.startswith("convnext train: error:")]
+    """The CLI's error lines: one a rank, or one only when torchrun stops the other rank (SIGTERM, when the first
+    fails) before it has written its own."""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("convnext train: error:")]
+    assert 1 <= len(lines) <= 2, r.stderr[-3000:]
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +225,7 @@ def test_shard_on_a_small_model_is_one_line(image_folder, tmp_path):
     assert r.returncode != 0
     line = ("convnext train: error: --shard is for convnext_xlarge, convnext_xxlarge, convnextv2_huge; convnext_atto "
             "fits on each GPU as a DDP replica: drop --shard")  # fmt: skip
-    assert errors(r) == [line, line]
+    assert set(errors(r)) == {line}
     assert not (tmp_path / "run").exists()
 
 
@@ -236,7 +239,7 @@ def test_ranks_that_see_other_data_stop_in_one_line(tmp_path):
     assert r.returncode != 0
     line = ("convnext train: error: rank 1 of 2 sees another training data (file names, sizes and labels) than rank "
             "0: give every process the same --data (on every machine)")  # fmt: skip
-    assert errors(r) == [line, line]
+    assert set(errors(r)) == {line}
     assert not (tmp_path / "run").exists()
 
 
@@ -247,7 +250,7 @@ def test_sharded_ranks_that_see_another_run_folder_stop_before_the_first_step(da
     r = run2(*ARGS, "--data", str(data), "--shard", "--output", str(tmp_path / "run{rank}"))
     assert r.returncode != 0
     lines = errors(r)
-    assert len(lines) == 2 and all(
+    assert all(
         line.endswith("and rank(s) 1 see another one: put it on a filesystem every machine shares") for line in lines
     ), lines
     assert not any((tmp_path / "run0" / f).exists() for f in ("last.pt", "last.dcp"))
@@ -269,10 +272,11 @@ def test_ranks_that_resume_another_plan_stop_in_one_line(image_folder, tmp_path,
     before = (run0 / "last.pt").read_bytes()
     r = run2("train", "--resume", str(tmp_path / "run{rank}"), "--epochs", "2")
     assert r.returncode != 0
-    assert [line.split(": a resumed")[0] for line in errors(r)] == [
+    lines = errors(r)
+    assert {line.split(": a resumed")[0] for line in lines} == {
         "convnext train: error: rank 1 of 2 sees another 1x1 plan of the fast path than rank 0"
-    ] * 2
-    assert any(f"{run1}/last.pt: put the run folder on a filesystem every machine shares" in e for e in errors(r))
+    }
+    assert all(line.endswith("/last.pt: put the run folder on a filesystem every machine shares") for line in lines)
     assert (run0 / "last.pt").read_bytes() == before
 
 
