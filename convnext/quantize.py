@@ -5,8 +5,8 @@ The float32 file is exported and checked against eager PyTorch first (`export_mo
 MinMax range seen on calibration images) around every convolution and matrix product of the blocks and the
 downsampling layers, as QuantizeLinear / DequantizeLinear pairs (QDQ, the format onnxruntime's CPU kernels fuse).
 The stem's convolution (fed the image) and the classifier (giving the logits) stay float32 (`float32_ends`): they
-hold a fraction of a percent of the work, and on a fine-tuned CamVid run int8 there cost 0.86 of a 1.0 point top-1
-drop (benchmarks/results/int8-*.md). LayerNorm, GELU, GRN, layer scale and the residual sums stay float32.
+hold about 1% of the multiply-adds or less, and on a fine-tuned CamVid run int8 there cost 0.86 of a 1.0 point top-1
+drop (docs/export.md, int8). LayerNorm, GELU, GRN, layer scale and the residual sums stay float32.
 Calibration images are the run's own training images or a folder, preprocessed as the model evaluates them. The
 file keeps the export's metadata, so `resolve` and `predict` run it as any .onnx.
 """
