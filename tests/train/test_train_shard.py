@@ -62,7 +62,8 @@ def run2(*args: str) -> subprocess.CompletedProcess:
 def errors(r: subprocess.CompletedProcess) -> list[str]:
     """The CLI's error lines: one a rank, or one only when torchrun stops the other rank (SIGTERM, when the first
     fails) before it has written its own."""
-    lines = [line for line in r.stderr.splitlines() if line.startswith("convnext train: error:")]
+    tag = "convnext train: error:"  # from its start: another process's unfinished line may precede it
+    lines = [line[line.index(tag) :] for line in r.stderr.splitlines() if tag in line]
     assert 1 <= len(lines) <= 2, r.stderr[-3000:]
     return lines
 
