@@ -333,7 +333,8 @@ SHARDED_MODELS = ("convnext_xlarge", "convnext_xxlarge", "convnextv2_huge")  # t
 
 def check_shard(model_name: str, info: DistInfo, force: bool = False) -> None:
     """One line, before any work, when --shard cannot or need not run: no process group, or a model that fits
-    as a DDP replica (`force` lets a test shard a tiny one)."""
+    as a DDP replica. Decided by the architecture's name, so `model.kwargs` may reshape an XL/XXL/V2-huge (the CLI
+    tests shard an XXL shrunk to a tiny width); `force` lets a function-level test shard any model."""
     if not info.distributed:
         raise ValueError("--shard (FSDP) needs a process group of 2 or more processes: start with torchrun or srun")
     arch = model_name.split(".")[0]
