@@ -21,6 +21,7 @@ from convnext.engine import checkpoint as ckpt
 
 log = logging.getLogger("convnext.train")
 
+SHARDED_STATE = "last.dcp"  # a --shard run's resume state: every rank's shards (engine/checkpoint.save_sharded)
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
 
 
@@ -134,8 +135,8 @@ class RunFolder:
             tmp.unlink(missing_ok=True)
         for f in self.old_files:
             (self.path / f).unlink(missing_ok=True)
-        if self.old_files:
-            for sub in self.subfolders:
+        if self.old_files:  # the old run's subfolders and its sharded resume state (`--shard`: last.dcp/)
+            for sub in (*self.subfolders, SHARDED_STATE, f".{SHARDED_STATE}.old", f".{SHARDED_STATE}.tmp"):
                 shutil.rmtree(self.path / sub, ignore_errors=True)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:

@@ -36,11 +36,9 @@ from convnext.engine.distributed import (
 from convnext.engine.loop import NonFiniteLossError, train_one_epoch
 from convnext.engine.optim import lr_at, shrink_schedule
 from convnext.engine.report import MetricsLog
-from convnext.engine.run import RunFolder
+from convnext.engine.run import SHARDED_STATE, RunFolder
 
 log = logging.getLogger("convnext.train")
-
-SHARDED_STATE = "last.dcp"  # a sharded run's resume state in its run folder (torch.distributed.checkpoint)
 
 
 class Task(Protocol):
