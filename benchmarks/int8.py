@@ -274,7 +274,8 @@ def child(spec: dict) -> dict:
         model = resolve(spec["source"]).model
         model.load_state_dict(torch.load(spec["weights"], weights_only=True))
         y = torch.zeros(len(x), dtype=torch.long)
-        run = build_runner(model, x, y, impl="fast", dtype=torch.bfloat16 if impl == "ours_bf16" else torch.float32)
+        dtype = torch.bfloat16 if impl == "ours_bf16" else torch.float32
+        run = build_runner(model, x, y, impl="fast", dtype=dtype, compile=not spec["quick"])  # quick: no compiling
     out = run()  # the first call compiles
     got = out.float().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
     np.save(spec["output"], got)
@@ -315,7 +316,8 @@ def speed(args: argparse.Namespace) -> int:
     run_cfg = json.loads((Path(args.run) / "config.json").read_text())
     cases = [("run", str(args.run))] + ([("convnext_tiny", "convnext_tiny")] if args.tiny else [])
     batches = (1, 2) if args.quick else (1, 16, 32)
-    timing = {"threads": args.threads, "blocks": args.blocks, "block_s": args.block_s, "pause_s": args.pause_s}
+    timing = {"threads": args.threads, "blocks": args.blocks, "block_s": args.block_s, "pause_s": args.pause_s,
+              "quick": args.quick}  # fmt: skip
     torch.set_num_threads(args.threads)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -444,8 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--blocks", type=int, default=7, help="timed blocks per implementation (the median counts)")
     s.add_argument("--block-s", type=float, default=1.0, help="seconds of calls in a row per block")
     s.add_argument("--pause-s", type=float, default=0.5, help="sleep before each block (threads park)")
-    s.add_argument("--quick", action="store_true", help="batches 1 and 2, convnext_tiny at 32 px, 2 short blocks: "
-                   "proves the pipeline, numbers meaningless")  # fmt: skip
+    s.add_argument("--quick", action="store_true", help="batches 1 and 2, convnext_tiny at 32 px, 2 short blocks, "
+                   "optimize without compiling: proves the pipeline, numbers meaningless")  # fmt: skip
     s.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.part == "speed":
