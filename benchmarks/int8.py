@@ -300,12 +300,21 @@ def write_files(loaded, images: torch.Tensor, batch: int, folder: Path) -> dict[
     meta = deploy_metadata(loaded)
     export_model(loaded.model, "onnx", files["fp32"], img_size=size, in_chans=chans, batch_size=batch, force=True)
     export_int8(loaded.model, files["int8"], images, meta, force=True, in_chans=chans, batch_size=batch)
-    quant_pre_process(files["fp32"], files["pre"])
     name = session(files["fp32"], 1).get_inputs()[0].name
-    with quiet_loggers("", level=logging.ERROR):  # its advice to pre-process, given after pre-processing too
-        quantize_static(files["fp32"], files["ort-static"], CalibrationReader(name, images.numpy(), batch))
-        quantize_static(files["pre"], files["ort-static-pre"], CalibrationReader(name, images.numpy(), batch))
-        quantize_dynamic(files["fp32"], files["ort-dynamic"])
+    peers = {
+        "pre": lambda: quant_pre_process(files["fp32"], files["pre"]),
+        "ort-static": lambda: quantize_static(files["fp32"], files["ort-static"],
+                                              CalibrationReader(name, images.numpy(), batch)),
+        "ort-static-pre": lambda: quantize_static(files["pre"], files["ort-static-pre"],
+                                                  CalibrationReader(name, images.numpy(), batch)),
+        "ort-dynamic": lambda: quantize_dynamic(files["fp32"], files["ort-dynamic"]),
+    }  # fmt: skip
+    for key, make in peers.items():
+        try:  # a peer onnxruntime cannot make is timed as failed (its file is missing), the rest still run
+            with quiet_loggers("", level=logging.ERROR):  # its advice to pre-process, given after pre-processing too
+                make()
+        except Exception as e:  # onnxruntime's own error types
+            log(f"    onnxruntime could not write {key}.onnx: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return files
 
 
