@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -207,12 +207,13 @@ def check_same_file(path: Path, info: DistInfo, what: str = "run folder") -> boo
     return False
 
 
-def check_same(what: str, value: object, info: DistInfo, hint: str = "") -> None:
-    """One line on every rank, before any work, when a rank's `value` (a digest of what it is about to use) is not
-    rank 0's: every rank raises the same error (no rank waits on the others in a collective)."""
+def check_same(what: str, value: Callable[[], object], info: DistInfo, hint: str = "") -> None:
+    """One line on every rank, before any work, when a rank's `value()` (a digest of what it is about to use) is not
+    rank 0's: every rank raises the same error (no rank waits on the others in a collective). `value` is called in
+    a process group only (a data digest stats every file: a single process pays nothing)."""
     if not info.distributed:
         return
-    values = all_gather_object(value, info)
+    values = all_gather_object(value(), info)
     differ = [r for r, v in enumerate(values) if v != values[0]]
     if differ:
         who = f"rank {differ[0]}" if len(differ) == 1 else f"ranks {', '.join(map(str, differ))}"

@@ -130,7 +130,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, held: contextlib.ExitStack) -
     common = dict(data_dir=d.data_dir, val_split=d.val_split, skip_bad_images=d.skip_bad_images, download=d.download)
     train_ds, _ = build_dataset(d.name, "train", None, labels=False, **common)
     val_ds, _ = build_dataset(d.name, "val", None, labels=False, **common)
-    check_same("training data (file names, sizes)", data_digest(train_ds), info,
+    check_same("training data (file names, sizes)", lambda: data_digest(train_ds), info,
                "give every process the same --data (on every machine)")  # fmt: skip
     stride, grid = _plan_input(cfg, train_ds)
     per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(train_ds))

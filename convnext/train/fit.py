@@ -105,7 +105,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
     for line in cfg.recipe:
         log.info("recipe: %s", line)
     data = _data(cfg, info)
-    check_same("training data (file names, sizes and labels)", data_digest(data.train), info,
+    check_same("training data (file names, sizes and labels)", lambda: data_digest(data.train), info,
                "give every process the same --data (on every machine)")  # fmt: skip
     weights = _balance(cfg, data)
     per_rank = per_rank_batch(cfg.batch_size, cfg.accum_steps, info, len(data.train))
@@ -150,7 +150,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, module: nn.Module | None, held: conte
         raise ValueError(f"batch size {cfg.batch_size} with accum_steps {cfg.accum_steps} leaves no full step an epoch")
     forward, plan, fast_path = _fast_path(cfg, info, model, per_rank, state)
     shared = f"a resumed run reads it from {run.last}: put the run folder on a filesystem every machine shares"
-    check_same("1x1 plan of the fast path", plan_to_rows(plan) if plan else None, info, shared)
+    check_same("1x1 plan of the fast path", lambda: plan_to_rows(plan) if plan else None, info, shared)
     forward = forward if cfg.shard else wrap(forward, info)
     if cfg.compile:
         forward = torch.compile(forward)

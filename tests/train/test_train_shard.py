@@ -62,8 +62,9 @@ def run2(*args: str) -> subprocess.CompletedProcess:
 def errors(r: subprocess.CompletedProcess) -> list[str]:
     """The CLI's error lines: one a rank, or one only when torchrun stops the other rank (SIGTERM, when the first
     fails) before it has written its own."""
-    tag = "convnext train: error:"  # from its start: another process's unfinished line may precede it
-    lines = [line[line.index(tag) :] for line in r.stderr.splitlines() if tag in line]
+    tag = "convnext train: error:"  # from its start: another process's unfinished line may precede it, and the two
+    # ranks' lines may reach torchrun's pipe glued on one line
+    lines = [tag + part for line in r.stderr.splitlines() for part in line.split(tag)[1:]]
     assert 1 <= len(lines) <= 2, r.stderr[-3000:]
     return lines
 
