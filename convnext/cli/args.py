@@ -49,6 +49,39 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.set_defaults(accepts_overrides=True)
 
 
+def add_run_args(p: argparse.ArgumentParser, epochs_help: str | None = None, img_size_help: str | None = None) -> None:
+    """The flags every command that trains on a folder takes (`convnext train`, `convnext pretrain`); `run_flags`
+    maps them onto their config fields."""
+    p.add_argument("--epochs", type=positive_int, default=None, help=epochs_help)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
+    p.add_argument("--img-size", type=positive_int, default=None, help=img_size_help)
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 are (or get downloaded)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
+    p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """`add_run_args`' flags (and --data, --output) as config fields; None: not given."""
+    return {
+        "data.name": args.data,
+        "output": args.output,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "data.img_size": args.img_size,
+        "seed": args.seed,
+        "device": args.device,
+        "data.data_dir": args.data_dir,
+        "budget_min": args.budget_min,
+        "data.skip_bad_images": args.skip_bad_images or None,
+        "overwrite": args.overwrite or None,
+        "resume": args.resume,
+    }
+
+
 def build_config(
     args: argparse.Namespace, cls: type[T], start: Callable[[dict[str, Any]], T], flags: dict[str, Any]
 ) -> T:

@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from convnext.cli.args import add_config_flags, build_config, positive_float, positive_int, print_config, run_config
+from convnext.cli.args import add_config_flags, add_run_args, build_config, print_config, run_config, run_flags
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -27,16 +27,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="run folder to create (default runs/pretrain)")
     p.add_argument("--preset", default=None, choices=["small", "in1k"], help="starting config (default: small)")
     p.add_argument("--mask-ratio", type=float, default=None, help="share of the patches removed (default 0.6)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="an upper bound with --budget-min")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
-    p.add_argument("--img-size", type=positive_int, default=None, help="default: from the images (64..224)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 are (or get downloaded)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
-    p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    add_run_args(p, epochs_help="an upper bound with --budget-min", img_size_help="default: from the images (64..224)")
     add_config_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -66,21 +57,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 cfg.recipe.append(f"on the GPU: mixed precision {cfg.amp} (`--amp none` for float32)")
         return cfg
 
-    flags = {
-        "data.name": args.data,
-        "output": args.output,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "data.img_size": args.img_size,
-        "fcmae.mask_ratio": args.mask_ratio,
-        "seed": args.seed,
-        "device": args.device,
-        "data.data_dir": args.data_dir,
-        "budget_min": args.budget_min,
-        "data.skip_bad_images": args.skip_bad_images or None,
-        "overwrite": args.overwrite or None,
-        "resume": args.resume,
-    }
+    flags = run_flags(args) | {"fcmae.mask_ratio": args.mask_ratio}
     cfg = build_config(args, PretrainConfig, start, flags)
     if args.print_config:
         print_config(cfg)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from convnext.cli.args import add_config_flags, build_config, positive_float, positive_int, print_config, run_config
+from convnext.cli.args import add_config_flags, add_run_args, build_config, print_config, run_config, run_flags
 from convnext.config import apply_overrides, field_paths
 
 
@@ -35,21 +35,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset", default=None, help="starting config (default: auto; demo for --data digits or no --data)"
     )
-    p.add_argument("--epochs", type=positive_int, default=None)
-    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
-    p.add_argument("--img-size", type=positive_int, default=None)
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    add_run_args(p)
     p.add_argument(
         "--pretrained-run", default=None, metavar="RUN_DIR", help="start from the encoder of a `convnext pretrain` "
         "run: the same as --model RUN_DIR (its model, stem, weights and normalisation; with no --preset the automatic "
         "fine-tune, which takes the FCMAE settings)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--data-dir", default=None, help="where cifar10/cifar100 are (or get downloaded)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
-    p.add_argument("--budget-min", type=positive_float, default=None, help="wall-clock training budget in minutes")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--select", default=None, metavar="METRIC", help="the val metric that picks best.pt: top1 "
                    "(default), macro_f1, balanced_accuracy or loss")  # fmt: skip
     p.add_argument("--early-stop", type=int, default=None, metavar="N", help="stop after N evaluated epochs "
@@ -143,19 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         return cfg
 
-    flags = {
-        "data.name": args.data,
-        "output": args.output,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "data.img_size": args.img_size,
-        "seed": args.seed,
-        "device": args.device,
-        "data.data_dir": args.data_dir,
-        "budget_min": args.budget_min,
-        "data.skip_bad_images": args.skip_bad_images or None,
-        "overwrite": args.overwrite or None,
-        "resume": args.resume,
+    flags = run_flags(args) | {
         "select": args.select,
         "early_stop": args.early_stop,
         "trackers": trackers,
