@@ -73,14 +73,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _lose_the_machine() -> None:
-    """SIGKILL torchrun, the other ranks and this one, in that order (the ranks listed while torchrun is their
-    parent)."""
-    agent = os.getppid()
-    ranks = [pid for pid in _children(agent) if pid != os.getpid()]
+def kill_torchrun(agent: int) -> None:
+    """SIGKILL torchrun's process `agent` and every rank it started, at once (a machine lost): the ranks are listed
+    while torchrun is still their parent, then killed after it, this process last when it is one of them."""
+    ranks = sorted(_children(agent), key=lambda pid: pid == os.getpid())
     for pid in (agent, *ranks):
         os.kill(pid, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _split(args: list[str]) -> list[list[str]]:
@@ -102,7 +100,7 @@ def _die_after_save(step: int) -> None:
     def save_then_die(self: RunFolder, payload: dict) -> None:
         save(self, payload)
         if payload["step"] == step:
-            _lose_the_machine()
+            kill_torchrun(os.getppid())
 
     RunFolder.save = save_then_die
 

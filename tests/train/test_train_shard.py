@@ -35,6 +35,9 @@ from convnext.engine.distributed import data_digest
 _spec = importlib.util.spec_from_file_location("train_conftest", Path(__file__).with_name("conftest.py"))
 _conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_conftest)
+_spec = importlib.util.spec_from_file_location("killed_run", Path(__file__).parents[1] / "engine" / "killed_run.py")
+killed_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(killed_run)
 
 TINY = '{"depths": [1, 1, 2, 1], "dims": [8, 16, 32, 64]}'
 ARGS = [
@@ -109,13 +112,14 @@ def test_shard_ends_with_the_weights_of_ddp(runs, data, run_cli):
 
 def kill_mid_epoch(args: list[str], out: Path) -> None:
     """Start `args` under torchrun and SIGKILL the launcher and both ranks at once (a machine lost) once the run
-    has written its first checkpoint (a step of the first epoch: --ckpt_every_steps 1)."""
+    has written its first checkpoint (a step of the first epoch: --ckpt_every_steps 1). torchrun starts each rank in
+    a session of its own: killing its process group alone would leave the ranks to finish the run by themselves."""
     proc = subprocess.Popen(torchrun(*args, "--ckpt_every_steps", "1", "--output", str(out)), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 180
     while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    killed_run.kill_torchrun(proc.pid)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
