@@ -4,6 +4,7 @@ batch, norms kept in fp32 inside fp16/bf16 graphs, no overwriting, a failed chec
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from convnext.cli import main
 from convnext.export import ParityError, export_model, prepare
 from convnext.registry import create_model
 from convnext.resolve import Preprocess, resolve
-from convnext.weights import WEIGHTS, WeightSpec
+from convnext.weights import WEIGHTS, WeightSpec, from_ours
 
 SMALL = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -98,6 +99,68 @@ def test_onnx_fp16_keeps_norms_in_fp32(v2_model, tmp_path):
     grn_ops = by_op.get("ReduceL2", set()) | by_op.get("ReduceSumSquare", set())
     assert grn_ops == {f32}  # GRN's spatial L2 norm
     assert f16 in by_op["Conv"] and (f16 in by_op.get("MatMul", set()) or f16 in by_op.get("Gemm", set()))
+
+
+@pytest.fixture(scope="module")
+def v1_model() -> torch.nn.Module:
+    """A small ConvNeXt V1 with Linear MLPs (as timm's convnext_tiny and up) and no zero parameter, as trained weights
+    have none (the exporter folds zero biases away)."""
+    torch.manual_seed(0)
+    model = create_model("convnext_tiny", num_classes=10, **SMALL).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _ort_ops(path: Path) -> Counter:
+    """Op types (and how many of each) of the graph onnxruntime runs for the file at `path`: ORT_ENABLE_ALL on
+    the CPU provider, as deployed, read back from `SessionOptions.optimized_model_filepath`."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(path.with_suffix(".ort.onnx"))
+    opts.log_severity_level = 3  # ORT warns that the saved graph holds this CPU's NCHWc layout
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_onnxruntime_runs_our_fp32_export_as_lean_as_timms(v1_model, tmp_path):
+    """Issue 41: onnxruntime ran timm's export of the same weights faster, as each block's GELU in ours stayed five
+    elementwise ops (Div, Erf, Add, Mul, Mul) that it did not fuse. Both files with a dynamic batch (timm's
+    always has one): the same fused ops, the same MatMuls and LayerNorms, no Cast, and no op type more often in
+    ours but the head's pooling (ours one ReduceMean, timm's GlobalAveragePool and Flatten)."""
+    import timm
+    from timm.utils.onnx import onnx_export
+
+    export_model(v1_model, "onnx", tmp_path / "ours.onnx", img_size=32, dynamic_batch=True)
+    peer = timm.create_model("convnext_tiny", num_classes=10, **SMALL).eval()
+    target = peer.state_dict()
+    peer.load_state_dict({k: v.reshape(target[k].shape) for k, v in from_ours(v1_model.state_dict(), "timm").items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter timm calls is deprecated
+        onnx_export(peer, str(tmp_path / "timm.onnx"), example_input=torch.randn(2, 3, 32, 32), check=False)
+    ours, theirs = _ort_ops(tmp_path / "ours.onnx"), _ort_ops(tmp_path / "timm.onnx")
+    blocks = sum(SMALL["depths"])
+    assert ours["BiasGelu"] == theirs["BiasGelu"] == blocks  # the fc1 bias and the GELU: one kernel
+    assert ours["MatMul"] == theirs["MatMul"] == 2 * blocks  # the 1x1 products, neither as Conv nor Gemm
+    assert ours["LayerNormalization"] == theirs["LayerNormalization"] == blocks + 5  # stem, 3 downsampling, head
+    assert not {"Erf", "Div", "Gelu", "Cast", "Reshape"} & set(ours)
+    assert {op for op in ours if ours[op] > theirs[op]} <= {"ReduceMean"} and theirs["GlobalAveragePool"] == 1
+    assert sum(ours.values()) < sum(theirs.values())
+
+
+def test_onnxruntime_runs_a_fixed_batch_fp32_export_with_one_gelu_op(v1_model, tmp_path):
+    """At a fixed shape (the default batch 1) onnxruntime folds each MatMul and its bias add into a Gemm (between
+    two Reshapes) before it could fuse the add into the GELU, as it does with timm's model exported at a fixed
+    batch; the GELU is still one op, not the exporter's erf form."""
+    export_model(v1_model, "onnx", tmp_path / "m.onnx", img_size=32)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert model.opset_import[0].version == 20
+    blocks = sum(SMALL["depths"])
+    assert Counter(n.op_type for n in model.graph.node)["Gelu"] == blocks
+    ops = _ort_ops(tmp_path / "m.onnx")
+    assert ops["Gelu"] == blocks and ops["Gemm"] == 2 * blocks + 1 and ops["LayerNormalization"] == blocks + 5
+    assert not {"Erf", "Div", "Cast", "MatMul"} & set(ops)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

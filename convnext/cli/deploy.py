@@ -23,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-images", type=positive_int, default=None, help="--int8: how many (default 128)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="traced batch (fixed unless --dynamic-batch)")
     p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the weights' / run's)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset (17 or newer; from 20 GELU is one op)")
     p.add_argument("--atol", type=float, default=None, help="tolerance relative to max(1, max |logit|)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--json", action="store_true")
