@@ -269,6 +269,7 @@ def detector(
         max_size=max_size,
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
+        **kwargs,
     )
 
 

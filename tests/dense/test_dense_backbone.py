@@ -58,7 +58,10 @@ def test_detector_forward_backward(masks):
     model.eval()
     with torch.no_grad():
         out = model(images)
-    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4 and len(out[0]["boxes"]) <= 5
+    # the torchvision arguments reach the detector (they were once dropped for ConvNeXt backbones)
+    assert model.roi_heads.detections_per_img == 5 and model.rpn.post_nms_top_n() == 100
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
     if masks:
         assert out[0]["masks"].shape[1:] == (1, 128, 160)
 
