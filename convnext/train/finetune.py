@@ -6,8 +6,10 @@ architecture, resolution, normalisation, head) and picks, each reason a `recipe:
 
 - the weights' own architecture, stem and layer scale (nothing re-initialised but a head of another size, which
   starts at 0.001 of its usual scale, as the paper fine-tunes), their mean/std and interpolation, no stem whitening;
-- the resolution: the weights' own where the budget affords `MIN_EPOCHS` passes at it (timed on this machine,
-  as the from-scratch recipe times its stems), else the data's own size (never under the weights' total stride);
+- the resolution: the data's own (at most 224) where it is larger than the weights' and the budget affords
+  `UP_EPOCHS` passes at it; else the weights' own where the budget affords `MIN_EPOCHS` passes at it (both timed on
+  this machine, as the from-scratch recipe times its stems), else the data's own size (never under the weights' total
+  stride);
 - AdamW, by what the weights are (`LR_AT_128`, `LAYER_DECAY`): a supervised model whose head is kept (it already
   solves this task: lr 1e-4, layer-wise decay 0.75), one whose head is new (another task: lr 5e-4, no layer-wise
   decay), or an FCMAE pre-training encoder (features learnt without labels: lr 1e-3, layer-wise decay 0.9), at batch 128
@@ -34,6 +36,13 @@ from convnext.weights import resolve_spec
 log = logging.getLogger("convnext.train")
 
 MIN_EPOCHS = 5  # the fewest passes the weights' own resolution may leave the budget
+# the fewest passes at the data's own size, where it is larger than the weights', for it to be chosen over theirs.
+# Fixed-epoch A/B from the 3-minute CIFAR-10 run (64 px weights), at the compute of the idle 1.5-minute row (epochs
+# scaled by convnext/flops.py's GMACs): Penn-Fudan crops (124 px), 57 passes at 64 px 90.54 / 90.09 (seeds 0/1) vs 18
+# passes at 124 px 94.59 / 94.14 (from scratch 89.64 / 89.64); CamVid 128 px patches, 11 passes at 64 px 86.46 vs 3 at
+# 128 px 83.88 (seed 0). Between the two, 10: the passes the from-scratch recipe asks of a finer stem
+# (benchmarks/NOTES.md)
+UP_EPOCHS = 10
 # AdamW at batch 128 (square-root scaled with the batch) and layer-wise lr decay, by whether the weights' head is
 # kept (they already solve this task) or new (another task). Kept: one epoch on digits from a 6-epoch run there
 # (93.06%): lr 1e-4 92.78, 5e-4 91.94 (layer decay 0.75). New: CamVid 64 px patches from a 3-minute CIFAR-10 run,
@@ -133,17 +142,30 @@ def finetune_recipe(
 def _resolution(
     start: Start, side: int, n: int, classes: int, batch: int, budget_min: float | None, dev: Any
 ) -> tuple[int, float | None, str]:
-    """(training size, its measured img/s or None, the recipe line): the weights' own resolution where the budget
-    affords `MIN_EPOCHS` passes at it, else the data's own size (at least the weights' total stride); a bare
-    weight file, which does not say its resolution, trains at the data's own size (at most 224)."""
+    """(training size, its measured img/s or None, the recipe line): the data's own size (at most 224) where it is
+    larger than the weights' resolution and the budget affords `UP_EPOCHS` passes at it (no budget: always); else the
+    weights' own resolution where the budget affords `MIN_EPOCHS` passes at it, else the data's own size (at least the
+    weights' total stride); a bare weight file, which does not say its resolution, trains at the data's own size."""
     floor = start.stride
+    data_size = max(min(side, 224), floor)
     if start.img_size is None:
-        size = max(min(side, 224), floor)
-        return size, None, f"size {size}px, the data's own (a weight file does not say its training resolution)"
+        return data_size, None, f"size {data_size}px, the data's own (a weight file does not say its resolution)"
     own = start.img_size
+    larger = ""
+    if data_size > own:  # the images hold more detail than the weights were trained at
+        if budget_min is None:
+            return data_size, None, f"size {data_size}px, the data's own: larger than the weights' {own}px"
+        need = UP_EPOCHS * n / (budget_min * 60)
+        rate = images_per_second(start.arch, start.patch_size, data_size, classes, min(batch, 128), at_least=need,
+                                 device=dev, **_shape(start))  # fmt: skip
+        passes = rate * budget_min * 60 / n
+        if rate >= need:
+            return data_size, rate, (f"size {data_size}px, the data's own, larger than the weights' {own}px: "
+                                     f"{rate:.0f} img/s buys {passes:.1f} passes (>= {UP_EPOCHS})")  # fmt: skip
+        larger = f" (the data's {data_size}px buys {passes:.1f} passes, under {UP_EPOCHS})"
     native = max(min(side, own), floor)
     if budget_min is None or native == own:
-        return own, None, f"size {own}px: the weights' own resolution"
+        return own, None, f"size {own}px: the weights' own resolution{larger}"
     need = MIN_EPOCHS * n / (budget_min * 60)
     rate = images_per_second(start.arch, start.patch_size, own, classes, min(batch, 128), at_least=need, device=dev,
                              **_shape(start))  # fmt: skip

@@ -6,6 +6,7 @@ be read are one error before any work."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from convnext.cli import main
 from convnext.registry import create_model
 from convnext.train.config import ModelConfig
-from convnext.train.finetune import LAYER_DECAY, LR_AT_128
+from convnext.train.finetune import LAYER_DECAY, LR_AT_128, UP_EPOCHS
 from convnext.train.runs import build_model
 from convnext.train.start import starting_weights
 from convnext.weights import WEIGHTS, WeightSpec
@@ -69,6 +70,34 @@ def test_auto_recipe_fine_tunes_a_tag_with_its_normalisation(published, image_fo
     assert any(line.startswith("model: fine-tuning convnext_atto from") and "a new 3-class head" in line
                and "5-class head dropped" in line for line in cfg["recipe"])  # fmt: skip
     assert not out.exists()
+
+
+def test_images_larger_than_the_weights_train_at_their_own_size_where_the_budget_affords_it(
+    published, image_folder, tmp_path, monkeypatch, capsys
+):
+    """Weights trained at 16 px on 24 px images: the data's own 24 px without a budget or with one that buys
+    `UP_EPOCHS` passes there (padded crops, as the images are the training size), the weights' 16 px with one that
+    does not; an explicit --img-size wins."""
+    spec, _ = published
+    monkeypatch.setitem(WEIGHTS, spec.name, replace(spec, input_size=16))
+    base = ["train", "--data", str(image_folder), "--model", spec.name, "--output", str(tmp_path / "run"),
+            "--threads", "1", "--print-config"]  # fmt: skip
+
+    def config(*flags: str) -> dict:
+        assert main([*base, *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for flags in (["--epochs", "2"], ["--budget-min", "1000"]):
+        cfg = config(*flags)
+        assert cfg["data"]["img_size"] == 24 and cfg["data"]["crop"] == "pad", flags
+        assert any(line.startswith("size 24px, the data's own") and "weights' 16px" in line for line in cfg["recipe"])
+    cfg = config("--budget-min", "1e-5")  # a few images' worth of time: under UP_EPOCHS passes at 24 px
+    assert cfg["data"]["img_size"] == 16 and cfg["data"]["crop"] == "rrc"
+    assert any(
+        line.startswith("size 16px: the weights' own") and f"under {UP_EPOCHS}" in line for line in cfg["recipe"]
+    )
+    assert config("--epochs", "2", "--img-size", "16")["data"]["img_size"] == 16
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_tag_that_cannot_be_fetched_is_one_error_naming_the_cache(image_folder, tmp_path, monkeypatch, capsys):
