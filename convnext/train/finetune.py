@@ -37,11 +37,11 @@ log = logging.getLogger("convnext.train")
 
 MIN_EPOCHS = 5  # the fewest passes the weights' own resolution may leave the budget
 # the fewest passes at the data's own size, where it is larger than the weights', for it to be chosen over theirs.
-# Fixed-epoch A/B from the 3-minute CIFAR-10 run (64 px weights), at the compute of the idle 1.5-minute row (epochs
-# scaled by convnext/flops.py's GMACs): Penn-Fudan crops (124 px), 57 passes at 64 px 90.54 / 90.09 (seeds 0/1) vs 18
-# passes at 124 px 94.59 / 94.14 (from scratch 89.64 / 89.64); CamVid 128 px patches, 11 passes at 64 px 86.46 vs 3 at
-# 128 px 83.88 (seed 0). Between the two, 10: the passes the from-scratch recipe asks of a finer stem
-# (benchmarks/NOTES.md)
+# Fixed-epoch A/B from the 3-minute CIFAR-10 run (64 px weights), epochs scaled by convnext/flops.py's GMACs (124 px
+# costs 3.13x 64 px, 128 px 4x), seeds 0/1: Penn-Fudan crops (124 px) at the idle 1.5-minute row's compute, 57 passes
+# at 64 px 90.54 / 90.09 vs 18 at 124 px 94.59 / 94.14 (from scratch 89.64 / 89.64); at 0.55 of it, 31 at 64 px
+# 89.64 / 88.29 vs 10 at 124 px 91.44 / 92.34; CamVid 128 px patches at its row's compute, 11 at 64 px 86.46 vs 3 at
+# 128 px 83.88 (seed 0): too few passes to adapt (benchmarks/NOTES.md)
 UP_EPOCHS = 10
 # AdamW at batch 128 (square-root scaled with the batch) and layer-wise lr decay, by whether the weights' head is
 # kept (they already solve this task) or new (another task). Kept: one epoch on digits from a 6-epoch run there
@@ -161,7 +161,8 @@ def _resolution(
         passes = rate * budget_min * 60 / n
         if rate >= need:
             return data_size, rate, (f"size {data_size}px, the data's own, larger than the weights' {own}px: "
-                                     f"{rate:.0f} img/s buys {passes:.1f} passes (>= {UP_EPOCHS})")  # fmt: skip
+                                     f"{rate:.0f} img/s buys {passes:.1f} passes (>= {UP_EPOCHS}, where the data's "
+                                     "size beat the weights' at equal compute, benchmarks/NOTES.md)")  # fmt: skip
         larger = f" (the data's {data_size}px buys {passes:.1f} passes, under {UP_EPOCHS})"
     native = max(min(side, own), floor)
     if budget_min is None or native == own:
