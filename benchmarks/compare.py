@@ -14,14 +14,20 @@ timm's and torchvision's training scripts do).
 
 How it times (benchmarks/NOTES.md, issue 41): two runtimes in one process leave each other's thread pools
 spinning, and on two cores the one timed second read 50% slower. So each implementation runs in a process of its
-own (`--child`; this process only starts them and reads their JSON), with OMP_WAIT_POLICY=PASSIVE, and times
-blocks of calls in a row with a pause between them (`convnext.bench.time_blocks`); its figure is the median block.
+own (`--child`; this process only starts them and reads their JSON), and times blocks of calls in a row with a
+pause between them (`convnext.bench.time_blocks`); its figure is the median block. `--wait`: how idle threads wait
+between calls: `spin` (the default) leaves each runtime its own default (OpenMP's wait policy, onnxruntime's
+spinning thread pool), which a process of its own can afford and which is each one's best for batch-1 latency;
+`passive` makes every runtime park its threads (OMP_WAIT_POLICY=PASSIVE, onnxruntime without spinning), as a
+process sharing its cores with other work would want. On this 2-core AMD host the batch-1 rows move by ~20% between
+the two (benchmarks/NOTES.md section 14); throughput rows hardly do.
 An A/A control times ours again in another process, last: ours / ours should read 1.00 +- 0.03 (CONTROL_TOLERANCE);
 where it does not, a warning says so and the table is marked, as its figures do not hold to that precision.
 
 Each peer runs in its best documented setting and its faster one counts (all are reported): timm channels-last,
 eager and compiled, bf16 by autocast and (inference) with bf16 weights; onnxruntime with ORT_ENABLE_ALL, intra-op
-threads = --threads, no spinning, on our export (fixed and dynamic batch) and on timm's (`timm.utils.onnx.onnx_export`).
+threads = --threads, spinning as `--wait` says, on our export (fixed and dynamic batch) and on timm's
+(`timm.utils.onnx.onnx_export`).
 
 Writes `<out>/compare-<time>.md` (the table, the machine, the matmul peaks, the control, each peer's settings and
 the agreement check), `.json` (everything) and `.png` (speed relative to the best peer).
@@ -67,6 +73,10 @@ QUICK = {  # the same pipeline on toy sizes, to prove it runs; never report thes
 }
 MODES = ("infer_fp32", "infer_bf16", "latency_fp32", "latency_bf16", "train_fp32", "train_bf16")
 IMPLS = ("ours", "timm_eager", "timm_compiled", "torchvision", "onnxruntime")
+WAITS = {  # --wait: how each runtime's idle threads wait between calls (the method line of the results)
+    "spin": "each runtime's default thread waiting (OpenMP's policy, onnxruntime spinning)",
+    "passive": "OMP_WAIT_POLICY=PASSIVE and onnxruntime without spinning",
+}
 CONTROL = "ours_again"  # ours in a second process: the A/A control
 LABELS = {
     "ours": "ours (optimize)",
@@ -123,7 +133,15 @@ def peer_model(impl: str, case: ModelCase, ours: nn.Module) -> nn.Module:
 
 
 def make_runner(
-    impl: str, setting: str, case: ModelCase, ours: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, tmp: Path
+    impl: str,
+    setting: str,
+    case: ModelCase,
+    ours: nn.Module,
+    mode: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tmp: Path,
+    spin: bool = True,
 ) -> Callable[[], object]:
     """A closure running one iteration of `mode` through `impl` in `setting` (not yet warmed up)."""
     from convnext.bench import iteration
@@ -134,7 +152,7 @@ def make_runner(
     train = kind == "train"
     if impl == "onnxruntime":
         name = setting.replace(",", "").replace(" ", "-")
-        return _onnx_runner(ours, case, setting, x, tmp / f"{case.key}-b{len(x)}-{name}.onnx")
+        return _onnx_runner(ours, case, setting, x, tmp / f"{case.key}-b{len(x)}-{name}.onnx", spin)
     if impl in ("ours", CONTROL):
         net = optimize(ours, mode="train" if train else "inference", dtype=dtype, example_input=x)
         return iteration(net, ours, x, y, train, dtype, autocast=False, fused_adamw=True)  # optimize() casts
@@ -148,7 +166,9 @@ def make_runner(
     return iteration(net, model, x, y, train, dtype, autocast=setting == "autocast")
 
 
-def _onnx_runner(ours: nn.Module, case: ModelCase, setting: str, x: torch.Tensor, path: Path) -> Callable[[], object]:
+def _onnx_runner(
+    ours: nn.Module, case: ModelCase, setting: str, x: torch.Tensor, path: Path, spin: bool
+) -> Callable[[], object]:
     import onnxruntime as ort
 
     if setting.startswith("our export"):
@@ -164,7 +184,8 @@ def _onnx_runner(ours: nn.Module, case: ModelCase, setting: str, x: torch.Tensor
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # park the pool between calls
+    if not spin:  # park the pool between calls (its default spins)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.cpu().numpy()}
     return lambda: session.run(None, feed)[0]
@@ -192,7 +213,8 @@ def child(spec: dict) -> dict:
     ours = ours.eval().to(device)
     data = torch.load(spec["inputs"], weights_only=True)
     x, y = data["x"].to(device), data["y"].to(device)
-    run = make_runner(spec["impl"], spec["setting"], case, ours, spec["mode"], x, y, Path(spec["tmp"]))
+    spin = spec.get("wait", "passive") == "spin"
+    run = make_runner(spec["impl"], spec["setting"], case, ours, spec["mode"], x, y, Path(spec["tmp"]), spin)
     out = run()  # the first call compiles; its output is checked against ours (inference)
     if spec.get("output"):
         got = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
@@ -207,9 +229,10 @@ def child(spec: dict) -> dict:
 def run_child(spec: dict, timeout: float = CHILD_TIMEOUT_S, script: Path | None = None) -> dict:
     """`spec` run by `child` in a fresh Python process (`script --child SPEC`: this file, or another benchmark that
     times its own implementations this way); its JSON answer, or RuntimeError with its last error line."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env = {
-        **os.environ,
-        "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads sleep instead of spinning on the shared cores
+        **env,
+        **({} if spec.get("wait") == "spin" else {"OMP_WAIT_POLICY": "PASSIVE"}),  # idle OpenMP threads sleep
         "OMP_NUM_THREADS": str(spec["threads"]),
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
@@ -265,7 +288,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
     device = torch.device(args.device)
     cases = QUICK if args.quick else CASES
     timing = {"threads": args.threads, "device": args.device, "quick": args.quick, "blocks": args.blocks,
-              "block_s": args.block_s, "pause_s": args.pause_s}  # fmt: skip
+              "block_s": args.block_s, "pause_s": args.pause_s, "wait": args.wait}  # fmt: skip
     peaks = run_child({**timing, "job": "peak"})
     log(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     results: dict = {}
@@ -312,7 +335,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         "python": platform.python_version(),
         "peak_gflops": peaks,
         "quick": args.quick,
-        "method": f"one process per implementation and setting, OMP_WAIT_POLICY=PASSIVE, {args.blocks} blocks of "
+        "method": f"one process per implementation and setting, {WAITS[args.wait]}, {args.blocks} blocks of "
         f"~{args.block_s} s with {args.pause_s} s pauses, median block; A/A control tolerance {CONTROL_TOLERANCE}",
         "command": " ".join(["python", *sys.argv]),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -431,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=7, help="timed blocks per implementation (the median counts)")
     p.add_argument("--block-s", type=float, default=1.0, help="seconds of calls in a row per block")
     p.add_argument("--pause-s", type=float, default=0.5, help="sleep before each block (threads park)")
+    p.add_argument("--wait", choices=list(WAITS), default="spin", help="idle threads between calls: each "
+                   "runtime's default (spin), or parked (passive)")  # fmt: skip
     p.add_argument(
         "--quick", action="store_true", help="toy sizes, 2 short blocks: proves the pipeline, numbers meaningless"
     )
