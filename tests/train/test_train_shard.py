@@ -124,28 +124,12 @@ def kill_mid_epoch(args: list[str], out: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def same(a: object, b: object, where: str) -> None:
-    """`a` and `b` (nested dicts and lists of tensors and numbers) equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a} != {b}"
-
-
 def check_resumed(full: Path, killed: Path) -> None:
     """The resumed run's last.pt (weights, EMA, steps) and epoch rows are the uninterrupted run's."""
     a, b = load(full / "last.pt"), load(killed / "last.pt")
     assert a["step"] == b["step"] == STEPS
     for key in ("model", "ema"):
-        same(a[key], b[key], key)
+        killed_run.same(a[key], b[key], key)
     rows_a = (full / "metrics.csv").read_text().splitlines()
     rows_b = (killed / "metrics.csv").read_text().splitlines()
     assert len(rows_a) == len(rows_b) == 3
@@ -169,7 +153,7 @@ def test_sharded_run_killed_mid_epoch_resumes_exactly(runs, data, tmp_path):
     dcp_to_torch_save(killed / "last.dcp", resumed)
     a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
     assert a["optimizer"]["state"], "the sharded checkpoint holds AdamW's state"
-    same(a, b, "last.dcp")
+    killed_run.same(a, b, "last.dcp")
 
 
 @pytest.mark.slow
@@ -183,7 +167,7 @@ def test_ddp_run_killed_mid_epoch_resumes_exactly(runs, data, tmp_path):
     r = run2("train", "--resume", str(killed))
     assert r.returncode == 0, r.stderr[-3000:]
     check_resumed(runs["ddp"], killed)
-    same(load(runs["ddp"] / "last.pt")["optimizer"], load(killed / "last.pt")["optimizer"], "optimizer")
+    killed_run.same(load(runs["ddp"] / "last.pt")["optimizer"], load(killed / "last.pt")["optimizer"], "optimizer")
 
 
 def test_shard_without_a_process_group_is_one_line(image_folder, tmp_path, run_cli):
