@@ -15,12 +15,12 @@ and the rest. It also prints the 1x1 products' rate against the machine's measur
     OMP_NUM_THREADS=2 python benchmarks/profile_step.py --mode infer --batch 1 --dtype fp32
 
 `--onnx` profiles onnxruntime instead (ORT_ENABLE_ALL, CPU provider, torch's thread count, threads parked between
-calls, as compare.py runs it) on three files of the same weights: our export traced at --batch (what compare.py
-times), ours with a dynamic batch, and timm's (`timm.utils.onnx.onnx_export`, dynamic batch); ORT's own profiler
-(`enable_profiling`) gives each node's time, summed here by op type (Conv split into depthwise and the others), with
-the node counts of the graph ORT ran. Beside `--mode infer` at the same batch and threads, it shows kind by kind
-where ours and ORT differ (issue 41). Run it in a process of its own: two runtimes' thread pools in one process
-slow each other (benchmarks/NOTES.md).
+calls, as `compare.py --wait passive` runs it) on three files of the same weights: our export traced at --batch
+(what compare.py times), ours with a dynamic batch, and timm's (`timm.utils.onnx.onnx_export`, dynamic batch); ORT's
+own profiler (`enable_profiling`) gives each node's time, summed here by op type (Conv split into depthwise and the
+others), with the node counts of the graph ORT ran. Beside `--mode infer` at the same batch and threads, it shows
+kind by kind where ours and ORT differ (issue 41). Run it in a process of its own: two runtimes' thread pools in one
+process slow each other (benchmarks/NOTES.md).
 
     OMP_NUM_THREADS=2 python benchmarks/profile_step.py --onnx --batch 1
 
@@ -190,8 +190,9 @@ def onnx_kind(op: str, input_shapes: list[dict]) -> str:
 
 
 def profile_onnx(path: Path, batch: int, img_size: int, runs: int) -> dict:
-    """onnxruntime on the file at `path` as compare.py runs it, profiled by ORT: the median profiled run (ms) and,
-    per kind (`onnx_kind`), the nodes and their summed time (ms per run) over the last `runs` of `runs` + 2."""
+    """onnxruntime on the file at `path` as `compare.py --wait passive` runs it, profiled by ORT: the median
+    profiled run (ms) and, per kind (`onnx_kind`), the nodes and their summed time (ms per run) over the last
+    `runs` of `runs` + 2."""
     import numpy as np
     import onnxruntime as ort
 
