@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,22 @@ SHARDED_STATE = "last.dcp"  # a --shard run's resume state: every rank's shards 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png", "results.json")
 
 
-def _take(f: Any, run_dir: Path) -> None:
-    """Lock the open lock file `f`, or one clear error naming the process that holds it."""
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise RuntimeError(
-            f"another run is writing to {run_dir} (pid {f.read().strip() or '?'}); wait for it or choose another "
-            "--output"
-        ) from None
+def _take(f: Any, run_dir: Path, mode: int = fcntl.LOCK_EX) -> None:
+    """Lock the open lock file `f` (`mode`), or one clear error naming the process that holds it. A run's lock is
+    exclusive and a check's shared: the ranks of one run check the folder at once, and a rank's check (a moment
+    long) never refuses its peer's; the claim waits up to a second for such a check to pass."""
+    for attempt in range(21):
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if mode == fcntl.LOCK_SH or attempt == 20:
+                break
+            time.sleep(0.05)
+    f.seek(0)
+    raise RuntimeError(
+        f"another run is writing to {run_dir} (pid {f.read().strip() or '?'}); wait for it or choose another --output"
+    ) from None
 
 
 @contextlib.contextmanager
@@ -55,7 +62,7 @@ def _check_not_held(run_dir: Path) -> None:
     """One clear error when another process holds `run_dir`'s lock (it is writing a run there)."""
     if (run_dir / ".lock").is_file():
         with open(run_dir / ".lock", "a+") as f:
-            _take(f, run_dir)
+            _take(f, run_dir, fcntl.LOCK_SH)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 
 import pytest
 import torch
 
-from convnext.engine.run import run_lock
+from convnext.engine.run import RunFolder, run_lock
 from convnext.train import auto_recipe, fit
 
 
@@ -64,6 +65,22 @@ def test_a_second_run_on_a_locked_folder_is_refused(image_folder, tiny_config, t
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     assert not (out / "config.json").exists()
+
+
+def test_the_ranks_of_one_run_checking_the_folder_at_once_do_not_refuse_each_other(tmp_path):
+    """The ranks of a DDP run each check the folder when they start; one rank's check must not read as a run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "last.pt").write_bytes(b"")  # a killed run's folder, its lock file naming a dead pid
+    with open(out / ".lock", "a+") as peer:
+        peer.write("12345")
+        peer.flush()
+        fcntl.flock(peer, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the peer rank, mid-check
+        RunFolder(out, resume=True)  # this rank's check passes
+        threading.Timer(0.2, fcntl.flock, (peer, fcntl.LOCK_UN)).start()  # the peer's check ends
+        with run_lock(out):  # and the claim, which waited for it, holds the folder
+            assert (out / ".lock").read_text() == str(os.getpid())
 
 
 def test_temp_files_of_killed_saves_are_cleared(image_folder, tiny_config, tmp_path):
