@@ -16,8 +16,9 @@ written to `<out>/int8-<cpu>-<date>.md` and `.json`, a rerun the same day replac
 
 speed: the run's ConvNeXt (its weights, its input size) and with `--tiny` convnext_tiny at 224 (random weights),
 at batch 1 (latency) and batch 16 and 32 (throughput), `--threads` threads, every implementation timed in a process
-of its own as `benchmarks/compare.py` times (`compare.run_child`: OMP_WAIT_POLICY=PASSIVE, blocks of calls with a
-pause before each, the median block; onnxruntime with ORT_ENABLE_ALL and no spinning):
+of its own as `benchmarks/compare.py` times (`compare.run_child`: blocks of calls with a pause before each, the
+median block; onnxruntime with ORT_ENABLE_ALL; `--wait spin`, the default, leaves each runtime its own way for idle
+threads to wait, `--wait passive` parks them, as compare.py's `--wait` does):
 
   int8 ours         our int8 file (`convnext.quantize.export_int8`, as `convnext export --int8`) on onnxruntime
   int8 ours (A/A)   the same in another process, last: int8 ours / int8 ours should read 1.00 +- 0.03
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import CONTROL_TOLERANCE, run_child  # noqa: E402  (benchmarks/ is not a package)
+from compare import CONTROL_TOLERANCE, WAITS, run_child  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,15 +241,17 @@ FILES = {"int8_ours": "int8", CONTROL: "int8", "int8_ort_static": "ort-static", 
          "int8_ort_dynamic": "ort-dynamic", "ort_fp32": "fp32"}  # fmt: skip
 
 
-def session(path: str, threads: int):
-    """onnxruntime as compare.py runs it: ORT_ENABLE_ALL, `threads` intra-op threads, the pool parked between calls."""
+def session(path: str, threads: int, spin: bool = False):
+    """onnxruntime as compare.py runs it: ORT_ENABLE_ALL, `threads` intra-op threads, the pool spinning between calls
+    (`spin`, onnxruntime's default) or parked."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
@@ -264,7 +267,7 @@ def child(spec: dict) -> dict:
     x = torch.from_numpy(np.load(spec["inputs"]))
     impl = spec["impl"]
     if impl in FILES:
-        s = session(spec["files"][FILES[impl]], spec["threads"])
+        s = session(spec["files"][FILES[impl]], spec["threads"], spec.get("wait") == "spin")
         feed = {s.get_inputs()[0].name: x.numpy()}
 
         def run() -> np.ndarray:
@@ -326,7 +329,7 @@ def speed(args: argparse.Namespace) -> int:
     cases = [("run", str(args.run))] + ([("convnext_tiny", "convnext_tiny")] if args.tiny else [])
     batches = (1, 2) if args.quick else (1, 16, 32)
     timing = {"threads": args.threads, "blocks": args.blocks, "block_s": args.block_s, "pause_s": args.pause_s,
-              "quick": args.quick}  # fmt: skip
+              "quick": args.quick, "wait": args.wait}  # fmt: skip
     torch.set_num_threads(args.threads)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -373,9 +376,9 @@ def speed(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "quick": args.quick,
         "calibration_images": args.calib_images,
-        "method": f"one process per implementation (benchmarks/compare.py's run_child), OMP_WAIT_POLICY=PASSIVE, "
+        "method": f"one process per implementation (benchmarks/compare.py's run_child), {WAITS[args.wait]}, "
         f"{args.blocks} blocks of ~{args.block_s} s with {args.pause_s} s pauses, median block; onnxruntime "
-        f"ORT_ENABLE_ALL, no spinning; A/A control tolerance {CONTROL_TOLERANCE}",
+        f"ORT_ENABLE_ALL; A/A control tolerance {CONTROL_TOLERANCE}",
         "command": " ".join(["python", *sys.argv]),
     }
     day = datetime.date.today().isoformat()
@@ -455,6 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--blocks", type=int, default=7, help="timed blocks per implementation (the median counts)")
     s.add_argument("--block-s", type=float, default=1.0, help="seconds of calls in a row per block")
     s.add_argument("--pause-s", type=float, default=0.5, help="sleep before each block (threads park)")
+    s.add_argument("--wait", choices=list(WAITS), default="spin", help="idle threads between calls: each "
+                   "runtime's default (spin), or parked (passive)")  # fmt: skip
     s.add_argument("--quick", action="store_true", help="batches 1 and 2, convnext_tiny at 32 px, 2 short blocks, "
                    "optimize without compiling: proves the pipeline, numbers meaningless")  # fmt: skip
     s.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
