@@ -73,6 +73,12 @@ def cuda_switches(device: torch.device, tf32: bool = True, benchmark: bool = Tru
     return {"tf32": tf32, "cudnn_benchmark": benchmark}
 
 
+def rate_text(rate: float) -> str:
+    """Images a second as the progress lines print them: whole numbers, two figures under 10 (a detector on a CPU
+    trains at ~0.3 img/s, which "0" would hide)."""
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -171,9 +177,9 @@ def train_one_epoch(
             if quiet_bar and time.perf_counter() - last_log >= log_every_s:
                 last_log = time.perf_counter()
                 where = f"{steps}/{total // accum_steps}" if total else str(steps)
-                log.info("%s  step %s  loss %.4f  lr %.3g  %.0f img/s", desc, where, loss.item(), lr, rate)
+                log.info("%s  step %s  loss %.4f  lr %.3g  %s img/s", desc, where, loss.item(), lr, rate_text(rate))
             elif not quiet_bar and (steps % max(check_every, 1) == 0 or steps == 1):  # .item() waits for the GPU
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=rate_text(rate), refresh=False)
         interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed (convnext/engine/interrupt.py)
         if on_step is not None:
             on_step(step, steps, loss_so_far)

@@ -33,7 +33,7 @@ from convnext.engine.distributed import (
     gathered,
     is_sharded,
 )
-from convnext.engine.loop import NonFiniteLossError, train_one_epoch
+from convnext.engine.loop import NonFiniteLossError, rate_text, train_one_epoch
 from convnext.engine.optim import lr_at, shrink_schedule
 from convnext.engine.report import MetricsLog
 from convnext.engine.run import SHARDED_STATE, RunFolder
@@ -416,7 +416,7 @@ class Trainer:
         parts = [f"epoch {row['epoch']}/{self.loop.epochs}", f"train loss {row['train_loss']:.4f}"]
         if row.get("eval"):
             parts.append(self.task.summary(row))
-        parts.append(f"lr {row['lr']:.3g}  {row['img_per_s']:.0f} img/s  {row['epoch_time_s']:.1f}s")
+        parts.append(f"lr {row['lr']:.3g}  {rate_text(row['img_per_s'])} img/s  {row['epoch_time_s']:.1f}s")
         if row.get("skipped_images"):
             parts.append(f"skipped {row['skipped_images']} unreadable images")
         return "  ".join(p for p in parts if p)

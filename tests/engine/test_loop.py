@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from convnext.engine.distributed import DistInfo
-from convnext.engine.loop import NonFiniteLossError, cuda_switches, loader_workers, resolve_amp, train_one_epoch
+from convnext.engine.loop import (
+    NonFiniteLossError,
+    cuda_switches,
+    loader_workers,
+    rate_text,
+    resolve_amp,
+    train_one_epoch,
+)
 from convnext.engine.optim import shrink_schedule
 
 
@@ -112,3 +119,7 @@ def test_gpu_defaults_on_the_cpu():
     assert loader_workers(None, local_processes=10_000) == 0
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         loader_workers(-1)
+
+
+def test_progress_lines_show_a_detectors_slow_rate_instead_of_zero():
+    assert [rate_text(r) for r in (0.27, 3.456, 9.96, 10.4, 1144.2)] == ["0.27", "3.5", "10", "10", "1144"]
