@@ -30,12 +30,13 @@ def _take(f: Any, run_dir: Path, mode: int = fcntl.LOCK_EX) -> None:
     """Lock the open lock file `f` (`mode`), or one clear error naming the process that holds it. A run's lock is
     exclusive and a check's shared: the ranks of one run check the folder at once, and a rank's check (a moment
     long) never refuses its peer's; the claim waits up to a second for such a check to pass."""
-    for attempt in range(21):
+    deadline = time.monotonic() + (1.0 if mode == fcntl.LOCK_EX else 0.0)
+    while True:
         try:
             fcntl.flock(f, mode | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if mode == fcntl.LOCK_SH or attempt == 20:
+            if time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
     f.seek(0)
